@@ -1,0 +1,281 @@
+"""Export a model into a bundle: TorchScript (trace + freeze), ONNX, simplified ONNX.
+
+Order matters for safety: the stage first forgets its old artifacts, then writes each file
+atomically, and writes the manifest last. An interrupted export therefore leaves either no
+manifest entry for a file or a hash that no longer matches, and ``verify`` rejects both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import __version__
+from pipeline.bundle import (EXPORT_FILES, EXPORT_LOG, ONNX, ONNX_SIMPLIFIED, TORCHSCRIPT,
+                             WEIGHTS, Bundle, ensure_writable_dir, save_atomic,
+                             write_text_atomic)
+from pipeline.console import Captured, StageTimer, captured
+from pipeline.errors import InputError
+from pipeline.machine import library_versions
+from pipeline.weights import LoadedModel
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+EXPORTERS = ("dynamo", "legacy")
+DEFAULT_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+# The example batch is 2, not 1: torch.export specialises dimensions of size 1.
+EXAMPLE_BATCH = 2
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    exporter: str = "dynamo"
+    opset: int = DEFAULT_OPSET
+    simplify: bool = True
+    verbose: bool = False
+
+
+def opset_range(exporter: str) -> tuple[int, int]:
+    """The opsets each exporter really produces (dynamo silently raises anything below 18)."""
+    try:
+        from torch.onnx import _constants as limits
+
+        legacy = (limits.ONNX_MIN_OPSET, limits.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+        dynamo_max = limits.ONNX_MAX_OPSET
+    except (ImportError, AttributeError):
+        legacy, dynamo_max = (7, 20), 23
+    return (18, dynamo_max) if exporter == "dynamo" else legacy
+
+
+def check_options(options: ExportOptions) -> None:
+    if options.exporter not in EXPORTERS:
+        raise InputError(f"unknown --exporter {options.exporter!r}; choose from: "
+                         f"{', '.join(EXPORTERS)}")
+    low, high = opset_range(options.exporter)
+    if not low <= options.opset <= high:
+        hint = " (or --exporter legacy for older opsets)" if options.exporter == "dynamo" else ""
+        raise InputError(f"--opset {options.opset} is outside what the {options.exporter} "
+                         f"exporter supports: {low}..{high}; choose one in that range{hint}")
+
+
+def example_input(size: int, batch: int = EXAMPLE_BATCH, seed: int = 0) -> "torch.Tensor":
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def save_weights(loaded: LoadedModel, path: Path) -> None:
+    """Keep the PyTorch weights in checkpoint form so ``verify`` can rebuild the eager model."""
+    import torch
+
+    payload = {"state_dict": loaded.model.state_dict(), "arch": loaded.arch,
+               "num_classes": loaded.num_classes, "class_names": loaded.class_names,
+               "preprocessing": loaded.preprocessing.to_dict()}
+    save_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def trace_torchscript(model: "torch.nn.Module", example: "torch.Tensor", path: Path) -> float:
+    """Trace, freeze and save; reload and return the largest difference at another batch size."""
+    import torch
+
+    with torch.no_grad():
+        frozen = torch.jit.freeze(torch.jit.trace(model, example))
+        save_atomic(path, lambda tmp: torch.jit.save(frozen, str(tmp)))
+        reloaded = torch.jit.load(str(path), map_location="cpu")
+        probe = example_input(example.shape[-1], batch=EXAMPLE_BATCH + 1, seed=1)
+        return float((reloaded(probe) - model(probe)).abs().max())
+
+
+def _torch_onnx_export(model: "torch.nn.Module", example: "torch.Tensor", path: Path,
+                       options: ExportOptions) -> None:
+    import torch
+
+    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                  opset_version=options.opset)
+    if options.exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        program = torch.onnx.export(model, (example,), dynamo=True,
+                                    dynamic_shapes=({0: batch},), **common)
+        program.save(str(path), external_data=False)
+    else:
+        torch.onnx.export(model, (example,), str(path), dynamo=False,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True, **common)
+
+
+def onnx_metadata(loaded: LoadedModel, options: ExportOptions) -> dict[str, str]:
+    """What someone holding only the .onnx file needs to preprocess and label correctly."""
+    prep = loaded.preprocessing
+    return {
+        "arch": loaded.arch,
+        "num_classes": str(loaded.num_classes),
+        "class_names": json.dumps(loaded.class_names),
+        "input_size": str(prep.crop),
+        "preprocessing": json.dumps(prep.to_dict()),
+        "resize": str(prep.resize),
+        "crop": str(prep.crop),
+        "mean": json.dumps(list(prep.mean)),
+        "std": json.dumps(list(prep.std)),
+        "weights": json.dumps(loaded.weights),
+        "exporter": options.exporter,
+        "pipeline_version": __version__,
+    }
+
+
+def set_metadata(proto: "onnx.ModelProto", metadata: dict[str, str]) -> None:
+    kept = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = proto.producer_name or "pipeline"
+
+
+def export_onnx(loaded: LoadedModel, example: "torch.Tensor", path: Path,
+                options: ExportOptions) -> int:
+    """Export, stamp metadata, run the full checker, save atomically; return the node count."""
+    import onnx
+
+    raw = path.with_name(f".{path.name}.export.tmp")
+    try:
+        _torch_onnx_export(loaded.model, example, raw, options)
+        proto = onnx.load(str(raw))
+    finally:
+        raw.unlink(missing_ok=True)
+    set_metadata(proto, onnx_metadata(loaded, options))
+
+    def save_checked(tmp: Path) -> None:
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+
+    save_atomic(path, save_checked)
+    return len(proto.graph.node)
+
+
+def simplify_onnx(source: Path, target: Path) -> dict[str, Any]:
+    """Run onnxsim; on failure keep the raw model and return the reason as a warning."""
+    import onnx
+    import onnxsim
+
+    proto = onnx.load(str(source))
+    info: dict[str, Any] = {"nodes_before": len(proto.graph.node), "nodes_after": None,
+                            "check_ok": None, "warning": None}
+    try:
+        simplified, check_ok = onnxsim.simplify(proto, check_n=3)
+    except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++; any is a skip
+        info["warning"] = f"onnxsim failed, raw model kept: {type(exc).__name__}: {exc}"
+        return info
+    info["check_ok"] = bool(check_ok)
+    if not check_ok:
+        info["warning"] = "onnxsim's own check failed; simplified model discarded, raw model kept"
+        return info
+    set_metadata(simplified, {p.key: p.value for p in proto.metadata_props})
+    save_atomic(target, lambda tmp: onnx.save(simplified, str(tmp)))
+    info["nodes_after"] = len(simplified.graph.node)
+    return info
+
+
+def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
+                  timer: StageTimer | None = None) -> Bundle:
+    """Write every export artifact and the manifest into ``out``; returns the bundle."""
+    check_options(options)
+    timer = timer or StageTimer()
+    bundle = Bundle(ensure_writable_dir(Path(out)))
+    bundle.forget_stage(EXPORT_FILES)
+    start = time.perf_counter()
+    example = example_input(loaded.preprocessing.crop)
+    logs: list[tuple[str, Captured]] = []
+    warnings: list[str] = []
+
+    with timer.stage("weights") as step:
+        save_weights(loaded, bundle.path(WEIGHTS))
+        step["text"] = WEIGHTS
+    with timer.stage("torchscript") as step, captured(passthrough=options.verbose) as chatter:
+        ts_diff = trace_torchscript(loaded.model, example, bundle.path(TORCHSCRIPT))
+        step["text"] = f"{TORCHSCRIPT} (reload max |diff| {ts_diff:.2e})"
+    logs.append(("torchscript", chatter))
+    with timer.stage("onnx") as step, captured(passthrough=options.verbose) as chatter:
+        nodes = export_onnx(loaded, example, bundle.path(ONNX), options)
+        step["text"] = f"{ONNX} ({options.exporter}, opset {options.opset}, {nodes} nodes, checked)"
+    logs.append(("onnx", chatter))
+    simplify_info: dict[str, Any] = {"enabled": options.simplify}
+    if options.simplify:
+        with timer.stage("simplify") as step, captured(passthrough=options.verbose) as chatter:
+            simplify_info.update(simplify_onnx(bundle.path(ONNX), bundle.path(ONNX_SIMPLIFIED)))
+            step["text"] = _simplify_summary(simplify_info)
+        logs.append(("simplify", chatter))
+        if simplify_info["warning"]:
+            warnings.append(simplify_info["warning"])
+
+    write_text_atomic(bundle.path(EXPORT_LOG), _format_log(logs))
+    export_record = {"exporter": options.exporter, "opset": options.opset,
+                     "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+                     "dynamic_axes": {INPUT_NAME: {"0": "batch"}, OUTPUT_NAME: {"0": "batch"}},
+                     "onnx_nodes": nodes, "torchscript_reload_max_abs_diff": ts_diff,
+                     "simplify": simplify_info,
+                     "captured_warnings": _captured_warnings(logs)}
+    _write_export_manifest(bundle, loaded, export_record, warnings,
+                           {"duration_s": round(time.perf_counter() - start, 3),
+                            "steps": dict(timer.durations)})
+    return bundle
+
+
+def _simplify_summary(info: dict[str, Any]) -> str:
+    if info["warning"]:
+        return f"skipped: {info['warning'][:120]}"
+    return (f"{ONNX_SIMPLIFIED} (nodes {info['nodes_before']} -> {info['nodes_after']}, "
+            f"onnxsim check {'ok' if info['check_ok'] else 'FAILED'})")
+
+
+def _captured_warnings(logs: list[tuple[str, Captured]]) -> list[str]:
+    return [f"{step}: {message}" for step, chatter in logs for message in chatter.warnings]
+
+
+def _format_log(logs: list[tuple[str, Captured]]) -> str:
+    parts = []
+    for step, chatter in logs:
+        parts.append(f"===== {step} =====\n{chatter.text}")
+        parts.extend(f"warning: {message}" for message in chatter.warnings)
+    return "\n".join(parts) + "\n"
+
+
+def _write_export_manifest(bundle: Bundle, loaded: LoadedModel, export_record: dict[str, Any],
+                           warnings: list[str], stage: dict[str, Any]) -> None:
+    def update(manifest: dict[str, Any]) -> None:
+        manifest["model"] = loaded.describe()
+        manifest["export"] = export_record
+        manifest["versions"] = library_versions()
+        manifest.setdefault("stages", {})["export"] = stage
+        manifest["warnings"] = [w for w in manifest.get("warnings", []) if w.get("stage") != "export"]
+        manifest["warnings"] += [{"stage": "export", "message": text} for text in warnings]
+        for name in (WEIGHTS, TORCHSCRIPT, ONNX, ONNX_SIMPLIFIED, EXPORT_LOG):
+            if bundle.path(name).is_file():
+                bundle.record_artifact(manifest, name, stage="export")
+
+    bundle.update_manifest(update)
+
+
+def read_onnx_metadata(path: Path | str) -> dict[str, str]:
+    """The metadata_props of an ONNX file; a file that is not ONNX is an input error."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"ONNX file {str(path)!r} does not exist")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError or others on garbage
+        raise InputError(f"{str(path)!r} is not an ONNX model ({type(exc).__name__}); "
+                         f"give a .onnx file written by `python -m pipeline export`") from None
+    if not proto.graph.node:
+        raise InputError(f"{str(path)!r} is not an ONNX model (it has no graph nodes)")
+    return {p.key: p.value for p in proto.metadata_props}

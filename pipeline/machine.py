@@ -1,0 +1,83 @@
+"""What this machine and its libraries are: versions, CPU model, GPU and driver."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+LIBRARIES = ("torch", "torchvision", "onnx", "onnxsim", "onnxscript", "numpy")
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def installed_ort_distributions() -> list[str]:
+    """Which ONNX Runtime wheels are installed; two means they overwrote each other."""
+    return [name for name in ORT_DISTRIBUTIONS if _version(name)]
+
+
+def library_versions() -> dict[str, str | None]:
+    from pipeline import __version__
+
+    versions: dict[str, str | None] = {"python": platform.python_version(), "pipeline": __version__}
+    versions.update({name: _version(name) for name in LIBRARIES})
+    for name in ORT_DISTRIBUTIONS:
+        if _version(name):
+            versions[name] = _version(name)
+    versions["onnxruntime"] = versions.get("onnxruntime") or versions.get("onnxruntime-gpu")
+    return versions
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """The first CUDA device as torch sees it, with the driver version; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "capability": f"{props.major}.{props.minor}",
+        "driver": _nvidia_driver(),
+        "cuda_runtime": torch.version.cuda,
+        "count": torch.cuda.device_count(),
+    }
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as handle:
+            first = handle.readline()
+        return first.split("Kernel Module")[1].split()[0] if "Kernel Module" in first else first.strip()
+    except (OSError, IndexError):
+        return None
+
+
+def machine_block() -> dict[str, Any]:
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu_info(),
+        "versions": library_versions(),
+    }
