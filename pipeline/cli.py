@@ -207,6 +207,182 @@ def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float, r
     _finish_verify(ctx, report, as_json)
 
 
+# ----------------------------------------------------------------------------- bench
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    from pipeline.errors import InputError
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"{option} {text!r} must be positive integers separated by commas, e.g. 1,8,32")
+    return values
+
+
+def _backend_list(text: str | None) -> tuple[str, ...]:
+    from pipeline.bench import BACKENDS
+    from pipeline.errors import InputError
+
+    if not text:
+        return BACKENDS
+    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in chosen if name not in BACKENDS]
+    if unknown or not chosen:
+        raise InputError(f"unknown backend {', '.join(unknown) or text!r}; choose from: {', '.join(BACKENDS)}")
+    return chosen
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backends", default=None, help="Comma-separated subset (default all): "
+              "torch-cpu, torchscript-cpu, ort-cpu, torch-cuda, torchscript-cuda, ort-cuda, "
+              "ort-cuda-iobinding, ort-tensorrt.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Batch sizes to sweep.")
+@click.option("--iterations", type=int, default=200, show_default=True, help="Minimum timed iterations.")
+@click.option("--seconds", type=float, default=5.0, show_default=True, help="Minimum timed seconds.")
+@click.option("--warmup-seconds", type=float, default=1.0, show_default=True,
+              help="Minimum warm-up seconds (and always >= 10 iterations).")
+@click.option("--threads", type=int, default=None, help="Threads for every CPU backend (default: all cores).")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Also run the classic per-image loop over these files.")
+@click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
+@click.option("--strict", is_flag=True, help="Exit 3 if any requested backend could not run.")
+@click.option("--verbose", "-v", is_flag=True, help="Print the per-image lines of the --images loop.")
+@click.option("--json", "as_json", is_flag=True, help="Print latency JSON only on stdout.")
+@click.pass_context
+def bench(ctx: click.Context, bundle: Path, backends: str | None, batch_sizes: str, iterations: int,
+          seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
+          budget_ms: float | None, strict: bool, verbose: bool, as_json: bool) -> None:
+    """Per-image latency on every backend this machine has, each in its own process.
+
+    Writes latency.json, report.md and latency.png into the bundle.
+
+    \b
+    Example:
+      python -m pipeline bench exported/resnet18
+      python -m pipeline bench exported/resnet18 --backends ort-cpu,torch-cpu --batch-sizes 1,8
+      python -m pipeline bench exported/resnet18 --images photos/ --budget-ms 20 --verbose
+    """
+    import os
+
+    from pipeline.bench import BenchConfig, format_table, run_bench, unavailable
+    from pipeline.bundle import Bundle
+    from pipeline.errors import EXIT_ENVIRONMENT, InputError
+    from pipeline.images import find_images
+    from pipeline.report import write_bench_outputs
+
+    if iterations < 1 or seconds < 0 or warmup_seconds < 0:
+        raise InputError("--iterations must be >= 1 and --seconds/--warmup-seconds >= 0")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads} must be at least 1")
+    config = BenchConfig(backends=_backend_list(backends), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+                         iterations=iterations, seconds=seconds, warmup_s=warmup_seconds,
+                         threads=threads or os.cpu_count() or 1)
+    target = Bundle.open(bundle)
+    files = [str(p) for p in find_images([images])] if images else None
+    doc = run_bench(target.root, config, images=files, progress=not as_json)
+    doc["command"] = "python -m pipeline " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
+        else f"python -m pipeline bench {bundle}"
+    advice = write_bench_outputs(doc, target.root, budget_ms)
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(format_table(doc["rows"]))
+        _print_image_loops(doc["images"], verbose)
+        best = advice["fastest_batch1"]
+        if best:
+            click.echo(f"fastest at batch 1: {best['backend']} (p50 {best['p50_ms']:.2f} ms)")
+        _log(f"wrote {target.root}/latency.json, report.md, latency.png")
+    if strict and unavailable(doc["rows"]):
+        names = sorted({row["backend"] for row in unavailable(doc["rows"])})
+        _log(f"error: --strict: backends could not run: {', '.join(names)}")
+        ctx.exit(EXIT_ENVIRONMENT)
+
+
+def _print_image_loops(loops: list[dict[str, Any]], verbose: bool) -> None:
+    for loop in loops:
+        sequential, pipelined = loop["sequential"], loop["pipelined"]
+        if verbose:
+            for line in sequential["lines"]:
+                click.echo(line)
+        for skipped in sequential["skipped"]:
+            _log(f"warning: skipped {skipped}")
+        click.echo(f"[{loop['backend']}] {loop['summary']}")
+        decode, infer = sequential["decode"] or {}, sequential["infer"] or {}
+        if decode:
+            click.echo(f"[{loop['backend']}] decode+preprocess p50 {decode['p50_ms']:.2f} ms, "
+                       f"inference p50 {infer['p50_ms']:.2f} ms; sequential "
+                       f"{sequential['images_per_s']:.1f} img/s, pipelined "
+                       f"({pipelined['workers']} workers) {pipelined['images_per_s']:.1f} img/s")
+
+
+# ----------------------------------------------------------------------------- report
+@cli.command()
+@click.argument("latency_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder for report.md and report.png.")
+@click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
+@click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
+def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, as_json: bool) -> None:
+    """Merge latency.json files from several machines into one comparison.
+
+    \b
+    Example:
+      python -m pipeline report cpu-box/latency.json gpu-box/latency.json --out compare/
+    """
+    from pipeline.bundle import ensure_writable_dir
+    from pipeline.report import write_comparison
+
+    ensure_writable_dir(out)
+    command = "python -m pipeline report " + " ".join(str(p) for p in latency_files)
+    advice = write_comparison(list(latency_files), out, budget_ms, command)
+    if as_json:
+        emit_json(advice)
+    else:
+        best = advice["fastest_batch1"]
+        if best:
+            click.echo(f"fastest at batch 1: {best['backend']} on {best['machine']} (p50 {best['p50_ms']:.2f} ms)")
+        _log(f"wrote {out}/report.md and {out}/report.png")
+
+
+# ----------------------------------------------------------------------------- predict
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=int, default=5, show_default=True, help="How many classes to show.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider; cuda fails (exit 3) rather than fall back.")
+@click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON only.")
+@click.pass_context
+def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: int, provider: str,
+            as_json: bool) -> None:
+    """Classify images with an exported bundle or a bare .onnx file.
+
+    Exit 1 if any file could not be classified (the others still are).
+
+    \b
+    Example:
+      python -m pipeline predict exported/resnet18 photo.jpg more/ --top-k 5
+      python -m pipeline predict model.onnx photo.jpg --provider cuda --json
+    """
+    from dataclasses import asdict
+
+    from pipeline.predict import predict as run_predict
+
+    results = run_predict(model, list(images), k=top_k, provider=provider)
+    if as_json:
+        emit_json([asdict(result) for result in results])
+    for result in results:
+        if result.error:
+            _log(f"error: {result.error}")
+        elif not as_json:
+            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result.top)
+            click.echo(f"{result.file}: {best}")
+    if any(result.error for result in results):
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
 def main() -> None:
     cli(prog_name="python -m pipeline")
 

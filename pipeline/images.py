@@ -108,8 +108,8 @@ def _interpolation(name: str) -> "object":
                          f"use bilinear, bicubic or nearest") from None
 
 
-def load_batch(paths: list[Path], prep: Preprocessing) -> tuple[np.ndarray, list[Path], list[str]]:
-    """Preprocess ``paths``; returns (batch, the paths that worked, one error per bad file)."""
+def load_batch(paths: list[Path], prep: Preprocessing) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
+    """Preprocess ``paths``; returns (batch, the paths that worked, (path, reason) per bad file)."""
     transform = eval_transform(prep)
     tensors, good, errors = [], [], []
     for path in paths:
@@ -117,6 +117,6 @@ def load_batch(paths: list[Path], prep: Preprocessing) -> tuple[np.ndarray, list
             tensors.append(transform(open_rgb(path)).numpy())
             good.append(path)
         except BadImage as exc:
-            errors.append(str(exc))
+            errors.append((path, str(exc)))
     batch = np.stack(tensors) if tensors else np.zeros((0, 3, prep.crop, prep.crop), np.float32)
     return batch, good, errors

@@ -2,9 +2,14 @@
 
 The report is truthy when every pair passes; the CLI turns a falsy report into exit 1.
 A pair passes when every logit satisfies ``|candidate - reference| <= atol + rtol * |reference|``
-(numpy's ``allclose`` rule). Defaults: atol 1e-4 and rtol 1e-3 — fp32 re-orderings of a ResNet
-forward (fused conv+BN, other GEMM kernels) stay near 1e-5 absolute, while a perturbed weight
-or a wrong layout moves logits by far more.
+(numpy's ``allclose`` rule).
+
+Defaults, atol 2e-3 and rtol 1e-3, come from measurement, not habit. Eager fp32 is itself not
+exact: against a float64 forward of the same random-weight model and input, it is off by up to
+7.6e-4 on resnet152 (4e-5 on resnet50, 3e-4 on resnet101, 4e-5 on the pre-activation nets),
+and ONNX Runtime lands about as far from eager (up to 9.7e-4 on resnet152, logits of scale ~1).
+The defaults leave a 2x margin above the worst of those, while a corrupted weight, a wrong
+layout or a preprocessing slip moves logits by 1e-2 or more.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pipeline.bundle import (ONNX, ONNX_SIMPLIFIED, PARITY, TORCHSCRIPT, WEIGHTS
 from pipeline.errors import CheckFailed, EnvironmentUnavailable, InputError
 from pipeline.runners import OrtRunner, Runner, TorchRunner, ort_provider_problem
 
-DEFAULT_ATOL = 1e-4
+DEFAULT_ATOL = 2e-3
 DEFAULT_RTOL = 1e-3
 RANDOM_BATCHES = (1, 3)
 
@@ -99,7 +104,7 @@ def image_inputs(images: Path, manifest: dict[str, Any]) -> np.ndarray:
     batch, _, errors = load_batch(find_images([images]), prep)
     if errors:
         raise InputError(f"--images {str(images)!r}: {len(errors)} file(s) are not usable "
-                         f"images, first: {errors[0]}")
+                         f"images, first: {errors[0][1]}")
     return batch
 
 

@@ -1,0 +1,233 @@
+"""The latency protocol, in the spirit of ONNX Runtime's perf_test, trtexec and MLPerf single-stream.
+
+- Each backend runs in its own subprocess (``pipeline.bench_worker``), so one runtime's thread
+  pool never slows another's; every CPU backend gets the same explicit thread count.
+- Cold start is timed apart: model or session creation, then the first inference.
+- Warm-up: at least 10 iterations and at least ``warmup_s`` seconds.
+- Timed run: until both ``iterations`` and ``seconds`` are reached, each iteration timed with
+  ``perf_counter_ns``; on CUDA the runner synchronises before each stop.
+- Results are flat rows: one per backend x batch size. A backend that cannot run is a row with
+  a reason and no numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+BACKENDS = ("torch-cpu", "torchscript-cpu", "ort-cpu", "torch-cuda", "torchscript-cuda",
+            "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt")
+MIN_WARMUP_ITERATIONS = 10
+P99_MIN_SAMPLES = 600
+WORKER_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    backends: tuple[str, ...] = BACKENDS
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    iterations: int = 200
+    seconds: float = 5.0
+    warmup_s: float = 1.0
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    onnx_file: str = "model.sim.onnx"
+
+
+def percentile_stats(samples_ns: list[int]) -> dict[str, Any]:
+    """n, mean, std, min, p50, p90, p95, p99, max in milliseconds.
+
+    Percentiles use numpy's linear interpolation. p99 needs at least 600 samples (six beyond
+    the 99th percentile); below that it is None and ``p99_note`` says why.
+    """
+    values = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    n = int(values.size)
+    if n == 0:
+        raise ValueError("no samples")
+    p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
+    stats = {"n": n, "mean_ms": float(values.mean()), "std_ms": float(values.std(ddof=1)) if n > 1 else 0.0,
+             "min_ms": float(values.min()), "p50_ms": float(p50), "p90_ms": float(p90),
+             "p95_ms": float(p95), "p99_ms": float(p99), "p99_note": None, "max_ms": float(values.max())}
+    if n < P99_MIN_SAMPLES:
+        stats["p99_ms"] = None
+        stats["p99_note"] = f"omitted: n={n} < {P99_MIN_SAMPLES}"
+    return stats
+
+
+def timed_loop(step: Callable[[], None], *, iterations: int, seconds: float,
+               sync: Callable[[], None] = lambda: None,
+               clock: Callable[[], int] = time.perf_counter_ns) -> list[int]:
+    """Run ``step`` until both ``iterations`` and ``seconds`` are reached; per-iteration ns."""
+    samples: list[int] = []
+    deadline = clock() + int(seconds * 1e9)
+    while len(samples) < iterations or clock() < deadline:
+        start = clock()
+        step()
+        sync()
+        samples.append(clock() - start)
+    return samples
+
+
+def warm_up(step: Callable[[], None], *, seconds: float, sync: Callable[[], None] = lambda: None,
+            clock: Callable[[], int] = time.perf_counter_ns) -> int:
+    """At least ``MIN_WARMUP_ITERATIONS`` and at least ``seconds``; returns the count."""
+    return len(timed_loop(step, iterations=MIN_WARMUP_ITERATIONS, seconds=seconds, sync=sync,
+                          clock=clock))
+
+
+def throughput_fields(stats: dict[str, Any], batch: int, gmacs: float | None) -> dict[str, Any]:
+    """ms per image, images/s and achieved GFLOP/s (2 x MACs per image / p50)."""
+    p50_s = stats["p50_ms"] / 1e3
+    return {"ms_per_image": stats["p50_ms"] / batch,
+            "images_per_s": batch / p50_s,
+            "gflops": (2 * gmacs * batch / p50_s) if gmacs else None}
+
+
+@dataclass
+class Row:
+    backend: str
+    batch: int
+    status: str = "ok"
+    reason: str | None = None
+    device: str | None = None
+    provider: str | None = None
+    threads: int | None = None
+    io: str | None = None
+    cold_create_ms: float | None = None
+    cold_first_infer_ms: float | None = None
+    warmup_iterations: int | None = None
+    n: int | None = None
+    mean_ms: float | None = None
+    std_ms: float | None = None
+    min_ms: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    p99_note: str | None = None
+    max_ms: float | None = None
+    ms_per_image: float | None = None
+    images_per_s: float | None = None
+    gflops: float | None = None
+
+
+ROW_FIELDS = tuple(Row.__dataclass_fields__)
+
+
+def reason_rows(backend: str, batch_sizes: tuple[int, ...], reason: str, status: str = "unavailable") -> list[dict[str, Any]]:
+    return [asdict(Row(backend, batch, status=status, reason=reason)) for batch in batch_sizes]
+
+
+def run_worker(bundle: Path, backend: str, config: BenchConfig, *, gmacs: float | None,
+               images: list[str] | None = None) -> dict[str, Any]:
+    """Run one backend in a fresh interpreter; a crash becomes error rows, never a traceback."""
+    spec = {"bundle": str(bundle), "backend": backend, "config": asdict(config),
+            "gmacs": gmacs, "images": images}
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),
+           "MKL_NUM_THREADS": str(config.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
+        spec_path.write_text(json.dumps(spec))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pipeline.bench_worker", str(spec_path),
+                                   str(result_path)], capture_output=True, text=True, env=env,
+                                  timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {"rows": reason_rows(backend, config.batch_sizes,
+                                        f"timed out after {WORKER_TIMEOUT_S}s", "error")}
+        if result_path.is_file():
+            return json.loads(result_path.read_text())
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"rows": reason_rows(backend, config.batch_sizes,
+                                    f"worker exited {proc.returncode}: {tail[0][:300]}", "error")}
+
+
+def run_bench(bundle: Path, config: BenchConfig, *, images: list[str] | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Every selected backend, each in its own subprocess; returns the latency document."""
+    from tqdm import tqdm
+
+    from pipeline.archs import describe, get_arch
+    from pipeline.bundle import Bundle
+    from pipeline.machine import machine_block
+
+    manifest = Bundle.open(bundle).read_manifest()
+    model = manifest["model"]
+    gmacs = describe(get_arch(model["arch"]), num_classes=model["num_classes"],
+                     input_size=model["input_size"])["gmacs"]
+    rows: list[dict[str, Any]] = []
+    loops: list[dict[str, Any]] = []
+    for backend in tqdm(config.backends, desc="bench", unit="backend", disable=not progress,
+                        file=sys.stderr):
+        result = run_worker(bundle, backend, config, gmacs=gmacs, images=images)
+        rows += result["rows"]
+        loops += result.get("images", [])
+    return {"schema_version": SCHEMA_VERSION, "kind": "pipeline.latency",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": {"arch": model["arch"], "input_size": model["input_size"],
+                      "num_classes": model["num_classes"], "gmacs_per_image": gmacs,
+                      "onnx_file": config.onnx_file},
+            "config": {**asdict(config), "backends": list(config.backends),
+                       "batch_sizes": list(config.batch_sizes),
+                       "min_warmup_iterations": MIN_WARMUP_ITERATIONS},
+            "machine": machine_block(), "rows": rows, "images": loops}
+
+
+def ok_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in rows if row["status"] == "ok"]
+
+
+def recommend(rows: list[dict[str, Any]], budget_ms: float | None = None) -> dict[str, Any]:
+    """Fastest at batch 1, who meets a p90 budget, and where the GPU overtakes the CPU."""
+    good = ok_rows(rows)
+    batch1 = sorted((r for r in good if r["batch"] == 1), key=lambda r: r["p50_ms"])
+    answer: dict[str, Any] = {"fastest_batch1": None, "budget_ms": budget_ms, "meets_budget": None,
+                              "gpu_overtakes_cpu_at_batch": None, "gpu_vs_cpu": None}
+    if batch1:
+        best = batch1[0]
+        answer["fastest_batch1"] = {k: best.get(k) for k in ("machine", "backend", "device", "p50_ms", "p90_ms")}
+    if budget_ms is not None:
+        answer["meets_budget"] = [{k: r.get(k) for k in ("machine", "backend", "batch", "p90_ms")}
+                                  for r in sorted(good, key=lambda r: (r["batch"], r["p90_ms"]))
+                                  if r["p90_ms"] <= budget_ms]
+    answer.update(_gpu_crossover(good))
+    return answer
+
+
+def _gpu_crossover(good: list[dict[str, Any]]) -> dict[str, Any]:
+    best: dict[tuple[str, int], float] = {}
+    for row in good:
+        key = ("gpu" if row["device"] == "cuda" else "cpu", row["batch"])
+        best[key] = max(best.get(key, 0.0), row["images_per_s"])
+    batches = sorted({batch for kind, batch in best if (("cpu", batch) in best and ("gpu", batch) in best)})
+    if not batches:
+        return {"gpu_vs_cpu": "not measured: needs both a CPU and a GPU backend"}
+    table = {b: best[("gpu", b)] / best[("cpu", b)] for b in batches}
+    over = next((b for b in batches if table[b] > 1.0), None)
+    return {"gpu_overtakes_cpu_at_batch": over,
+            "gpu_vs_cpu": {str(b): round(ratio, 2) for b, ratio in table.items()}}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'backend':<20} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'ms/img':>8} {'img/s':>9} {'GFLOP/s':>8}  provider"]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"{row['backend']:<20} {row['batch']:>5}  {row['status']}: {row['reason']}")
+            continue
+        gflops = f"{row['gflops']:8.1f}" if row["gflops"] else f"{'':>8}"
+        lines.append(f"{row['backend']:<20} {row['batch']:>5} {row['p50_ms']:9.2f} {row['p90_ms']:9.2f} "
+                     f"{row['ms_per_image']:8.2f} {row['images_per_s']:9.1f} {gflops}  {row['provider']}")
+    return "\n".join(lines)
+
+
+def unavailable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in rows if row["status"] != "ok"]

@@ -1,0 +1,205 @@
+"""JSON, Markdown and PNG from latency documents; merging documents from several machines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench import SCHEMA_VERSION, ok_rows, recommend
+from pipeline.bundle import save_atomic, write_json_atomic, write_text_atomic
+from pipeline.errors import InputError
+
+
+def machine_label(doc: dict[str, Any]) -> str:
+    machine = doc.get("machine", {})
+    gpu = machine.get("gpu")
+    label = f"{machine.get('hostname', '?')}: {machine.get('cpu', '?')}"
+    return f"{label} + {gpu['name']}" if gpu else label
+
+
+def load_latency(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"latency file {str(path)!r} does not exist; make one with "
+                         f"python -m pipeline bench BUNDLE")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "pipeline.latency":
+        raise InputError(f"{str(path)!r} is not a latency.json written by python -m pipeline bench")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise InputError(f"{str(path)!r} has schema_version {doc.get('schema_version')!r}; "
+                         f"this pipeline reads {SCHEMA_VERSION}. Re-run bench")
+    return doc
+
+
+def labelled_rows(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row tagged with its machine, so rows from several machines can share a table."""
+    rows = []
+    for doc in docs:
+        label = machine_label(doc)
+        rows += [{**row, "machine": label, "arch": doc["model"]["arch"]} for row in doc["rows"]]
+    return rows
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def rows_table(rows: list[dict[str, Any]], *, with_machine: bool) -> list[str]:
+    head = ["machine"] if with_machine else []
+    head += ["backend", "batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms", "n",
+             "ms/image", "images/s", "GFLOP/s", "cold create ms", "first infer ms", "provider"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["machine"]] if with_machine else []
+        if row["status"] != "ok":
+            cells += [row["backend"], str(row["batch"]), f"**{row['status']}**: {row['reason']}"]
+            cells += [""] * (len(head) - len(cells))
+        else:
+            cells += [row["backend"], str(row["batch"]), _fmt(row["p50_ms"]), _fmt(row["p90_ms"]),
+                      _fmt(row["p95_ms"]), _fmt(row["p99_ms"]) if row["p99_ms"] is not None else "omitted (n<600)",
+                      f"{row['mean_ms']:.2f} ± {row['std_ms']:.2f}", str(row["n"]),
+                      _fmt(row["ms_per_image"], ".3f"), _fmt(row["images_per_s"], ".1f"),
+                      _fmt(row["gflops"], ".1f"), _fmt(row["cold_create_ms"], ".0f"),
+                      _fmt(row["cold_first_infer_ms"], ".0f"), str(row["provider"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def recommendation_lines(advice: dict[str, Any]) -> list[str]:
+    lines = ["## Recommendation", ""]
+    best = advice["fastest_batch1"]
+    if best:
+        where = f" on {best['machine']}" if best.get("machine") else ""
+        lines.append(f"- Fastest at batch 1: **{best['backend']}**{where} "
+                     f"(p50 {best['p50_ms']:.2f} ms, p90 {best['p90_ms']:.2f} ms).")
+    else:
+        lines.append("- No backend produced numbers.")
+    if advice["budget_ms"] is not None:
+        meets = advice["meets_budget"] or []
+        names = ", ".join(f"{m['backend']} @ batch {m['batch']} ({m['p90_ms']:.2f} ms)"
+                          + (f" [{m['machine']}]" if m.get("machine") else "") for m in meets)
+        lines.append(f"- Meets the {advice['budget_ms']:g} ms budget at p90: {names or 'none'}.")
+    crossover = advice["gpu_vs_cpu"]
+    if isinstance(crossover, dict):
+        at = advice["gpu_overtakes_cpu_at_batch"]
+        ratios = ", ".join(f"batch {b}: {r}x" for b, r in crossover.items())
+        lines.append(f"- GPU vs CPU throughput (best of each): {ratios}. "
+                     + (f"The GPU overtakes the CPU at batch {at}." if at else
+                        "The GPU did not overtake the CPU at the measured batch sizes."))
+    else:
+        lines.append(f"- GPU vs CPU: {crossover}.")
+    return lines + [""]
+
+
+def image_loop_lines(loops: list[dict[str, Any]]) -> list[str]:
+    if not loops:
+        return []
+    lines = ["## Per-image loop over real files", "",
+             "| backend | summary | decode p50 ms | infer p50 ms | sequential img/s | pipelined img/s |",
+             "|---|---|---|---|---|---|"]
+    for loop in loops:
+        seq, pipe = loop["sequential"], loop["pipelined"]
+        lines.append(f"| {loop['backend']} | `{loop['summary']}` | {_fmt((seq['decode'] or {}).get('p50_ms'))} | "
+                     f"{_fmt((seq['infer'] or {}).get('p50_ms'))} | {_fmt(seq['images_per_s'], '.1f')} | "
+                     f"{_fmt(pipe['images_per_s'], '.1f')} ({pipe['workers']} workers) |")
+    return lines + [""]
+
+
+def machine_lines(doc: dict[str, Any]) -> list[str]:
+    machine, config = doc["machine"], doc["config"]
+    gpu = machine.get("gpu")
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    return [f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical cores)",
+            f"- GPU: {gpu['name']}, driver {gpu['driver']}, CUDA {gpu['cuda_runtime']}" if gpu else "- GPU: none",
+            f"- Threads for every CPU backend: {config['threads']}",
+            f"- Protocol: warm-up >= {config['min_warmup_iterations']} iterations and >= "
+            f"{config['warmup_s']} s; timed until >= {config['iterations']} iterations and >= "
+            f"{config['seconds']} s; fp32, TF32 off on GPU",
+            f"- Versions: {versions}", ""]
+
+
+def bench_markdown(doc: dict[str, Any], advice: dict[str, Any]) -> str:
+    model = doc["model"]
+    lines = [f"# Latency: {model['arch']} at {model['input_size']} px", "",
+             f"Command: `{doc.get('command', 'python -m pipeline bench')}`", "",
+             f"Created {doc['created']}; {model['gmacs_per_image']:.3f} GMACs per image; "
+             f"ONNX file {model['onnx_file']}.", ""]
+    lines += machine_lines(doc)
+    lines += recommendation_lines(advice)
+    lines += ["## Results", ""] + rows_table(labelled_rows([doc]), with_machine=False) + [""]
+    lines += image_loop_lines(doc.get("images", []))
+    return "\n".join(lines)
+
+
+def compare_markdown(docs: list[dict[str, Any]], advice: dict[str, Any], command: str) -> str:
+    lines = ["# Latency comparison across machines", "", f"Command: `{command}`", ""]
+    for doc in docs:
+        lines.append(f"## {machine_label(doc)}")
+        lines.append(f"Model {doc['model']['arch']} at {doc['model']['input_size']} px, created {doc['created']}")
+        lines += [""] + machine_lines(doc)
+    lines += recommendation_lines(advice)
+    lines += ["## All rows", ""] + rows_table(labelled_rows(docs), with_machine=True) + [""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """p50 bars with p90 whiskers per backend at batch 1; images/s against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = ok_rows(rows)
+    multi = len({row.get("machine") for row in good}) > 1
+    label = (lambda r: f"{r['backend']}\n{r['machine'][:28]}") if multi else (lambda r: r["backend"])
+    batch1 = sorted((r for r in good if r["batch"] == 1), key=lambda r: r["p50_ms"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    if batch1:
+        p50 = [r["p50_ms"] for r in batch1]
+        whisker = [[0] * len(batch1), [r["p90_ms"] - r["p50_ms"] for r in batch1]]
+        left.bar([label(r) for r in batch1], p50, yerr=whisker, capsize=4, color="tab:blue")
+        left.tick_params(axis="x", rotation=30, labelsize=8)
+    left.set_title("batch 1: p50 latency (whisker: p90)")
+    left.set_ylabel("ms per batch")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in good:
+        series.setdefault(label(row).replace("\n", " "), []).append((row["batch"], row["images_per_s"]))
+    for name, points in sorted(series.items()):
+        points.sort()
+        right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("batch size")
+    right.set_ylabel("images / s")
+    right.set_title("throughput against batch size")
+    if series:
+        right.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_bench_outputs(doc: dict[str, Any], folder: Path, budget_ms: float | None) -> dict[str, Any]:
+    """latency.json, report.md and latency.png into ``folder``; returns the recommendation."""
+    from pipeline.bundle import LATENCY, LATENCY_PLOT, REPORT
+
+    advice = recommend(doc["rows"], budget_ms)
+    doc["recommendation"] = advice
+    write_json_atomic(folder / LATENCY, doc)
+    write_text_atomic(folder / REPORT, bench_markdown(doc, advice))
+    plot(doc["rows"], folder / LATENCY_PLOT, f"{doc['model']['arch']} — {machine_label(doc)}")
+    return advice
+
+
+def write_comparison(paths: list[Path], out: Path, budget_ms: float | None, command: str) -> dict[str, Any]:
+    docs = [load_latency(path) for path in paths]
+    rows = labelled_rows(docs)
+    advice = recommend(rows, budget_ms)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.md", compare_markdown(docs, advice, command))
+    plot(rows, out / "report.png", "latency comparison")
+    return advice

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real bundles and a way to call the CLI as a user does."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+TINY_ARCH = "resnet18_cifar"
+
+
+def run_cli(*args: str) -> "object":
+    """Invoke the click app in-process; stdout and stderr are kept apart."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def run_module(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline ...`` in a subprocess, exactly as a user types it."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / TINY_ARCH
+    result = run_cli("export", "--arch", TINY_ARCH, "--out", out, "--class-names",
+                     ",".join(f"c{i}" for i in range(10)))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def tiny_bundle(tiny_bundle_master: Path, tmp_path: Path) -> Path:
+    """A private copy of an exported resnet18_cifar bundle that a test may damage."""
+    return Path(shutil.copytree(tiny_bundle_master, tmp_path / "bundle"))
+
+
+def write_images(folder: Path, count: int = 3, size: int = 40, seed: int = 0) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / f"img{index}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size + 7, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def requires_cuda() -> pytest.MarkDecorator:
+    import torch
+
+    return pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="no CUDA GPU on this machine (torch.cuda.is_available() is False)")
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))

@@ -1,0 +1,184 @@
+"""The timing protocol, the rows it produces, reason rows, the image loop and the outputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline.bench import (MIN_WARMUP_ITERATIONS, ROW_FIELDS, percentile_stats, recommend,
+                            timed_loop, warm_up)
+from tests.conftest import requires_cuda, run_cli, write_images
+
+FAST = ["--iterations", "5", "--seconds", "0", "--warmup-seconds", "0"]
+
+
+class StubClock:
+    """A clock that advances a fixed number of ns per reading."""
+
+    def __init__(self, step_ns: int) -> None:
+        self.now, self.step = 0, step_ns
+
+    def __call__(self) -> int:
+        self.now += self.step
+        return self.now
+
+
+def test_statistics_on_a_known_sequence():
+    samples = [i * 1_000_000 for i in range(1, 101)]  # 1..100 ms
+    stats = percentile_stats(samples)
+    assert stats["n"] == 100
+    assert stats["mean_ms"] == pytest.approx(50.5)
+    assert stats["std_ms"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert (stats["min_ms"], stats["max_ms"]) == (1.0, 100.0)
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["p95_ms"] == pytest.approx(95.05)
+    assert stats["p99_ms"] is None and stats["p99_note"] == "omitted: n=100 < 600"
+
+
+def test_p99_reported_from_600_samples():
+    stats = percentile_stats([1_000_000] * 594 + [9_000_000] * 6)
+    assert stats["p99_ms"] == pytest.approx(1.0 + 8.0 * 0.01 * 0, abs=8.0) and stats["p99_note"] is None
+    assert stats["max_ms"] == 9.0
+
+
+def test_timed_loop_runs_until_both_iterations_and_seconds():
+    calls = []
+    # each reading advances 1 ms: one iteration costs two readings = 2 ms
+    samples = timed_loop(lambda: calls.append(1), iterations=5, seconds=0.1, clock=StubClock(1_000_000))
+    assert len(samples) >= 5 and all(s == 1_000_000 for s in samples)
+    assert len(samples) >= 0.1e9 / 3e6  # kept going for the full 0.1 s
+    few = timed_loop(lambda: None, iterations=50, seconds=0.0, clock=StubClock(1))
+    assert len(few) == 50
+
+
+def test_warm_up_has_a_floor_of_ten_iterations():
+    assert warm_up(lambda: None, seconds=0.0, clock=StubClock(1)) == MIN_WARMUP_ITERATIONS
+
+
+def test_sync_is_called_before_each_stop():
+    events = []
+    timed_loop(lambda: events.append("step"), iterations=3, seconds=0,
+               sync=lambda: events.append("sync"), clock=StubClock(1))
+    assert events == ["step", "sync"] * 3
+
+
+@pytest.fixture(scope="module")
+def bench_result(tiny_bundle_master, tmp_path_factory):
+    bundle = shutil.copytree(tiny_bundle_master, tmp_path_factory.mktemp("bench") / "b")
+    result = run_cli("bench", bundle, "--backends", "torch-cpu,torchscript-cpu,ort-cpu,ort-cuda",
+                     "--batch-sizes", "1,2", "--threads", "1", "--budget-ms", "1000", *FAST)
+    return bundle, result
+
+
+def test_bench_rows_and_schema(bench_result, cuda_available):
+    bundle, result = bench_result
+    assert result.exit_code == 0, result.output
+    doc = json.loads((bundle / "latency.json").read_text())
+    assert doc["schema_version"] == 1 and doc["kind"] == "pipeline.latency"
+    assert {"cpu", "cpu_count", "gpu", "versions"} <= set(doc["machine"])
+    assert doc["config"]["threads"] == 1
+    rows = doc["rows"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [
+        (b, n) for b in ("torch-cpu", "torchscript-cpu", "ort-cpu", "ort-cuda") for n in (1, 2)]
+    for row in rows:
+        assert set(row) >= set(ROW_FIELDS)
+    for row in rows[:6]:
+        assert row["status"] == "ok" and row["threads"] == 1
+        assert row["n"] >= 5 and row["warmup_iterations"] >= MIN_WARMUP_ITERATIONS
+        assert row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] <= row["max_ms"]
+        assert row["p99_ms"] is None and "omitted" in row["p99_note"]
+        assert row["ms_per_image"] == pytest.approx(row["p50_ms"] / row["batch"])
+        assert row["images_per_s"] == pytest.approx(1000 * row["batch"] / row["p50_ms"])
+        assert row["gflops"] > 0 and row["cold_create_ms"] > 0 and row["cold_first_infer_ms"] > 0
+    assert rows[4]["provider"] == "CPUExecutionProvider"
+    if not cuda_available:
+        for row in rows[6:]:
+            assert row["status"] == "unavailable" and "no CUDA GPU" in row["reason"]
+            assert row["p50_ms"] is None and row["provider"] is None and row["device"] is None
+
+
+def test_bench_outputs_and_recommendation(bench_result):
+    bundle, result = bench_result
+    report = (bundle / "report.md").read_text()
+    assert "## Recommendation" in report and "Fastest at batch 1" in report
+    assert "Meets the 1000 ms budget at p90" in report
+    assert "Threads for every CPU backend: 1" in report and "python -m pipeline bench" in report
+    assert (bundle / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "fastest at batch 1:" in result.stdout
+
+
+def test_strict_turns_reason_rows_into_exit_3(tiny_bundle, cuda_available):
+    if cuda_available:
+        pytest.skip("ort-cuda can run here, so there is no reason row to be strict about")
+    result = run_cli("bench", tiny_bundle, "--backends", "ort-cuda", "--batch-sizes", "1",
+                     "--strict", *FAST)
+    assert result.exit_code == 3 and "ort-cuda" in result.stderr
+
+
+def test_images_loop_prints_the_familiar_summary(tiny_bundle, tmp_path):
+    write_images(tmp_path / "photos", count=5)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    result = run_cli("bench", tiny_bundle, "--backends", "ort-cpu", "--batch-sizes", "1",
+                     "--images", tmp_path / "photos", "--verbose", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "1/6: broken.jpg" not in result.stdout and "2/6: img0.png" in result.stdout
+    summary = [line for line in result.stdout.splitlines() if "total time:" in line]
+    assert summary and summary[0].startswith("[ort-cpu] device:cpu (")
+    assert "mean:" in summary[0] and "pipelined" in result.stdout
+    assert "broken.jpg" in result.stderr
+    loop = json.loads((tiny_bundle / "latency.json").read_text())["images"][0]
+    assert loop["sequential"]["n"] == 5 and loop["pipelined"]["n"] == 5
+
+
+def test_report_merges_two_machines(bench_result, tmp_path):
+    bundle, _ = bench_result
+    doc = json.loads((bundle / "latency.json").read_text())
+    other = json.loads(json.dumps(doc))
+    other["machine"]["hostname"] = "other-box"
+    for row in other["rows"]:
+        if row["status"] == "ok":
+            row["p50_ms"] /= 2
+            row["p90_ms"] /= 2
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    result = run_cli("report", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    assert "other-box" in text and doc["machine"]["hostname"] in text
+    assert (tmp_path / "cmp" / "report.png").stat().st_size > 1000
+    assert "on other-box" in result.stdout
+
+
+def test_report_rejects_a_file_that_is_not_latency(tmp_path):
+    (tmp_path / "x.json").write_text("[]")
+    result = run_cli("report", tmp_path / "x.json")
+    assert result.exit_code == 2 and "not a latency.json" in result.stderr
+
+
+def test_recommendation_finds_gpu_crossover():
+    def row(backend, device, batch, p50):
+        return {"backend": backend, "device": device, "batch": batch, "status": "ok",
+                "p50_ms": p50, "p90_ms": p50 * 1.1, "images_per_s": 1000 * batch / p50}
+    rows = [row("ort-cpu", "cpu", 1, 5.0), row("ort-cuda", "cuda", 1, 6.0),
+            row("ort-cpu", "cpu", 8, 40.0), row("ort-cuda", "cuda", 8, 10.0)]
+    advice = recommend(rows, budget_ms=6.0)
+    assert advice["fastest_batch1"]["backend"] == "ort-cpu"
+    assert advice["gpu_overtakes_cpu_at_batch"] == 8
+    assert [m["backend"] for m in advice["meets_budget"]] == ["ort-cpu"]
+
+
+def test_unknown_backend_is_a_usage_error(tiny_bundle):
+    result = run_cli("bench", tiny_bundle, "--backends", "ort-gpu")
+    assert result.exit_code == 2 and "choose from: torch-cpu" in result.stderr
+
+
+@requires_cuda()
+def test_cuda_backends_report_the_gpu(tiny_bundle):
+    result = run_cli("bench", tiny_bundle, "--backends", "torch-cuda,ort-cuda,ort-cuda-iobinding",
+                     "--batch-sizes", "1", *FAST)
+    rows = json.loads((tiny_bundle / "latency.json").read_text())["rows"]
+    assert result.exit_code == 0
+    assert all(r["status"] == "ok" and r["device"] == "cuda" for r in rows)
+    assert rows[1]["provider"] == "CUDAExecutionProvider" and rows[2]["io"] == "device"

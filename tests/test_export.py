@@ -1,0 +1,143 @@
+"""Real exports: torch.jit, torch.onnx and onnxsim, run on ONNX Runtime. No mocks."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from pipeline.archs import ARCHS
+from pipeline.bundle import Bundle
+from pipeline.console import StageTimer
+from pipeline.export import ExportOptions, export_bundle, read_onnx_metadata
+from pipeline.verify import verify_bundle
+from pipeline.weights import load_model
+from tests.conftest import run_cli, run_module
+
+# torch.export of a 101/152-layer net takes 12-18 s on 2 cores; the deep archs go through
+# the legacy exporter so the suite stays fast, the others through dynamo.
+DEEP = ("101", "152")
+
+
+def _exporter_for(name: str) -> str:
+    return "legacy" if any(depth in name for depth in DEEP) else "dynamo"
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_every_arch_exports_and_matches_pytorch(name, tmp_path):
+    # 32 px for CIFAR archs; 64 px for ImageNet-style ones, whose last stage would be 1x1 at 32.
+    loaded = load_model(name, num_classes=5, input_size=32 if name.endswith("_cifar") else 64)
+    options = ExportOptions(exporter=_exporter_for(name), simplify=name.startswith("resnet18"))
+    bundle = export_bundle(loaded, tmp_path / name, options, StageTimer(quiet=True))
+    report = verify_bundle(bundle.root, with_cuda=False)
+    assert report, [p for p in report.pairs if not p.passed]
+    assert {p.candidate for p in report.pairs} >= {"torchscript-cpu", "onnx-ort-cpu"}
+    assert {p.batch for p in report.pairs} == {1, 3}
+
+
+def _input_dims(path):
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_dynamic_batch_axis(exporter, tmp_path):
+    loaded = load_model("resnet18_cifar")
+    bundle = export_bundle(loaded, tmp_path / exporter, ExportOptions(exporter=exporter),
+                           StageTimer(quiet=True))
+    for name in ("model.onnx", "model.sim.onnx"):
+        path = bundle.path(name)
+        dims = _input_dims(path)
+        assert isinstance(dims[0], str) and dims[1:] == [3, 32, 32]
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["input"]
+        assert [o.name for o in session.get_outputs()] == ["logits"]
+        for batch in (1, 4, 7):
+            out = session.run(None, {"input": np.zeros((batch, 3, 32, 32), np.float32)})[0]
+            assert out.shape == (batch, 10)
+
+
+def test_resnet18_at_224_from_the_command_line(tmp_path):
+    out = tmp_path / "r18"
+    result = run_module("export", "--arch", "resnet18", "--out", out)
+    assert result.returncode == 0, result.stderr
+    # one line per stage, no exporter chatter on the terminal
+    assert "[torch.onnx]" not in result.stderr + result.stdout
+    for stage in ("weights", "torchscript", "onnx", "simplify", "verify"):
+        assert f"  {stage} " in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["model"]["arch"] == "resnet18" and manifest["model"]["input_size"] == 224
+    assert manifest["model"]["weights"]["source"] == "random" and manifest["model"]["weights"]["seed"] == 0
+    assert manifest["export"]["exporter"] == "dynamo" and manifest["export"]["opset"] == 18
+    assert manifest["export"]["simplify"]["check_ok"] is True
+    assert set(manifest["artifacts"]) == {"weights.pt", "model.ts", "model.onnx",
+                                          "model.sim.onnx", "export.log"}
+    for entry in manifest["artifacts"].values():
+        assert entry["bytes"] == (out / entry["path"]).stat().st_size and len(entry["sha256"]) == 64
+    assert {"python", "torch", "torchvision", "onnx", "onnxsim", "onnxruntime"} <= set(manifest["versions"])
+    assert set(manifest["stages"]["export"]["steps"]) >= {"torchscript", "onnx", "simplify"}
+    assert "torch.onnx" in (out / "export.log").read_text()  # chatter is kept, not lost
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and _input_dims(out / "model.onnx")[1:] == [3, 224, 224]
+
+
+def test_onnx_metadata_lets_a_bare_file_be_used(tiny_bundle):
+    meta = read_onnx_metadata(tiny_bundle / "model.onnx")
+    assert meta["arch"] == "resnet18_cifar"
+    assert json.loads(meta["class_names"]) == [f"c{i}" for i in range(10)]
+    prep = json.loads(meta["preprocessing"])
+    assert (prep["resize"], prep["crop"], prep["mean"], prep["std"]) == (32, 32, [0.5] * 3, [0.5] * 3)
+    assert json.loads(meta["weights"])["source"] == "random"
+    assert meta["pipeline_version"]
+    assert read_onnx_metadata(tiny_bundle / "model.sim.onnx")["arch"] == "resnet18_cifar"
+
+
+def test_opset_and_legacy_exporter_are_honoured(tmp_path):
+    out = tmp_path / "legacy17"
+    result = run_cli("export", "--arch", "resnet18_cifar", "--out", out, "--exporter", "legacy",
+                     "--opset", "17", "--no-simplify")
+    assert result.exit_code == 0, result.output
+    assert onnx.load(str(out / "model.onnx")).opset_import[0].version == 17
+    assert not (out / "model.sim.onnx").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["simplify"] == {"enabled": False}
+
+
+def test_reexport_replaces_only_its_own_files(tiny_bundle):
+    keep = tiny_bundle / "history.json"
+    keep.write_text("{}")
+    result = run_cli("export", "--arch", "resnet34_cifar", "--out", tiny_bundle, "--no-simplify")
+    assert result.exit_code == 0, result.output
+    assert keep.read_text() == "{}"
+    assert not (tiny_bundle / "model.sim.onnx").exists()  # stale artifact removed
+    assert Bundle(tiny_bundle).read_manifest()["model"]["arch"] == "resnet34_cifar"
+
+
+def test_checkpoint_with_class_names_travels_into_onnx(tmp_path):
+    import torch
+
+    from pipeline.archs import get_arch
+
+    model = get_arch("resnet18_cifar").build(3)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": model.state_dict(), "arch": "resnet18_cifar", "num_classes": 3,
+                "class_names": ["ant", "bee", "wasp"]}, ckpt)
+    out = tmp_path / "from_ckpt"
+    result = run_cli("export", "--checkpoint", ckpt, "--out", out, "--no-simplify")
+    assert result.exit_code == 0, result.output
+    meta = read_onnx_metadata(out / "model.onnx")
+    assert json.loads(meta["class_names"]) == ["ant", "bee", "wasp"]
+    assert json.loads(meta["weights"])["source"] == "checkpoint"
+
+
+def test_plain_state_dict_checkpoint(tmp_path):
+    import torch
+
+    from pipeline.archs import get_arch
+
+    ckpt = tmp_path / "plain.pt"
+    torch.save(get_arch("resnet18_cifar").build().state_dict(), ckpt)
+    loaded = load_model("resnet18_cifar", checkpoint=ckpt)
+    assert loaded.num_classes == 10 and loaded.class_names[0] == "class_0"
