@@ -207,6 +207,144 @@ def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float, r
     _finish_verify(ctx, report, as_json)
 
 
+# ----------------------------------------------------------------------------- train
+def train_options(func: Any) -> Any:
+    options = [
+        click.option("--arch", default=None, help="Architecture (see `archs`). Default resnet18."),
+        click.option("--data", default="synthetic", show_default=True,
+                     help="Image folder (train/ + val/, or class folders), cifar10:DIR, or synthetic."),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Bundle directory (default exported/<arch>)."),
+        click.option("--epochs", type=int, default=None, help="Epochs (default 10)."),
+        click.option("--batch-size", type=int, default=None, help="Batch size (default 64; run: 16)."),
+        click.option("--lr", type=float, default=None, help="Learning rate (default 0.05 SGD, 1e-3 Adam/AdamW)."),
+        click.option("--optimizer", default="adamw", show_default=True, help="sgd (momentum, nesterov), adam or adamw."),
+        click.option("--weight-decay", type=float, default=0.05, show_default=True),
+        click.option("--schedule", default="cosine", show_default=True, help="cosine, step, plateau or none."),
+        click.option("--label-smoothing", type=float, default=0.0, show_default=True),
+        click.option("--weights", default="random", show_default=True,
+                     help="random (train from scratch) or imagenet (fine-tune torchvision's weights)."),
+        click.option("--freeze-backbone", is_flag=True, help="Train the classifier head only."),
+        click.option("--input-size", type=int, default=None,
+                     help="Override the input size (default: the arch's; 64 for synthetic data)."),
+        click.option("--val-split", type=float, default=0.2, show_default=True,
+                     help="Validation share when --data is one folder of classes."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--workers", type=int, default=2, show_default=True, help="DataLoader worker processes."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--synthetic-per-class", type=int, default=500, show_default=True,
+                     help="Images per class for --data synthetic."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _train_config(kwargs: dict[str, Any], *, default_epochs: int, default_batch: int) -> Any:
+    from pipeline.train import TrainConfig
+
+    values = dict(kwargs)
+    values["epochs"] = values["epochs"] if values["epochs"] is not None else default_epochs
+    values["batch_size"] = values["batch_size"] if values["batch_size"] is not None else default_batch
+    values["out"] = str(values["out"]) if values["out"] else None
+    values["arch"] = values["arch"] or ("resnet18" if not values.get("resume") else None)
+    return TrainConfig(**values)
+
+
+def _fit(ctx: click.Context, config: Any) -> dict[str, Any]:
+    from pipeline.train import fit
+
+    try:
+        return fit(config, log=_log)
+    except KeyboardInterrupt:
+        _log("error: interrupted")
+        ctx.exit(130)
+        raise  # unreachable: ctx.exit raises
+
+
+@cli.command()
+@train_options
+@click.option("--resume", default=None, help="Continue from a last.pt written by train.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
+@click.pass_context
+def train(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
+    """Train or fine-tune a ResNet; writes checkpoint.pt, last.pt, history and metrics.
+
+    \b
+    Example:
+      python -m pipeline train --arch resnet18 --data path/to/folder --epochs 10
+      python -m pipeline train --arch resnet50 --data birds/ --weights imagenet --freeze-backbone
+      python -m pipeline train --arch resnet18_cifar --data cifar10:data/ --optimizer sgd --schedule plateau
+      torchrun --nproc_per_node=2 -m pipeline train --arch resnet50 --data photos/
+    """
+    summary = _fit(ctx, _train_config(kwargs, default_epochs=10, default_batch=64))
+    if as_json:
+        emit_json(summary)
+    elif summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        click.echo(f"best val accuracy {summary['best_val_acc']:.4f}; checkpoint "
+                   f"{summary['bundle']}/checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------- run
+@cli.command()
+@train_options
+@click.option("--backends", default="torch-cpu,torchscript-cpu,ort-cpu,torch-cuda,ort-cuda",
+              show_default=True, help="Backends for the bench stage.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Batch sizes for the bench stage.")
+@click.option("--bench-seconds", type=float, default=2.0, show_default=True,
+              help="Minimum timed seconds per bench row.")
+@click.option("--bench-iterations", type=int, default=100, show_default=True)
+@click.pass_context
+def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: float,
+        bench_iterations: int, **kwargs: Any) -> None:
+    """Train, export, verify, bench and report into one bundle.
+
+    With no options it trains resnet18 on the built-in synthetic shapes, offline.
+
+    \b
+    Example:
+      python -m pipeline run
+      python -m pipeline run --arch resnet50 --data path/to/folder --epochs 10
+    """
+    import os
+
+    from pipeline.bench import BenchConfig, format_table, run_bench
+    from pipeline.console import StageTimer
+    from pipeline.export import ExportOptions, export_bundle
+    from pipeline.report import write_bench_outputs
+    from pipeline.weights import load_model
+
+    config = _train_config({**kwargs, "resume": None}, default_epochs=10, default_batch=16)
+    bench_config = BenchConfig(backends=_backend_list(backends),
+                               batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+                               iterations=bench_iterations, seconds=bench_seconds,
+                               threads=os.cpu_count() or 1)
+    _log("== train")
+    summary = _fit(ctx, config)
+    bundle_dir = Path(summary["bundle"])
+    _log("== export")
+    loaded = load_model(checkpoint=bundle_dir / "checkpoint.pt")
+    export_bundle(loaded, bundle_dir, ExportOptions(), StageTimer())
+    _log("== verify")
+    report = _verify(bundle_dir)
+    click.echo(_format_parity(report))
+    _log("== bench")
+    doc = run_bench(bundle_dir, bench_config)
+    doc["command"] = "python -m pipeline run " + " ".join(sys.argv[2:])
+    write_bench_outputs(doc, bundle_dir, None)
+    click.echo(format_table(doc["rows"]))
+    click.echo(f"bundle {bundle_dir}: best val accuracy {summary['best_val_acc']:.4f}, parity "
+               f"{'passed' if report else 'FAILED'}; see {bundle_dir}/report.md")
+    if not report:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+def _format_parity(report: Any) -> str:
+    from pipeline.verify import format_table
+
+    return format_table(report)
+
+
 # ----------------------------------------------------------------------------- bench
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     from pipeline.errors import InputError

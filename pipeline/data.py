@@ -1,0 +1,307 @@
+"""Datasets for training: image folders, CIFAR-10 batches and built-in synthetic shapes.
+
+``--data`` accepts:
+- ``DIR`` with ``train/`` and ``val/`` sub-folders of class folders (the ants/bees layout);
+- ``DIR`` of class folders, split into train/val per class by a seeded ``--val-split``;
+- ``cifar10:DIR``, the standard ``cifar-10-batches-py`` pickles (downloaded when missing);
+- ``synthetic``, coloured shapes on noisy backgrounds, generated from a seed, no network.
+
+Transforms come from the model's preprocessing spec, with training augmentation on top:
+random resized crop + flip for 224-style models, pad-crop + flip for CIFAR models.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from pipeline.archs import Preprocessing
+from pipeline.errors import EnvironmentUnavailable, InputError
+from pipeline.images import BadImage, eval_transform, is_image_name, open_rgb
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+MAX_BAD_FRACTION = 0.05
+SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross")
+SYNTHETIC_SIZE = 64
+SYNTHETIC_PER_CLASS = 500
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+# Milder than ImageNet's (0.08, 1): small datasets and small inputs lose the object otherwise.
+RANDOM_CROP_SCALE = (0.35, 1.0)
+SMALL_INPUT = 64
+
+
+@dataclass
+class DataSplit:
+    """Train and validation datasets that yield (tensor, label), with the class names."""
+
+    train: Any
+    val: Any
+    class_names: list[str]
+    source: str
+    skipped: list[str] = field(default_factory=list)
+
+
+class ImageListDataset:
+    """(path or PIL image, label) samples pushed through a transform."""
+
+    def __init__(self, samples: Sequence[tuple[Any, int]], transform: Callable[["Image.Image"], "torch.Tensor"]) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple["torch.Tensor", int]:
+        item, label = self.samples[index]
+        image = open_rgb(item) if isinstance(item, (str, Path)) else item
+        return self.transform(image), label
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+def train_transform(prep: Preprocessing, *, cifar: bool) -> Callable[["Image.Image"], "torch.Tensor"]:
+    """Pad-crop + flip for CIFAR models and small inputs (<= 64 px), where a random resized
+    crop would often cut the object away; random resized crop + flip otherwise."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    if cifar or prep.crop <= SMALL_INPUT:
+        spatial = [T.Resize(prep.crop, antialias=True), T.CenterCrop(prep.crop),
+                   T.RandomCrop(prep.crop, padding=max(1, prep.crop // 8), padding_mode="reflect")]
+    else:
+        spatial = [T.RandomResizedCrop(prep.crop, scale=RANDOM_CROP_SCALE, antialias=True)]
+    return T.Compose([*spatial, T.RandomHorizontalFlip(), T.PILToTensor(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(prep.mean), list(prep.std))])
+
+
+# ----------------------------------------------------------------------------- folders
+def class_folders(root: Path) -> list[Path]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(f"data folder {str(root)!r} has no class sub-folders; expected "
+                         f"{root}/<class>/<image> or {root}/train/<class>/ and {root}/val/<class>/")
+    if len(folders) < 2:
+        raise InputError(f"data folder {str(root)!r} has one class ({folders[0].name}); "
+                         f"a classifier needs at least two class folders")
+    return folders
+
+
+def scan_class_folders(root: Path, class_names: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(path, label) for every image file; a class with no image files is an input error."""
+    folders = class_folders(root)
+    names = [folder.name for folder in folders]
+    if class_names is not None and names != class_names:
+        raise InputError(f"{str(root)!r} has classes {names}, but train/ has {class_names}; "
+                         f"train/ and val/ need the same class folders")
+    samples = []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p))
+        if not files:
+            raise InputError(f"class folder {str(folder)!r} has no images; add some or remove it")
+        samples += [(path, label) for path in files]
+    return samples, names
+
+
+def drop_bad_images(samples: list[tuple[Path, int]], warn: Callable[[str], None]) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Decode every file once; skip bad ones with a warning; stop when too many are bad."""
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            open_rgb(path)
+            good.append((path, label))
+        except BadImage as exc:
+            bad.append(str(exc))
+            warn(f"warning: skipping {exc}")
+    if bad:
+        warn(f"warning: skipped {len(bad)} of {len(samples)} images")
+    if len(bad) > MAX_BAD_FRACTION * len(samples):
+        raise InputError(f"{len(bad)} of {len(samples)} images are unreadable (more than "
+                         f"{MAX_BAD_FRACTION:.0%}); fix the data set first. First: {bad[0]}")
+    return good, bad
+
+
+def stratified_split(samples: list[tuple[Any, int]], val_split: float, seed: int) -> tuple[list, list]:
+    """Seeded split per class, so each class keeps its share in both parts."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[tuple[Any, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = by_class[label][:]
+        rng.shuffle(items)
+        count = max(1, round(len(items) * val_split)) if len(items) > 1 else 0
+        val += items[:count]
+        train += items[count:]
+    return train, val
+
+
+def folder_split(root: Path, val_split: float, seed: int, warn: Callable[[str], None]) -> tuple[list, list, list[str], list[str]]:
+    if (root / "train").is_dir() or (root / "val").is_dir():
+        for part in ("train", "val"):
+            if not (root / part).is_dir():
+                raise InputError(f"{str(root)!r} has {'val' if part == 'train' else 'train'}/ "
+                                 f"but no {part}/; give both, or one folder of class folders")
+        train, names = scan_class_folders(root / "train")
+        val, _ = scan_class_folders(root / "val", names)
+        train, bad_train = drop_bad_images(train, warn)
+        val, bad_val = drop_bad_images(val, warn)
+        return train, val, names, bad_train + bad_val
+    samples, names = scan_class_folders(root)
+    samples, bad = drop_bad_images(samples, warn)
+    train, val = stratified_split(samples, val_split, seed)
+    return train, val, names, bad
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+def cifar_dir(root: Path) -> Path:
+    return root if (root / "batches.meta").is_file() else root / CIFAR_FOLDER
+
+
+def download_cifar(root: Path) -> None:
+    import socket
+    import urllib.error
+
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)
+    try:
+        download_and_extract_archive(CIFAR_URL, str(root), md5=CIFAR_MD5)
+    except (urllib.error.URLError, OSError) as exc:
+        raise EnvironmentUnavailable(f"CIFAR-10 is not in {root} and cannot be downloaded ({exc}); "
+                                     f"put cifar-10-batches-py there, or use --data synthetic") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def load_cifar_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """Images (N, 32, 32, 3) uint8 and labels from CIFAR's pickled batches.
+
+    CIFAR-10 ships as Python pickles; they are read only from the folder the user names.
+    """
+    import pickle
+
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb") as handle:
+                entry = pickle.load(handle, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels += list(entry.get("labels", entry.get("fine_labels", [])))
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+            raise InputError(f"CIFAR-10 batch {str(path)!r} cannot be read ({exc}); is the "
+                             f"folder the standard cifar-10-batches-py?") from None
+    return np.concatenate(images).transpose(0, 2, 3, 1), labels
+
+
+def cifar_split(root: Path) -> tuple[list, list, list[str]]:
+    from PIL import Image
+
+    folder = cifar_dir(root)
+    if not folder.is_dir():
+        download_cifar(root)
+        folder = cifar_dir(root)
+    train_names = sorted(p.name for p in folder.glob("data_batch_*"))
+    if not train_names or not (folder / "test_batch").is_file():
+        raise InputError(f"{str(folder)!r} lacks data_batch_* or test_batch; is it cifar-10-batches-py?")
+    import pickle
+
+    with open(folder / "batches.meta", "rb") as handle:
+        classes = list(pickle.load(handle, encoding="latin1")["label_names"])
+    splits = []
+    for names in (train_names, ["test_batch"]):
+        images, labels = load_cifar_batches(folder, names)
+        splits.append([(Image.fromarray(image), int(label)) for image, label in zip(images, labels)])
+    return splits[0], splits[1], classes
+
+
+# ----------------------------------------------------------------------------- synthetic
+def synthetic_image(label: int, rng: np.random.Generator, size: int = SYNTHETIC_SIZE) -> "Image.Image":
+    """One coloured shape of class ``label`` at a random place, size and colour, on noise."""
+    from PIL import Image, ImageDraw
+
+    background = rng.integers(0, 256, 3)
+    noise = rng.normal(0, 28, (size, size, 3))
+    canvas = np.clip(background + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    colour = tuple(int(v) for v in (background + rng.integers(90, 166, 3)) % 256)
+    radius = rng.uniform(0.18, 0.34) * size
+    cx, cy = rng.uniform(radius, size - radius, 2)
+    shape = SYNTHETIC_CLASSES[label]
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+    elif shape == "square":
+        draw.polygon(_polygon(cx, cy, radius, 4, rng.uniform(0, math.pi / 2)), fill=colour)
+    elif shape == "triangle":
+        draw.polygon(_polygon(cx, cy, radius, 3, rng.uniform(0, 2 * math.pi)), fill=colour)
+    else:
+        width = radius * 0.45
+        draw.rectangle([cx - radius, cy - width / 2, cx + radius, cy + width / 2], fill=colour)
+        draw.rectangle([cx - width / 2, cy - radius, cx + width / 2, cy + radius], fill=colour)
+    return image
+
+
+def _polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[tuple[float, float]]:
+    return [(cx + radius * math.cos(angle + 2 * math.pi * k / sides),
+             cy + radius * math.sin(angle + 2 * math.pi * k / sides)) for k in range(sides)]
+
+
+def synthetic_samples(count_per_class: int, seed: int) -> list[tuple["Image.Image", int]]:
+    rng = np.random.default_rng(seed)
+    return [(synthetic_image(label, rng), label)
+            for _ in range(count_per_class) for label in range(len(SYNTHETIC_CLASSES))]
+
+
+def synthetic_split(val_split: float, seed: int, per_class: int = SYNTHETIC_PER_CLASS) -> tuple[list, list, list[str]]:
+    train, val = stratified_split(synthetic_samples(per_class, seed), val_split, seed)
+    return train, val, list(SYNTHETIC_CLASSES)
+
+
+# ----------------------------------------------------------------------------- entry point
+def is_cifar_data(spec: str) -> bool:
+    return spec.startswith("cifar10:")
+
+
+def load_data(spec: str, prep: Preprocessing, *, cifar_aug: bool, val_split: float = 0.2,
+              seed: int = 0, synthetic_per_class: int = SYNTHETIC_PER_CLASS,
+              warn: Callable[[str], None] | None = None) -> DataSplit:
+    """Resolve ``--data`` into train/val datasets with the model's transforms."""
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    if not 0.0 < val_split < 1.0:
+        raise InputError(f"--val-split {val_split} must be between 0 and 1 (exclusive), e.g. 0.2")
+    skipped: list[str] = []
+    if spec == "synthetic":
+        train, val, names = synthetic_split(val_split, seed, synthetic_per_class)
+        source = f"synthetic shapes ({synthetic_per_class} per class, seed {seed})"
+    elif is_cifar_data(spec):
+        root = Path(spec.split(":", 1)[1] or ".")
+        train, val, names = cifar_split(root)
+        source = f"CIFAR-10 at {root}"
+    else:
+        root = Path(spec)
+        if not root.is_dir():
+            raise InputError(f"--data {spec!r} is not a folder; give an image folder, "
+                             f"cifar10:DIR or synthetic")
+        train, val, names, skipped = folder_split(root, val_split, seed, warn)
+        source = f"image folder {root}"
+    if not train or not val:
+        raise InputError(f"--data {spec!r} gives {len(train)} training and {len(val)} validation "
+                         f"images; both splits need images")
+    return DataSplit(ImageListDataset(train, train_transform(prep, cifar=cifar_aug)),
+                     ImageListDataset(val, eval_transform(prep)), names, source, skipped)

@@ -1,0 +1,453 @@
+"""train_one_epoch / evaluate / fit -> checkpoint, history, metrics, plot.
+
+Runs on one process or under ``torchrun`` (DistributedDataParallel: NCCL on GPUs, gloo on
+CPU, a DistributedSampler, metrics reduced across ranks, files written by rank 0 only).
+Every epoch is seeded from ``seed + epoch``, so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pipeline.bundle import (CHECKPOINT, HISTORY, HISTORY_PLOT, LAST_CHECKPOINT, METRICS,
+                             TRAIN_FILES, Bundle, ensure_writable_dir, save_atomic,
+                             write_json_atomic)
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "plateau", "none")
+CHECKPOINT_FORMAT = "pipeline.train.v1"
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "resnet18"
+    data: str = "synthetic"
+    out: str | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    weights: str = "random"
+    freeze_backbone: bool = False
+    input_size: int | None = None
+    val_split: float = 0.2
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    resume: str | None = None
+    synthetic_per_class: int = 500
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise InputError(f"--epochs {self.epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; choose from: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; choose from: {', '.join(SCHEDULES)}")
+        if not 0.0 < self.val_split < 1.0:
+            raise InputError(f"--val-split {self.val_split} must be between 0 and 1 (exclusive), e.g. 0.2")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise InputError(f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
+        if self.lr is not None and self.lr <= 0:
+            raise InputError(f"--lr {self.lr} must be positive")
+        if self.workers < 0:
+            raise InputError(f"--workers {self.workers} must be >= 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun; a no-op otherwise."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if device == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_reduce_sum(values: "torch.Tensor", ctx: Dist) -> "torch.Tensor":
+    import torch.distributed as dist
+
+    if ctx.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+# ----------------------------------------------------------------------------- building blocks
+def pick_device(requested: str, ctx: Dist | None = None) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import EnvironmentUnavailable
+
+        raise EnvironmentUnavailable("--device cuda: no CUDA GPU visible (torch.cuda.is_available() is False)")
+    if requested not in ("cpu", "cuda"):
+        raise InputError(f"unknown --device {requested!r}; choose from: auto, cpu, cuda")
+    return requested
+
+
+def build_optimizer(name: str, params: Any, lr: float, *, momentum: float, weight_decay: float) -> "torch.optim.Optimizer":
+    import torch
+
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise InputError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(name: str, optimizer: "torch.optim.Optimizer", epochs: int) -> Any:
+    from torch.optim import lr_scheduler
+
+    if name == "cosine":
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "step":
+        return lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
+    if name == "plateau":
+        # as in the CIFAR-10 write-up: halve the rate when validation loss stalls
+        return lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=0.5, patience=2, min_lr=1e-6)
+    return None
+
+
+def freeze_backbone(model: "nn.Module") -> None:
+    """Train the classifier head only."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("fc.")
+
+
+def make_loader(dataset: Any, batch_size: int, *, train: bool, workers: int, seed: int,
+                epoch: int, ctx: Dist, pin: bool) -> "torch.utils.data.DataLoader":
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    generator = torch.Generator().manual_seed(seed + epoch)
+    sampler = None
+    if ctx.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank,
+                                     shuffle=train, seed=seed, drop_last=False)
+        sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                      sampler=sampler, num_workers=workers, generator=generator, pin_memory=pin,
+                      drop_last=train and len(dataset) > batch_size * ctx.world,
+                      persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- epochs
+def train_one_epoch(model: "nn.Module", loader: Any, criterion: Any, optimizer: Any, *,
+                    device: str, scaler: Any, ctx: Dist, progress: bool, epoch: int,
+                    epochs: int) -> dict[str, float]:
+    import torch
+    from tqdm import tqdm
+
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    channels_last = device == "cuda"
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+               disable=not (progress and ctx.is_main), file=sys.stderr)
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device_type=device, dtype=torch.float16, enabled=scaler is not None):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        count = labels.numel()
+        sums += torch.tensor([loss.item() * count, (logits.argmax(1) == labels).sum().item(), count],
+                             dtype=torch.float64)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}")
+    sums = all_reduce_sum(sums, ctx)
+    return {"loss": float(sums[0] / sums[2]), "acc": float(sums[1] / sums[2])}
+
+
+def evaluate(model: "nn.Module", loader: Any, criterion: Any, *, device: str, num_classes: int,
+             ctx: Dist) -> dict[str, Any]:
+    """Loss, top-1 and the confusion matrix (rows: true class, columns: predicted)."""
+    import torch
+
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)  # loss * n, n
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    with torch.inference_mode():
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            sums += torch.tensor([criterion(logits, labels).item() * labels.numel(), labels.numel()],
+                                 dtype=torch.float64)
+            index = labels.cpu() * num_classes + logits.argmax(1).cpu()
+            confusion += torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    sums = all_reduce_sum(sums, ctx)
+    confusion = all_reduce_sum(confusion, ctx)
+    correct = float(confusion.diag().sum())
+    return {"loss": float(sums[0] / sums[1]), "acc": correct / float(sums[1]),
+            "confusion": confusion.long().tolist()}
+
+
+def per_class_accuracy(confusion: list[list[int]], names: list[str]) -> dict[str, float | None]:
+    return {name: (row[index] / sum(row) if sum(row) else None)
+            for index, (name, row) in enumerate(zip(names, confusion))}
+
+
+def state_digest(model: "nn.Module") -> str:
+    """sha256 of every parameter and buffer: equal digests mean identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        axes[0].plot(epochs, [row[key] for row in history], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+        axes[1].plot(epochs, [row[key] for row in history], marker="o", label=label)
+    axes[2].plot(epochs, [row["lr"] for row in history], marker="o", color="tab:green")
+    for axis, title in zip(axes, ("loss", "accuracy", "learning rate")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    save_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- fit
+def read_resume(path: str, arch: str | None) -> dict[str, Any]:
+    from pipeline.weights import read_checkpoint
+
+    state = read_checkpoint(path)
+    if state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
+        raise InputError(f"--resume {path!r} is not a training checkpoint with optimizer state; "
+                         f"resume from last.pt written by python -m pipeline train")
+    if arch and state["arch"] != arch:
+        raise InputError(f"--resume {path!r} is a checkpoint of arch {state['arch']!r}, not "
+                         f"{arch!r}; drop --arch or resume from a matching checkpoint")
+    return state
+
+
+def _checkpoint(model: "nn.Module", optimizer: Any, scheduler: Any, *, loaded: Any, epoch: int,
+                best_acc: float, history: list[dict[str, Any]], config: TrainConfig,
+                source: str) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "arch": loaded.arch,
+            "num_classes": loaded.num_classes, "class_names": loaded.class_names,
+            "preprocessing": loaded.preprocessing.to_dict(), "input_size": loaded.preprocessing.crop,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch, "best_acc": best_acc, "history": history,
+            "config": asdict(config), "data_source": source}
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    import torch
+
+    save_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _log_epoch(log: Callable[[str], None], row: dict[str, Any], epochs: int) -> None:
+    log(f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
+        f"{row['duration_s']:.1f}s")
+
+
+def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train into the bundle ``config.out``; returns a summary with the best validation accuracy."""
+    import torch
+    from torch import nn
+
+    from pipeline.archs import get_arch
+    from pipeline.data import is_cifar_data, load_data
+    from pipeline.weights import load_model
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    config.check()
+    resume = read_resume(config.resume, config.arch) if config.resume else None
+    arch = resume["arch"] if resume else config.arch
+    spec = get_arch(arch)
+    device = pick_device(config.device)
+    ctx = init_distributed(device)
+    if device == "cuda" and ctx.enabled:
+        torch.cuda.set_device(ctx.local_rank)
+    main_log = log if ctx.is_main else (lambda message: None)
+
+    input_size = resume["input_size"] if resume else (
+        config.input_size or (64 if config.data == "synthetic" and spec.family != "cifar" else None))
+    prep = spec.preprocessing(input_size)
+    data = load_data(config.data, prep, cifar_aug=spec.family == "cifar", val_split=config.val_split,
+                     seed=config.seed, synthetic_per_class=config.synthetic_per_class, warn=main_log)
+    loaded = load_model(arch, num_classes=len(data.class_names), weights=config.weights,
+                        class_names=data.class_names, input_size=prep.crop, seed=config.seed)
+    model = loaded.model
+    if config.freeze_backbone:
+        freeze_backbone(model)
+    batch_size = config.batch_size
+    if batch_size > len(data.train):
+        main_log(f"warning: --batch-size {batch_size} is larger than the {len(data.train)} training "
+                 f"images; using {len(data.train)}")
+        batch_size = len(data.train)
+
+    out = Path(config.out or Path("exported") / arch)
+    bundle = Bundle(ensure_writable_dir(out))
+    if ctx.is_main and not resume:
+        bundle.forget_stage(TRAIN_FILES)
+    model.to(device)
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config.optimizer, trainable, config.learning_rate,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(config.schedule, optimizer, config.epochs)
+    start_epoch, best_acc, history = 0, -1.0, []
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume.get("scheduler"):
+            scheduler.load_state_dict(resume["scheduler"])
+        start_epoch, best_acc, history = resume["epoch"], resume["best_acc"], list(resume["history"])
+        main_log(f"resuming {arch} from {config.resume} at epoch {start_epoch + 1}")
+    net: nn.Module = model
+    if ctx.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device == "cuda" else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda") if device == "cuda" else None
+
+    main_log(f"training {arch} on {data.source}: {len(data.train)} train / {len(data.val)} val images, "
+             f"{len(data.class_names)} classes, {prep.crop}px, {device}"
+             + (f", {ctx.world} processes" if ctx.enabled else ""))
+    state = {"epoch": start_epoch}
+
+    def snapshot() -> dict[str, Any]:
+        return _checkpoint(model, optimizer, scheduler, loaded=loaded, epoch=state["epoch"],
+                           best_acc=best_acc, history=history, config=config, source=data.source)
+
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            torch.manual_seed(config.seed + epoch)
+            started = time.perf_counter()
+            train_loader = make_loader(data.train, batch_size, train=True, workers=config.workers,
+                                       seed=config.seed, epoch=epoch, ctx=ctx, pin=device == "cuda")
+            val_loader = make_loader(data.val, batch_size, train=False, workers=config.workers,
+                                     seed=config.seed, epoch=epoch, ctx=ctx, pin=device == "cuda")
+            lr = optimizer.param_groups[0]["lr"]
+            trained = train_one_epoch(net, train_loader, criterion, optimizer, device=device,
+                                      scaler=scaler, ctx=ctx, progress=config.progress,
+                                      epoch=epoch, epochs=config.epochs)
+            val = evaluate(net, val_loader, criterion, device=device,
+                           num_classes=len(data.class_names), ctx=ctx)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val["loss"])
+            elif scheduler is not None:
+                scheduler.step()
+            row = {"epoch": epoch + 1, "train_loss": trained["loss"], "train_acc": trained["acc"],
+                   "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
+                   "duration_s": round(time.perf_counter() - started, 3)}
+            history.append(row)
+            state["epoch"] = epoch + 1
+            _log_epoch(main_log, row, config.epochs)
+            improved = val["acc"] > best_acc
+            best_acc = max(best_acc, val["acc"])
+            if ctx.is_main:
+                _write_epoch_files(bundle, snapshot(), history, improved, val, data.class_names)
+    except KeyboardInterrupt:
+        if ctx.is_main:
+            _save(snapshot(), bundle.path(LAST_CHECKPOINT))
+            main_log(f"interrupted: saved {bundle.path(LAST_CHECKPOINT)} after epoch {state['epoch']}; "
+                     f"continue with --resume {bundle.path(LAST_CHECKPOINT)}")
+        raise
+    digest = state_digest(model)
+    log(f"rank {ctx.rank}: final weights sha256 {digest}")
+    if ctx.is_main:
+        _record_training(bundle, config, data, history, best_acc)
+    return {"bundle": str(bundle.root), "arch": arch, "best_val_acc": best_acc,
+            "epochs": len(history), "classes": data.class_names, "weights_sha256": digest,
+            "world_size": ctx.world, "skipped_images": len(data.skipped)}
+
+
+def _write_epoch_files(bundle: Bundle, payload: dict[str, Any], history: list[dict[str, Any]],
+                       improved: bool, val: dict[str, Any], names: list[str]) -> None:
+    _save(payload, bundle.path(LAST_CHECKPOINT))
+    if improved:
+        _save(payload, bundle.path(CHECKPOINT))
+        write_json_atomic(bundle.path(METRICS), {
+            "epoch": payload["epoch"], "top1": val["acc"], "val_loss": val["loss"],
+            "per_class_accuracy": per_class_accuracy(val["confusion"], names),
+            "class_names": names, "confusion_matrix": val["confusion"],
+            "confusion_matrix_axes": "rows: true class, columns: predicted class"})
+    write_json_atomic(bundle.path(HISTORY), history)
+    plot_history(history, bundle.path(HISTORY_PLOT))
+
+
+def _record_training(bundle: Bundle, config: TrainConfig, data: Any, history: list[dict[str, Any]],
+                     best_acc: float) -> None:
+    def update(manifest: dict[str, Any]) -> None:
+        manifest.setdefault("stages", {})["train"] = {
+            "duration_s": round(sum(row["duration_s"] for row in history), 3),
+            "data": data.source, "classes": data.class_names, "epochs": len(history),
+            "best_val_acc": best_acc, "skipped_images": data.skipped, "config": asdict(config)}
+        manifest["warnings"] = [w for w in manifest.get("warnings", []) if w.get("stage") != "train"]
+        manifest["warnings"] += [{"stage": "train", "message": f"skipped {s}"} for s in data.skipped]
+        for name in TRAIN_FILES:
+            if bundle.path(name).is_file():
+                bundle.record_artifact(manifest, name, stage="train")
+
+    bundle.update_manifest(update)
