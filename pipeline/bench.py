@@ -166,7 +166,7 @@ def run_bench(bundle: Path, config: BenchConfig, *, images: list[str] | None = N
                      input_size=model["input_size"])["gmacs"]
     rows: list[dict[str, Any]] = []
     loops: list[dict[str, Any]] = []
-    for backend in tqdm(config.backends, desc="bench", unit="backend", disable=not progress,
+    for backend in tqdm(config.backends, desc="bench", unit="backend", disable=None if progress else True,
                         file=sys.stderr):
         result = run_worker(bundle, backend, config, gmacs=gmacs, images=images)
         rows += result["rows"]

@@ -236,12 +236,12 @@ def synthetic_image(label: int, rng: np.random.Generator, size: int = SYNTHETIC_
     from PIL import Image, ImageDraw
 
     background = rng.integers(0, 256, 3)
-    noise = rng.normal(0, 28, (size, size, 3))
+    noise = rng.normal(0, 16, (size, size, 3))
     canvas = np.clip(background + noise, 0, 255).astype(np.uint8)
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     colour = tuple(int(v) for v in (background + rng.integers(90, 166, 3)) % 256)
-    radius = rng.uniform(0.18, 0.34) * size
+    radius = rng.uniform(0.22, 0.38) * size
     cx, cy = rng.uniform(radius, size - radius, 2)
     shape = SYNTHETIC_CLASSES[label]
     if shape == "circle":

@@ -161,6 +161,19 @@ def export_onnx(loaded: LoadedModel, example: "torch.Tensor", path: Path,
     return len(proto.graph.node)
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps it otherwise), so
+    each stage starts from the memory the model needs rather than the last stage's peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def simplify_onnx(source: Path, target: Path) -> dict[str, Any]:
     """Run onnxsim; on failure keep the raw model and return the reason as a warning."""
     import onnx
@@ -169,8 +182,11 @@ def simplify_onnx(source: Path, target: Path) -> dict[str, Any]:
     proto = onnx.load(str(source))
     info: dict[str, Any] = {"nodes_before": len(proto.graph.node), "nodes_after": None,
                             "check_ok": None, "warning": None}
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    del proto  # onnxsim reads the file itself; one copy fewer of the weights in memory
+    release_memory()
     try:
-        simplified, check_ok = onnxsim.simplify(proto, check_n=3)
+        simplified, check_ok = onnxsim.simplify(str(source), check_n=3)
     except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++; any is a skip
         info["warning"] = f"onnxsim failed, raw model kept: {type(exc).__name__}: {exc}"
         return info
@@ -178,7 +194,7 @@ def simplify_onnx(source: Path, target: Path) -> dict[str, Any]:
     if not check_ok:
         info["warning"] = "onnxsim's own check failed; simplified model discarded, raw model kept"
         return info
-    set_metadata(simplified, {p.key: p.value for p in proto.metadata_props})
+    set_metadata(simplified, metadata)
     save_atomic(target, lambda tmp: onnx.save(simplified, str(tmp)))
     info["nodes_after"] = len(simplified.graph.node)
     return info
@@ -203,10 +219,12 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
         ts_diff = trace_torchscript(loaded.model, example, bundle.path(TORCHSCRIPT))
         step["text"] = f"{TORCHSCRIPT} (reload max |diff| {ts_diff:.2e})"
     logs.append(("torchscript", chatter))
+    release_memory()
     with timer.stage("onnx") as step, captured(passthrough=options.verbose) as chatter:
         nodes = export_onnx(loaded, example, bundle.path(ONNX), options)
         step["text"] = f"{ONNX} ({options.exporter}, opset {options.opset}, {nodes} nodes, checked)"
     logs.append(("onnx", chatter))
+    release_memory()
     simplify_info: dict[str, Any] = {"enabled": options.simplify}
     if options.simplify:
         with timer.stage("simplify") as step, captured(passthrough=options.verbose) as chatter:

@@ -187,7 +187,7 @@ def train_one_epoch(model: "nn.Module", loader: Any, criterion: Any, optimizer: 
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     channels_last = device == "cuda"
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-               disable=not (progress and ctx.is_main), file=sys.stderr)
+               disable=None if progress and ctx.is_main else True, file=sys.stderr)  # None: off when not a TTY
     for images, labels in bar:
         images = images.to(device, non_blocking=True)
         if channels_last:
