@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ class PipelineGroup(click.Group):
         except PipelineError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+
+
+def _command_line(command: str, *operands: Any) -> str:
+    """The command as the user typed it, for reports (argv when we were started that way)."""
+    import shlex
+
+    argv = sys.argv[1:]
+    if command in argv:
+        return "python -m pipeline " + shlex.join(argv[argv.index(command):])
+    return "python -m pipeline " + shlex.join([command, *map(str, operands)])
 
 
 def emit_json(data: Any) -> None:
@@ -83,6 +94,13 @@ def _triple(values: list[float]) -> str:
 
 
 # ----------------------------------------------------------------------------- model options
+def _apply(options: list[Any], func: Any) -> Any:
+    """Decorate ``func`` with click options so they list in the order given."""
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def model_options(func: Any) -> Any:
     """Options that choose an architecture and its weights (export, train)."""
     options = [
@@ -100,9 +118,7 @@ def model_options(func: Any) -> Any:
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed for random initialisation."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _apply(options, func)
 
 
 def tolerance_options(func: Any) -> Any:
@@ -235,9 +251,7 @@ def train_options(func: Any) -> Any:
         click.option("--synthetic-per-class", type=int, default=500, show_default=True,
                      help="Images per class for --data synthetic."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _apply(options, func)
 
 
 def _train_config(kwargs: dict[str, Any], *, default_epochs: int, default_batch: int) -> Any:
@@ -311,7 +325,7 @@ def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: floa
     from pipeline.bench import BenchConfig, format_table, run_bench
     from pipeline.console import StageTimer
     from pipeline.export import ExportOptions, export_bundle
-    from pipeline.report import write_bench_outputs
+    from pipeline.report import record_bench, write_bench_outputs
     from pipeline.weights import load_model
 
     config = _train_config({**kwargs, "resume": None}, default_epochs=10, default_batch=16)
@@ -329,9 +343,11 @@ def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: floa
     report = _verify(bundle_dir)
     click.echo(_format_parity(report))
     _log("== bench")
+    started = time.perf_counter()
     doc = run_bench(bundle_dir, bench_config)
-    doc["command"] = "python -m pipeline run " + " ".join(sys.argv[2:])
+    doc["command"] = _command_line("run")
     write_bench_outputs(doc, bundle_dir, None)
+    record_bench(bundle_dir, time.perf_counter() - started)
     click.echo(format_table(doc["rows"]))
     click.echo(f"bundle {bundle_dir}: best val accuracy {summary['best_val_acc']:.4f}, parity "
                f"{'passed' if report else 'FAILED'}; see {bundle_dir}/report.md")
@@ -408,7 +424,7 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, batch_sizes: s
     from pipeline.bundle import Bundle
     from pipeline.errors import EXIT_ENVIRONMENT, InputError
     from pipeline.images import find_images
-    from pipeline.report import write_bench_outputs
+    from pipeline.report import record_bench, write_bench_outputs
 
     if iterations < 1 or seconds < 0 or warmup_seconds < 0:
         raise InputError("--iterations must be >= 1 and --seconds/--warmup-seconds >= 0")
@@ -419,10 +435,11 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, batch_sizes: s
                          threads=threads or os.cpu_count() or 1)
     target = Bundle.open(bundle)
     files = [str(p) for p in find_images([images])] if images else None
+    started = time.perf_counter()
     doc = run_bench(target.root, config, images=files, progress=not as_json)
-    doc["command"] = "python -m pipeline " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] \
-        else f"python -m pipeline bench {bundle}"
+    doc["command"] = _command_line("bench", bundle)
     advice = write_bench_outputs(doc, target.root, budget_ms)
+    record_bench(target.root, time.perf_counter() - started)
     if as_json:
         emit_json(doc)
     else:

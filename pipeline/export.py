@@ -215,11 +215,6 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
     with timer.stage("weights") as step:
         save_weights(loaded, bundle.path(WEIGHTS))
         step["text"] = WEIGHTS
-    with timer.stage("torchscript") as step, captured(passthrough=options.verbose) as chatter:
-        ts_diff = trace_torchscript(loaded.model, example, bundle.path(TORCHSCRIPT))
-        step["text"] = f"{TORCHSCRIPT} (reload max |diff| {ts_diff:.2e})"
-    logs.append(("torchscript", chatter))
-    release_memory()
     with timer.stage("onnx") as step, captured(passthrough=options.verbose) as chatter:
         nodes = export_onnx(loaded, example, bundle.path(ONNX), options)
         step["text"] = f"{ONNX} ({options.exporter}, opset {options.opset}, {nodes} nodes, checked)"
@@ -234,6 +229,13 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
         if simplify_info["warning"]:
             warnings.append(simplify_info["warning"])
 
+    # TorchScript last: its trace and freeze leave the heap larger, and onnxsim's check (two
+    # ORT sessions) is the peak of the whole export; run that peak from the smaller heap.
+    with timer.stage("torchscript") as step, captured(passthrough=options.verbose) as chatter:
+        ts_diff = trace_torchscript(loaded.model, example, bundle.path(TORCHSCRIPT))
+        step["text"] = f"{TORCHSCRIPT} (reload max |diff| {ts_diff:.2e})"
+    logs.append(("torchscript", chatter))
+    release_memory()
     write_text_atomic(bundle.path(EXPORT_LOG), _format_log(logs))
     export_record = {"exporter": options.exporter, "opset": options.opset,
                      "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,

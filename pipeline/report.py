@@ -195,6 +195,21 @@ def write_bench_outputs(doc: dict[str, Any], folder: Path, budget_ms: float | No
     return advice
 
 
+def record_bench(folder: Path, duration_s: float) -> None:
+    """Put the bench files and the stage's duration into the bundle's manifest."""
+    from pipeline.bundle import BENCH_FILES, Bundle
+
+    bundle = Bundle(folder)
+
+    def update(manifest: dict[str, Any]) -> None:
+        manifest.setdefault("stages", {})["bench"] = {"duration_s": round(duration_s, 3)}
+        for name in BENCH_FILES:
+            if bundle.path(name).is_file():
+                bundle.record_artifact(manifest, name, stage="bench")
+
+    bundle.update_manifest(update)
+
+
 def write_comparison(paths: list[Path], out: Path, budget_ms: float | None, command: str) -> dict[str, Any]:
     docs = [load_latency(path) for path in paths]
     rows = labelled_rows(docs)

@@ -79,9 +79,14 @@ class TorchRunner:
 
         import torch
 
+        problem = cuda_problem() if device == "cuda" else None
+        if problem:
+            raise EnvironmentUnavailable(f"torchscript-cuda: {problem}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's own deprecation notice
-            module = torch.jit.load(str(path), map_location="cpu")
+            # map_location moves the constants that freezing folded into the graph as well;
+            # a later .to(device) would move only parameters, and a frozen module has none.
+            module = torch.jit.load(str(path), map_location=device)
         return cls(module, device=device, name="torchscript")
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ def test_help_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["archs", "export", "verify"])
+@pytest.mark.parametrize("command", ["archs", "export", "verify", "train", "run", "bench", "report", "predict"])
 def test_every_command_help_has_an_example(command):
     result = run_cli(command, "--help")
     assert result.exit_code == 0 and "Example:" in result.output
