@@ -52,7 +52,7 @@ def ort_matmul_session(size: int, threads: int):
 
     spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [size, size]) for name in "aby"]
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "gemm", spec[:2], spec[2:])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -142,7 +142,7 @@ def main() -> None:
              f"Command: `python benchmarks/bench_backends.py {' '.join(sys.argv[1:])}`", "",
              f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical cores), threads per backend: {args.threads}",
              f"- GPU: {machine['gpu']['name'] + ', driver ' + str(machine['gpu']['driver']) if machine['gpu'] else 'none'}",
-             f"- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
+             "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
              f"- Protocol: each backend in its own process; warm-up >= 10 iterations and >= 1 s; "
              f"timed >= {args.iterations} iterations and >= {args.seconds:g} s; random weights "
              f"(BN calibrated); model.sim.onnx for ONNX Runtime", ""]

@@ -316,7 +316,7 @@ def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[s
     from torch import nn
 
     from pipeline.archs import get_arch
-    from pipeline.data import is_cifar_data, load_data
+    from pipeline.data import load_data
     from pipeline.weights import load_model
 
     log = log or (lambda message: print(message, file=sys.stderr))
