@@ -322,43 +322,26 @@ def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: floa
     """
     import os
 
-    from pipeline.bench import BenchConfig, format_table, run_bench
-    from pipeline.console import StageTimer
-    from pipeline.export import ExportOptions, export_bundle
-    from pipeline.report import record_bench, write_bench_outputs
-    from pipeline.weights import load_model
+    from pipeline.bench import BenchConfig, format_table
+    from pipeline.verify import format_table as parity_table
+    from pipeline.workflow import run_all
 
     config = _train_config({**kwargs, "resume": None}, default_epochs=10, default_batch=16)
     bench_config = BenchConfig(backends=_backend_list(backends),
                                batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                                iterations=bench_iterations, seconds=bench_seconds,
                                threads=os.cpu_count() or 1)
-    _log("== train")
-    summary = _fit(ctx, config)
-    bundle_dir = Path(summary["bundle"])
-    _log("== export")
-    loaded = load_model(checkpoint=bundle_dir / "checkpoint.pt")
-    export_bundle(loaded, bundle_dir, ExportOptions(), StageTimer())
-    _log("== verify")
-    report = _verify(bundle_dir)
-    click.echo(_format_parity(report))
-    _log("== bench")
-    started = time.perf_counter()
-    doc = run_bench(bundle_dir, bench_config)
-    doc["command"] = _command_line("run")
-    write_bench_outputs(doc, bundle_dir, None)
-    record_bench(bundle_dir, time.perf_counter() - started)
-    click.echo(format_table(doc["rows"]))
-    click.echo(f"bundle {bundle_dir}: best val accuracy {summary['best_val_acc']:.4f}, parity "
-               f"{'passed' if report else 'FAILED'}; see {bundle_dir}/report.md")
-    if not report:
+    try:
+        result = run_all(config, bench_config, command=_command_line("run"), log=_log)
+    except KeyboardInterrupt:
+        _log("error: interrupted")
+        ctx.exit(130)
+    click.echo(parity_table(result.parity))
+    click.echo(format_table(result.latency["rows"]))
+    click.echo(f"bundle {result.bundle}: best val accuracy {result.training['best_val_acc']:.4f}, "
+               f"parity {'passed' if result.parity else 'FAILED'}; see {result.bundle}/report.md")
+    if not result.parity:
         ctx.exit(EXIT_CHECK_FAILED)
-
-
-def _format_parity(report: Any) -> str:
-    from pipeline.verify import format_table
-
-    return format_table(report)
 
 
 # ----------------------------------------------------------------------------- bench

@@ -1,0 +1,45 @@
+"""``run``: train -> export -> verify -> bench -> report into one bundle, callable without click."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.bench import BenchConfig
+from pipeline.train import TrainConfig
+
+
+@dataclass
+class RunResult:
+    bundle: Path
+    training: dict[str, Any]
+    parity: Any
+    latency: dict[str, Any]
+
+
+def run_all(config: TrainConfig, bench_config: BenchConfig, *, command: str,
+            log: Callable[[str], None]) -> RunResult:
+    from pipeline.bench import run_bench
+    from pipeline.console import StageTimer
+    from pipeline.export import ExportOptions, export_bundle
+    from pipeline.report import record_bench, write_bench_outputs
+    from pipeline.train import fit
+    from pipeline.verify import verify_bundle
+    from pipeline.weights import load_model
+
+    log("== train")
+    training = fit(config, log=log)
+    bundle = Path(training["bundle"])
+    log("== export")
+    export_bundle(load_model(checkpoint=bundle / "checkpoint.pt"), bundle, ExportOptions(), StageTimer())
+    log("== verify")
+    parity = verify_bundle(bundle)
+    log("== bench")
+    started = time.perf_counter()
+    latency = run_bench(bundle, bench_config)
+    latency["command"] = command
+    write_bench_outputs(latency, bundle, None)
+    record_bench(bundle, time.perf_counter() - started)
+    return RunResult(bundle, training, parity, latency)
