@@ -11,7 +11,7 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -286,16 +286,39 @@ def read_resume(path: str, arch: str | None) -> dict[str, Any]:
     return state
 
 
-def _checkpoint(model: "nn.Module", optimizer: Any, scheduler: Any, *, loaded: Any, epoch: int,
-                best_acc: float, history: list[dict[str, Any]], config: TrainConfig,
-                source: str) -> dict[str, Any]:
-    return {"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "arch": loaded.arch,
-            "num_classes": loaded.num_classes, "class_names": loaded.class_names,
-            "preprocessing": loaded.preprocessing.to_dict(), "input_size": loaded.preprocessing.crop,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "epoch": epoch, "best_acc": best_acc, "history": history,
-            "config": asdict(config), "data_source": source}
+@dataclass
+class TrainingRun:
+    """Everything one training run holds between epochs."""
+
+    config: TrainConfig
+    ctx: Dist
+    device: str
+    data: Any
+    loaded: Any
+    net: Any
+    optimizer: Any
+    scheduler: Any
+    criterion: Any
+    scaler: Any
+    bundle: Bundle
+    batch_size: int
+    epoch: int = 0
+    best_acc: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def model(self) -> "nn.Module":
+        return self.loaded.model
+
+    def checkpoint(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {"format": CHECKPOINT_FORMAT, "state_dict": self.model.state_dict(),
+                "arch": loaded.arch, "num_classes": loaded.num_classes,
+                "class_names": loaded.class_names, "preprocessing": loaded.preprocessing.to_dict(),
+                "input_size": loaded.preprocessing.crop, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "epoch": self.epoch, "best_acc": self.best_acc, "history": self.history,
+                "config": asdict(self.config), "data_source": self.data.source}
 
 
 def _save(payload: dict[str, Any], path: Path) -> None:
@@ -310,8 +333,15 @@ def _log_epoch(log: Callable[[str], None], row: dict[str, Any], epochs: int) -> 
         f"{row['duration_s']:.1f}s")
 
 
-def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train into the bundle ``config.out``; returns a summary with the best validation accuracy."""
+def _input_size(config: TrainConfig, family: str, resume: dict[str, Any] | None) -> int | None:
+    if resume:
+        return resume["input_size"]
+    # The synthetic shapes are drawn at 64 px; 224 would only upsample them.
+    return config.input_size or (64 if config.data == "synthetic" and family != "cifar" else None)
+
+
+def _setup(config: TrainConfig, resume: dict[str, Any] | None, log: Callable[[str], None]) -> TrainingRun:
+    """Device, process group, data, model, optimiser and bundle for one run."""
     import torch
     from torch import nn
 
@@ -319,108 +349,116 @@ def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[s
     from pipeline.data import load_data
     from pipeline.weights import load_model
 
-    log = log or (lambda message: print(message, file=sys.stderr))
-    config.check()
-    resume = read_resume(config.resume, config.arch) if config.resume else None
-    arch = resume["arch"] if resume else config.arch
-    spec = get_arch(arch)
+    spec = get_arch(resume["arch"] if resume else config.arch)
     device = pick_device(config.device)
     ctx = init_distributed(device)
     if device == "cuda" and ctx.enabled:
         torch.cuda.set_device(ctx.local_rank)
-    main_log = log if ctx.is_main else (lambda message: None)
-
-    input_size = resume["input_size"] if resume else (
-        config.input_size or (64 if config.data == "synthetic" and spec.family != "cifar" else None))
-    prep = spec.preprocessing(input_size)
+    prep = spec.preprocessing(_input_size(config, spec.family, resume))
     data = load_data(config.data, prep, cifar_aug=spec.family == "cifar", val_split=config.val_split,
-                     seed=config.seed, synthetic_per_class=config.synthetic_per_class, warn=main_log)
-    loaded = load_model(arch, num_classes=len(data.class_names), weights=config.weights,
+                     seed=config.seed, synthetic_per_class=config.synthetic_per_class, warn=log)
+    loaded = load_model(spec.name, num_classes=len(data.class_names), weights=config.weights,
                         class_names=data.class_names, input_size=prep.crop, seed=config.seed)
-    model = loaded.model
     if config.freeze_backbone:
-        freeze_backbone(model)
-    batch_size = config.batch_size
-    if batch_size > len(data.train):
-        main_log(f"warning: --batch-size {batch_size} is larger than the {len(data.train)} training "
-                 f"images; using {len(data.train)}")
-        batch_size = len(data.train)
-
-    out = Path(config.out or Path("exported") / arch)
-    bundle = Bundle(ensure_writable_dir(out))
-    if ctx.is_main and not resume:
-        bundle.forget_stage(TRAIN_FILES)
-    model.to(device)
+        freeze_backbone(loaded.model)
+    loaded.model.to(device)
     if device == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        loaded.model.to(memory_format=torch.channels_last)
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optimizer, trainable, config.learning_rate,
                                 momentum=config.momentum, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(config.schedule, optimizer, config.epochs)
-    start_epoch, best_acc, history = 0, -1.0, []
-    if resume:
-        model.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None and resume.get("scheduler"):
-            scheduler.load_state_dict(resume["scheduler"])
-        start_epoch, best_acc, history = resume["epoch"], resume["best_acc"], list(resume["history"])
-        main_log(f"resuming {arch} from {config.resume} at epoch {start_epoch + 1}")
-    net: nn.Module = model
+    net = loaded.model
     if ctx.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if device == "cuda" else None)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    scaler = torch.amp.GradScaler("cuda") if device == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.local_rank] if device == "cuda" else None)
+    return TrainingRun(config, ctx, device, data, loaded, net, optimizer,
+                       build_scheduler(config.schedule, optimizer, config.epochs),
+                       nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+                       torch.amp.GradScaler("cuda") if device == "cuda" else None,
+                       Bundle(ensure_writable_dir(Path(config.out or Path("exported") / spec.name))),
+                       _fit_batch_size(config.batch_size, len(data.train), log))
 
-    main_log(f"training {arch} on {data.source}: {len(data.train)} train / {len(data.val)} val images, "
-             f"{len(data.class_names)} classes, {prep.crop}px, {device}"
-             + (f", {ctx.world} processes" if ctx.enabled else ""))
-    state = {"epoch": start_epoch}
 
-    def snapshot() -> dict[str, Any]:
-        return _checkpoint(model, optimizer, scheduler, loaded=loaded, epoch=state["epoch"],
-                           best_acc=best_acc, history=history, config=config, source=data.source)
+def _fit_batch_size(batch_size: int, images: int, log: Callable[[str], None]) -> int:
+    if batch_size <= images:
+        return batch_size
+    log(f"warning: --batch-size {batch_size} is larger than the {images} training images; using {images}")
+    return images
 
+
+def _restore(run: TrainingRun, resume: dict[str, Any]) -> None:
+    run.model.load_state_dict(resume["state_dict"])
+    run.optimizer.load_state_dict(resume["optimizer"])
+    if run.scheduler is not None and resume.get("scheduler"):
+        run.scheduler.load_state_dict(resume["scheduler"])
+    run.epoch, run.best_acc, run.history = resume["epoch"], resume["best_acc"], list(resume["history"])
+
+
+def _train_epoch(run: TrainingRun, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One seeded epoch of training and validation; returns (history row, validation result)."""
+    import torch
+
+    config, ctx = run.config, run.ctx
+    torch.manual_seed(config.seed + epoch)
+    started = time.perf_counter()
+    loaders = [make_loader(dataset, run.batch_size, train=train, workers=config.workers,
+                           seed=config.seed, epoch=epoch, ctx=ctx, pin=run.device == "cuda")
+               for dataset, train in ((run.data.train, True), (run.data.val, False))]
+    lr = run.optimizer.param_groups[0]["lr"]
+    trained = train_one_epoch(run.net, loaders[0], run.criterion, run.optimizer, device=run.device,
+                              scaler=run.scaler, ctx=ctx, progress=config.progress, epoch=epoch,
+                              epochs=config.epochs)
+    val = evaluate(run.net, loaders[1], run.criterion, device=run.device,
+                   num_classes=len(run.data.class_names), ctx=ctx)
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        run.scheduler.step(val["loss"])
+    elif run.scheduler is not None:
+        run.scheduler.step()
+    row = {"epoch": epoch + 1, "train_loss": trained["loss"], "train_acc": trained["acc"],
+           "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
+           "duration_s": round(time.perf_counter() - started, 3)}
+    return row, val
+
+
+def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train into the bundle ``config.out``; returns a summary with the best validation accuracy."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    config.check()
+    resume = read_resume(config.resume, config.arch) if config.resume else None
+    world_rank = int(os.environ.get("RANK", "0"))
+    main_log = log if world_rank == 0 else (lambda message: None)
+    run = _setup(config, resume, main_log)
+    if resume:
+        _restore(run, resume)
+        main_log(f"resuming {run.loaded.arch} from {config.resume} at epoch {run.epoch + 1}")
+    elif run.ctx.is_main:
+        run.bundle.forget_stage(TRAIN_FILES)
+    data = run.data
+    main_log(f"training {run.loaded.arch} on {data.source}: {len(data.train)} train / {len(data.val)} "
+             f"val images, {len(data.class_names)} classes, {run.loaded.preprocessing.crop}px, {run.device}"
+             + (f", {run.ctx.world} processes" if run.ctx.enabled else ""))
+    last = run.bundle.path(LAST_CHECKPOINT)
     try:
-        for epoch in range(start_epoch, config.epochs):
-            torch.manual_seed(config.seed + epoch)
-            started = time.perf_counter()
-            train_loader = make_loader(data.train, batch_size, train=True, workers=config.workers,
-                                       seed=config.seed, epoch=epoch, ctx=ctx, pin=device == "cuda")
-            val_loader = make_loader(data.val, batch_size, train=False, workers=config.workers,
-                                     seed=config.seed, epoch=epoch, ctx=ctx, pin=device == "cuda")
-            lr = optimizer.param_groups[0]["lr"]
-            trained = train_one_epoch(net, train_loader, criterion, optimizer, device=device,
-                                      scaler=scaler, ctx=ctx, progress=config.progress,
-                                      epoch=epoch, epochs=config.epochs)
-            val = evaluate(net, val_loader, criterion, device=device,
-                           num_classes=len(data.class_names), ctx=ctx)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val["loss"])
-            elif scheduler is not None:
-                scheduler.step()
-            row = {"epoch": epoch + 1, "train_loss": trained["loss"], "train_acc": trained["acc"],
-                   "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
-                   "duration_s": round(time.perf_counter() - started, 3)}
-            history.append(row)
-            state["epoch"] = epoch + 1
+        for epoch in range(run.epoch, config.epochs):
+            row, val = _train_epoch(run, epoch)
+            run.history.append(row)
+            run.epoch = epoch + 1
+            improved = val["acc"] > run.best_acc
+            run.best_acc = max(run.best_acc, val["acc"])
             _log_epoch(main_log, row, config.epochs)
-            improved = val["acc"] > best_acc
-            best_acc = max(best_acc, val["acc"])
-            if ctx.is_main:
-                _write_epoch_files(bundle, snapshot(), history, improved, val, data.class_names)
+            if run.ctx.is_main:
+                _write_epoch_files(run.bundle, run.checkpoint(), run.history, improved, val, data.class_names)
     except KeyboardInterrupt:
-        if ctx.is_main:
-            _save(snapshot(), bundle.path(LAST_CHECKPOINT))
-            main_log(f"interrupted: saved {bundle.path(LAST_CHECKPOINT)} after epoch {state['epoch']}; "
-                     f"continue with --resume {bundle.path(LAST_CHECKPOINT)}")
+        if run.ctx.is_main:
+            _save(run.checkpoint(), last)
+            main_log(f"interrupted: saved {last} after epoch {run.epoch}; continue with --resume {last}")
         raise
-    digest = state_digest(model)
-    log(f"rank {ctx.rank}: final weights sha256 {digest}")
-    if ctx.is_main:
-        _record_training(bundle, config, data, history, best_acc)
-    return {"bundle": str(bundle.root), "arch": arch, "best_val_acc": best_acc,
-            "epochs": len(history), "classes": data.class_names, "weights_sha256": digest,
-            "world_size": ctx.world, "skipped_images": len(data.skipped)}
+    digest = state_digest(run.model)
+    log(f"rank {run.ctx.rank}: final weights sha256 {digest}")
+    if run.ctx.is_main:
+        _record_training(run.bundle, config, data, run.history, run.best_acc)
+    return {"bundle": str(run.bundle.root), "arch": run.loaded.arch, "best_val_acc": run.best_acc,
+            "epochs": len(run.history), "classes": data.class_names, "weights_sha256": digest,
+            "world_size": run.ctx.world, "skipped_images": len(data.skipped)}
 
 
 def _write_epoch_files(bundle: Bundle, payload: dict[str, Any], history: list[dict[str, Any]],
