@@ -265,6 +265,22 @@ def _train_config(kwargs: dict[str, Any], *, default_epochs: int, default_batch:
     return TrainConfig(**values)
 
 
+def _resumed_options(ctx: click.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The interrupted run's own options, overridden only by those given on this command line."""
+    from click.core import ParameterSource
+
+    from pipeline.train import TrainConfig
+    from pipeline.weights import read_checkpoint
+
+    stored = read_checkpoint(kwargs["resume"]).get("config") or {}
+    known = set(TrainConfig.__dataclass_fields__)
+    merged = {key: value for key, value in stored.items() if key in known and key in kwargs}
+    for key, value in kwargs.items():
+        if key not in merged or ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
+            merged[key] = value
+    return merged
+
+
 def _fit(ctx: click.Context, config: Any) -> dict[str, Any]:
     from pipeline.train import fit
 
@@ -291,6 +307,8 @@ def train(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
       python -m pipeline train --arch resnet18_cifar --data cifar10:data/ --optimizer sgd --schedule plateau
       torchrun --nproc_per_node=2 -m pipeline train --arch resnet50 --data photos/
     """
+    if kwargs["resume"]:
+        kwargs = _resumed_options(ctx, kwargs)
     summary = _fit(ctx, _train_config(kwargs, default_epochs=10, default_batch=64))
     if as_json:
         emit_json(summary)

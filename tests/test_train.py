@@ -45,8 +45,9 @@ def test_train_writes_every_result_file(tmp_path):
 
 
 def _tiny_config(out, **extra):
-    return TrainConfig(out=str(out), epochs=2, batch_size=8, input_size=32, synthetic_per_class=12,
-                       workers=0, progress=False, **extra)
+    values = dict(out=str(out), epochs=2, batch_size=8, input_size=32, synthetic_per_class=12,
+                  workers=0, progress=False)
+    return TrainConfig(**{**values, **extra})
 
 
 def _interrupt_after_first_epoch(message):
@@ -147,3 +148,15 @@ def test_run_end_to_end(tmp_path):
     assert manifest["model"]["class_names"] == ["circle", "square", "triangle", "cross"]
     assert manifest["model"]["weights"]["source"] == "checkpoint"
     assert "parity passed" in result.stdout
+
+
+def test_resume_from_the_command_line_keeps_the_runs_options(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        fit(_tiny_config(tmp_path, epochs=3, optimizer="sgd", lr=0.01), log=_interrupt_after_first_epoch)
+    result = run_cli("train", "--resume", tmp_path / "last.pt", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]  # the stored 3 epochs, not the default 10
+    assert read_checkpoint(tmp_path / "last.pt")["config"]["optimizer"] == "sgd"
+    assert "resuming resnet18" in result.stderr
+    assert "synthetic shapes (12 per class" in result.stderr and "32px" in result.stderr
