@@ -456,9 +456,23 @@ def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[s
     log(f"rank {run.ctx.rank}: final weights sha256 {digest}")
     if run.ctx.is_main:
         _record_training(run.bundle, config, data, run.history, run.best_acc)
+        _log_per_class(run.bundle, main_log)
     return {"bundle": str(run.bundle.root), "arch": run.loaded.arch, "best_val_acc": run.best_acc,
             "epochs": len(run.history), "classes": data.class_names, "weights_sha256": digest,
             "world_size": run.ctx.world, "skipped_images": len(data.skipped)}
+
+
+def _log_per_class(bundle: Bundle, log: Callable[[str], None]) -> None:
+    """The best epoch's validation accuracy, overall and per class, as the CIFAR-10 write-up prints it."""
+    import json
+
+    metrics = json.loads(bundle.path(METRICS).read_text(encoding="utf-8"))
+    total = sum(map(sum, metrics["confusion_matrix"]))
+    log(f"Accuracy of the network on the {total} validation images: {100 * metrics['top1']:.2f} % "
+        f"(epoch {metrics['epoch']})")
+    for name, accuracy in metrics["per_class_accuracy"].items():
+        shown = "n/a" if accuracy is None else f"{100 * accuracy:.2f} %"
+        log(f"Accuracy of {name:>5s} : {shown}")
 
 
 def _write_epoch_files(bundle: Bundle, payload: dict[str, Any], history: list[dict[str, Any]],
