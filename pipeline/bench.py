@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.errors import InputError
+
 SCHEMA_VERSION = 1
 BACKENDS = ("torch-cpu", "torchscript-cpu", "ort-cpu", "torch-cuda", "torchscript-cuda",
             "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt")
@@ -161,7 +163,10 @@ def run_bench(bundle: Path, config: BenchConfig, *, images: list[str] | None = N
     from pipeline.machine import machine_block
 
     manifest = Bundle.open(bundle).read_manifest()
-    model = manifest["model"]
+    model = manifest.get("model")
+    if not model or "model.onnx" not in manifest.get("artifacts", {}):
+        raise InputError(f"bundle {str(bundle)!r} has no exported model to time; run "
+                         f"python -m pipeline export --out {bundle} first")
     gmacs = describe(get_arch(model["arch"]), num_classes=model["num_classes"],
                      input_size=model["input_size"])["gmacs"]
     rows: list[dict[str, Any]] = []

@@ -182,3 +182,11 @@ def test_cuda_backends_report_the_gpu(tiny_bundle):
     assert result.exit_code == 0
     assert all(r["status"] == "ok" and r["device"] == "cuda" for r in rows)
     assert rows[1]["provider"] == "CUDAExecutionProvider" and rows[2]["io"] == "device"
+
+
+def test_bench_on_a_bundle_without_an_export(tmp_path):
+    from pipeline.bundle import Bundle, new_manifest
+
+    Bundle(tmp_path).write_manifest(new_manifest())  # e.g. a bundle that only holds training files
+    result = run_cli("bench", tmp_path, *FAST)
+    assert result.exit_code == 2 and "has no exported model" in result.stderr
