@@ -108,8 +108,13 @@ def init_distributed(device: str) -> Dist:
 def all_reduce_sum(values: "torch.Tensor", ctx: Dist) -> "torch.Tensor":
     import torch.distributed as dist
 
-    if ctx.enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    if not ctx.enabled:
+        return values
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        on_gpu = values.cuda()
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return on_gpu.cpu()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
