@@ -62,11 +62,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def requires_cuda() -> pytest.MarkDecorator:
+def requires_cuda():
+    """Mark a test ``gpu`` and skip it, saying why, where no CUDA GPU is present."""
     import torch
 
-    return pytest.mark.skipif(not torch.cuda.is_available(),
+    skip = pytest.mark.skipif(not torch.cuda.is_available(),
                               reason="no CUDA GPU on this machine (torch.cuda.is_available() is False)")
+    return lambda test: pytest.mark.gpu(skip(test))
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

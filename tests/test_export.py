@@ -58,6 +58,7 @@ def test_dynamic_batch_axis(exporter, tmp_path):
             assert out.shape == (batch, 10)
 
 
+@pytest.mark.slow
 def test_resnet18_at_224_from_the_command_line(tmp_path):
     out = tmp_path / "r18"
     result = run_module("export", "--arch", "resnet18", "--out", out)

@@ -16,6 +16,7 @@ from tests.test_data import make_class_folders, write_cifar
 TINY = ["--input-size", "32", "--synthetic-per-class", "12", "--batch-size", "8", "--workers", "0"]
 
 
+@pytest.mark.slow
 def test_training_learns_synthetic_shapes(tmp_path):
     # ~360 optimizer steps at 48 px; measured 0.525 here. Chance is 0.25 with four shapes.
     summary = fit(TrainConfig(out=str(tmp_path), epochs=3, batch_size=8, input_size=48,
@@ -138,6 +139,7 @@ def test_ddp_two_cpu_processes_end_with_the_same_weights(tmp_path):
     assert state_digest(model) == digests["0"]
 
 
+@pytest.mark.slow
 def test_run_end_to_end(tmp_path):
     result = run_module("run", "--out", tmp_path, "--epochs", "1", "--backends", "ort-cpu,torch-cpu",
                         "--batch-sizes", "1", "--bench-seconds", "0", "--bench-iterations", "5", *TINY)
