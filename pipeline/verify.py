@@ -5,11 +5,12 @@ A pair passes when every logit satisfies ``|candidate - reference| <= atol + rto
 (numpy's ``allclose`` rule).
 
 Defaults, atol 2e-3 and rtol 1e-3, come from measurement, not habit. Eager fp32 is itself not
-exact: against a float64 forward of the same random-weight model and input, it is off by up to
-7.6e-4 on resnet152 (4e-5 on resnet50, 3e-4 on resnet101, 4e-5 on the pre-activation nets),
-and ONNX Runtime lands about as far from eager (up to 9.7e-4 on resnet152, logits of scale ~1).
-The defaults leave a 2x margin above the worst of those, while a corrupted weight, a wrong
-layout or a preprocessing slip moves logits by 1e-2 or more.
+exact: against a float64 forward of the same random-weight model and input it is off by up to
+8.8e-4 on resnet152 (4e-5 on resnet50, 2.3e-4 on resnet101, under 5e-5 on the pre-activation
+nets), and ONNX Runtime lands up to 1.2e-3 from eager on resnet152, with logits of scale ~2
+(benchmarks/bench_parity_floor.py). The absolute term alone leaves a 1.7x margin above the
+worst of those, while a corrupted weight, a wrong layout or a preprocessing slip moves logits
+by 1e-2 or more.
 """
 
 from __future__ import annotations
