@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from pipeline.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 from pipeline.weights import load_model
 
 ARCHS = ("resnet18", "resnet50", "resnet101", "resnet152", "resnet152_cifar", "resnet101v2", "resnet152v2")

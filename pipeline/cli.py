@@ -122,7 +122,7 @@ def model_options(func: Any) -> Any:
 
 
 def tolerance_options(func: Any) -> Any:
-    from pipeline.verify import DEFAULT_ATOL, DEFAULT_RTOL
+    from pipeline.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
     func = click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True,
                         help="Relative tolerance.")(func)
@@ -312,7 +312,7 @@ def train(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
     summary = _fit(ctx, _train_config(kwargs, default_epochs=10, default_batch=64))
     if as_json:
         emit_json(summary)
-    elif summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+    elif summary["rank"] == 0:
         click.echo(f"best val accuracy {summary['best_val_acc']:.4f}; checkpoint "
                    f"{summary['bundle']}/checkpoint.pt")
 

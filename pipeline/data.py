@@ -13,6 +13,7 @@ random resized crop + flip for 224-style models, pad-crop + flip for CIFAR model
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import sys
 from dataclasses import dataclass, field
@@ -188,19 +189,21 @@ def download_cifar(root: Path) -> None:
         socket.setdefaulttimeout(previous)
 
 
+def _read_cifar_pickle(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        return pickle.load(handle, encoding="latin1")
+
+
 def load_cifar_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, list[int]]:
     """Images (N, 32, 32, 3) uint8 and labels from CIFAR's pickled batches.
 
     CIFAR-10 ships as Python pickles; they are read only from the folder the user names.
     """
-    import pickle
-
     images, labels = [], []
     for name in names:
         path = folder / name
         try:
-            with open(path, "rb") as handle:
-                entry = pickle.load(handle, encoding="latin1")
+            entry = _read_cifar_pickle(path)
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels += list(entry.get("labels", entry.get("fine_labels", [])))
         except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
@@ -219,10 +222,7 @@ def cifar_split(root: Path) -> tuple[list, list, list[str]]:
     train_names = sorted(p.name for p in folder.glob("data_batch_*"))
     if not train_names or not (folder / "test_batch").is_file():
         raise InputError(f"{str(folder)!r} lacks data_batch_* or test_batch; is it cifar-10-batches-py?")
-    import pickle
-
-    with open(folder / "batches.meta", "rb") as handle:
-        classes = list(pickle.load(handle, encoding="latin1")["label_names"])
+    classes = list(_read_cifar_pickle(folder / "batches.meta")["label_names"])
     splits = []
     for names in (train_names, ["test_batch"]):
         images, labels = load_cifar_batches(folder, names)

@@ -21,40 +21,34 @@ CHUNK = 16
 
 
 @dataclass
-class ModelCard:
-    onnx_path: Path
-    class_names: list[str]
-    preprocessing: Preprocessing
-
-
-@dataclass
 class Prediction:
     file: str
     top: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
 
-def model_card(target: Path) -> ModelCard:
-    """Where the model is and how to feed it, from a bundle or from ONNX metadata."""
-    from pipeline.export import read_onnx_metadata
+def onnx_path(target: Path) -> Path:
+    """The model to run: a bundle's simplified (else raw) ONNX, or the .onnx file itself."""
+    if not target.is_dir():
+        if not target.is_file():
+            raise InputError(f"ONNX file {str(target)!r} does not exist")
+        return target
+    bundle = Bundle.open(target)
+    for name in (ONNX_SIMPLIFIED, ONNX):
+        if bundle.path(name).is_file():
+            return bundle.path(name)
+    raise InputError(f"bundle {str(target)!r} has no exported ONNX model; run "
+                     f"python -m pipeline export --out {target}")
 
-    if target.is_dir():
-        bundle = Bundle.open(target)
-        model = bundle.read_manifest().get("model")
-        path = bundle.path(ONNX_SIMPLIFIED)
-        path = path if path.is_file() else bundle.path(ONNX)
-        if not model or not path.is_file():
-            raise InputError(f"bundle {str(target)!r} has no exported ONNX model; run "
-                             f"python -m pipeline export --out {target}")
-        read_onnx_metadata(path)  # a damaged file is an input error here, not an ORT crash
-        return ModelCard(path, model["class_names"], Preprocessing.from_dict(model["preprocessing"]))
-    meta = read_onnx_metadata(target)
+
+def labels_and_preprocessing(runner: Any, target: Path) -> tuple[list[str], Preprocessing]:
+    """From the model's own metadata_props (written by export), read once from the session."""
+    meta = runner.session.get_modelmeta().custom_metadata_map
     missing = [key for key in ("class_names", "preprocessing") if key not in meta]
     if missing:
         raise InputError(f"{str(target)!r} lacks metadata {', '.join(missing)}; export it with "
-                         f"python -m pipeline export, or predict with its bundle directory")
-    return ModelCard(target, json.loads(meta["class_names"]),
-                     Preprocessing.from_dict(json.loads(meta["preprocessing"])))
+                         f"python -m pipeline export")
+    return json.loads(meta["class_names"]), Preprocessing.from_dict(json.loads(meta["preprocessing"]))
 
 
 def collect_files(inputs: list[Path]) -> tuple[list[Path], list[Prediction]]:
@@ -92,19 +86,19 @@ def predict(target: Path, inputs: list[Path], *, k: int = 5, provider: str = "cp
 
     if k < 1:
         raise InputError(f"--top-k {k} must be at least 1")
-    card = model_card(target)
-    runner = OrtRunner(card.onnx_path, provider=provider)
+    runner = OrtRunner(onnx_path(target), provider=provider)
+    class_names, prep = labels_and_preprocessing(runner, target)
     files, results = collect_files(inputs)
     if not files and not results:
         raise InputError("no images given; pass image files or folders")
-    k = min(k, len(card.class_names))
+    k = min(k, len(class_names))
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
-        batch, good, errors = load_batch(chunk, card.preprocessing)
+        batch, good, errors = load_batch(chunk, prep)
         results += [Prediction(str(path), error=message) for path, message in errors]
         if len(good):
             probabilities = softmax(runner.infer(batch))
-            results += [Prediction(str(path), top_k(row, card.class_names, k))
+            results += [Prediction(str(path), top_k(row, class_names, k))
                         for path, row in zip(good, probabilities)]
     order = {str(path): index for index, path in enumerate(files)}
     return sorted(results, key=lambda p: order.get(p.file, -1))

@@ -119,7 +119,7 @@ def all_reduce_sum(values: "torch.Tensor", ctx: Dist) -> "torch.Tensor":
 
 
 # ----------------------------------------------------------------------------- building blocks
-def pick_device(requested: str, ctx: Dist | None = None) -> str:
+def pick_device(requested: str) -> str:
     import torch
 
     if requested == "auto":
@@ -464,7 +464,7 @@ def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[s
         _log_per_class(run.bundle, main_log)
     return {"bundle": str(run.bundle.root), "arch": run.loaded.arch, "best_val_acc": run.best_acc,
             "epochs": len(run.history), "classes": data.class_names, "weights_sha256": digest,
-            "world_size": run.ctx.world, "skipped_images": len(data.skipped)}
+            "world_size": run.ctx.world, "rank": run.ctx.rank, "skipped_images": len(data.skipped)}
 
 
 def _log_per_class(bundle: Bundle, log: Callable[[str], None]) -> None:

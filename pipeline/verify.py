@@ -4,13 +4,7 @@ The report is truthy when every pair passes; the CLI turns a falsy report into e
 A pair passes when every logit satisfies ``|candidate - reference| <= atol + rtol * |reference|``
 (numpy's ``allclose`` rule).
 
-Defaults, atol 2e-3 and rtol 1e-3, come from measurement, not habit. Eager fp32 is itself not
-exact: against a float64 forward of the same random-weight model and input it is off by up to
-8.8e-4 on resnet152 (4e-5 on resnet50, 2.3e-4 on resnet101, under 5e-5 on the pre-activation
-nets), and ONNX Runtime lands up to 1.2e-3 from eager on resnet152, with logits of scale ~2
-(benchmarks/bench_parity_floor.py). The absolute term alone leaves a 1.7x margin above the
-worst of those, while a corrupted weight, a wrong layout or a preprocessing slip moves logits
-by 1e-2 or more.
+Defaults and why: ``pipeline.tolerances``.
 """
 
 from __future__ import annotations
@@ -25,9 +19,8 @@ from pipeline.bundle import (ONNX, ONNX_SIMPLIFIED, PARITY, TORCHSCRIPT, WEIGHTS
                              write_json_atomic)
 from pipeline.errors import CheckFailed, EnvironmentUnavailable, InputError
 from pipeline.runners import OrtRunner, Runner, TorchRunner, ort_provider_problem
+from pipeline.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 
-DEFAULT_ATOL = 2e-3
-DEFAULT_RTOL = 1e-3
 RANDOM_BATCHES = (1, 3)
 
 
