@@ -26,23 +26,28 @@ import numpy as np
 
 from pipeline.errors import InputError
 
-SCHEMA_VERSION = 1
-BACKENDS = ("torch-cpu", "torchscript-cpu", "ort-cpu", "torch-cuda", "torchscript-cuda",
-            "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt")
+SCHEMA_VERSION = 2
 MIN_WARMUP_ITERATIONS = 10
 P99_MIN_SAMPLES = 600
 WORKER_TIMEOUT_S = 1800
 
 
+def _all_targets() -> tuple[str, ...]:
+    from pipeline.backends import parse_targets, target_name
+
+    return tuple(target_name(b, p) for b, p in parse_targets(None))
+
+
 @dataclass(frozen=True)
 class BenchConfig:
-    backends: tuple[str, ...] = BACKENDS
+    """``backends`` holds targets, ``backend:precision`` (see ``pipeline.backends``)."""
+
+    backends: tuple[str, ...] = field(default_factory=_all_targets)
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     iterations: int = 200
     seconds: float = 5.0
     warmup_s: float = 1.0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    onnx_file: str = "model.sim.onnx"
 
 
 def percentile_stats(samples_ns: list[int]) -> dict[str, Any]:
@@ -98,8 +103,12 @@ def throughput_fields(stats: dict[str, Any], batch: int, gmacs: float | None) ->
 class Row:
     backend: str
     batch: int
+    precision: str | None = None  # what really ran (OpenVINO's auto reads back its choice)
+    precision_requested: str | None = None
     status: str = "ok"
     reason: str | None = None
+    model_file: str | None = None
+    model_sha256: str | None = None
     device: str | None = None
     provider: str | None = None
     threads: int | None = None
@@ -125,15 +134,19 @@ class Row:
 ROW_FIELDS = tuple(Row.__dataclass_fields__)
 
 
-def reason_rows(backend: str, batch_sizes: tuple[int, ...], reason: str, status: str = "unavailable") -> list[dict[str, Any]]:
-    return [asdict(Row(backend, batch, status=status, reason=reason)) for batch in batch_sizes]
+def reason_rows(backend: str, precision: str, batch_sizes: tuple[int, ...], reason: str,
+                status: str = "unavailable") -> list[dict[str, Any]]:
+    return [asdict(Row(backend, batch, precision=precision, precision_requested=precision,
+                       status=status, reason=reason)) for batch in batch_sizes]
 
 
-def run_worker(bundle: Path, backend: str, config: BenchConfig, *, gmacs: float | None,
-               images: list[str] | None = None) -> dict[str, Any]:
-    """Run one backend in a fresh interpreter; a crash becomes error rows, never a traceback."""
-    spec = {"bundle": str(bundle), "backend": backend, "config": asdict(config),
-            "gmacs": gmacs, "images": images}
+def run_worker(bundle: Path, target: str, config: BenchConfig, *, gmacs: float | None,
+               images: list[str] | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> dict[str, Any]:
+    """Run one target in a fresh interpreter; a crash or a hang becomes error rows."""
+    backend, _, precision = target.partition(":")
+    precision = precision or "fp32"
+    spec = {"bundle": str(bundle), "backend": backend, "precision": precision,
+            "config": asdict(config), "gmacs": gmacs, "images": images}
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),
            "MKL_NUM_THREADS": str(config.threads)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,14 +155,14 @@ def run_worker(bundle: Path, backend: str, config: BenchConfig, *, gmacs: float 
         try:
             proc = subprocess.run([sys.executable, "-m", "pipeline.bench_worker", str(spec_path),
                                    str(result_path)], capture_output=True, text=True, env=env,
-                                  timeout=WORKER_TIMEOUT_S)
+                                  timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return {"rows": reason_rows(backend, config.batch_sizes,
-                                        f"timed out after {WORKER_TIMEOUT_S}s", "error")}
+            return {"rows": reason_rows(backend, precision, config.batch_sizes,
+                                        f"timed out after {timeout_s:g}s", "error")}
         if result_path.is_file():
             return json.loads(result_path.read_text())
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"rows": reason_rows(backend, config.batch_sizes,
+        return {"rows": reason_rows(backend, precision, config.batch_sizes,
                                     f"worker exited {proc.returncode}: {tail[0][:300]}", "error")}
 
 
@@ -162,7 +175,8 @@ def run_bench(bundle: Path, config: BenchConfig, *, images: list[str] | None = N
     from pipeline.bundle import Bundle
     from pipeline.machine import machine_block
 
-    manifest = Bundle.open(bundle).read_manifest()
+    opened = Bundle.open(bundle)
+    manifest = opened.read_manifest()
     model = manifest.get("model")
     if not model or "model.onnx" not in manifest.get("artifacts", {}):
         raise InputError(f"bundle {str(bundle)!r} has no exported model to time; run "
@@ -171,40 +185,106 @@ def run_bench(bundle: Path, config: BenchConfig, *, images: list[str] | None = N
                      input_size=model["input_size"])["gmacs"]
     rows: list[dict[str, Any]] = []
     loops: list[dict[str, Any]] = []
-    for backend in tqdm(config.backends, desc="bench", unit="backend", disable=None if progress else True,
-                        file=sys.stderr):
-        result = run_worker(bundle, backend, config, gmacs=gmacs, images=images)
+    for target in tqdm(config.backends, desc="bench", unit="target", disable=None if progress else True,
+                       file=sys.stderr):
+        result = run_worker(bundle, target, config, gmacs=gmacs, images=images)
         rows += result["rows"]
         loops += result.get("images", [])
+    attach_verification(rows, read_parity(opened))
     return {"schema_version": SCHEMA_VERSION, "kind": "pipeline.latency",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": {"arch": model["arch"], "input_size": model["input_size"],
                       "num_classes": model["num_classes"], "gmacs_per_image": gmacs,
-                      "onnx_file": config.onnx_file},
+                      "onnx_file": opened.fp32_onnx()},
             "config": {**asdict(config), "backends": list(config.backends),
                        "batch_sizes": list(config.batch_sizes),
                        "min_warmup_iterations": MIN_WARMUP_ITERATIONS},
             "machine": machine_block(), "rows": rows, "images": loops}
 
 
+def read_parity(bundle: Any) -> dict[str, Any] | None:
+    from pipeline.bundle import PARITY
+
+    path = bundle.path(PARITY)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def attach_verification(rows: list[dict[str, Any]], parity: dict[str, Any] | None) -> None:
+    """Say for each row whether verify vouched for the very model file it timed.
+
+    fp32 rows: the parity pairs on the same file (sha256); eager torch is the reference itself.
+    Reduced precision: the accuracy gate of the same backend and precision on the same file.
+    Anything else is ``not verified``, and ``recommend`` never picks a reduced precision that is.
+    """
+    from pipeline.backends import BACKENDS, target_name
+
+    pairs = (parity or {}).get("pairs", [])
+    gates = {g["candidate"]: g for g in (parity or {}).get("gates", [])}
+    for row in rows:
+        requested = row.get("precision_requested") or row.get("precision") or "fp32"
+        backend = BACKENDS.get(row["backend"])
+        row.update(verified="not verified", top1_agreement=None, top1_drop_points=None)
+        if backend is None or row.get("model_sha256") is None:
+            continue
+        if requested == "fp32":
+            if backend.runtime == "torch":
+                row["verified"] = "reference"
+                continue
+            same = [p for p in pairs if p.get("model_sha256") == row["model_sha256"]]
+            if same:
+                row["verified"] = "parity passed" if all(p["passed"] for p in same) else "parity failed"
+            continue
+        gate = gates.get(target_name(backend.gate_as or backend.name, requested))
+        if gate and gate.get("model_sha256") == row["model_sha256"]:
+            row["verified"] = "gate passed" if gate["passed"] else "gate failed"
+            row["top1_agreement"] = gate.get("top1_agreement")
+            row["top1_drop_points"] = gate.get("top1_drop_points")
+
+
 def ok_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in rows if row["status"] == "ok"]
 
 
+def eligible(row: dict[str, Any]) -> bool:
+    """May this row be recommended? fp32 unless its parity failed; reduced precision only
+    with a passed accuracy gate."""
+    verified = row.get("verified", "not verified")
+    if (row.get("precision_requested") or row.get("precision") or "fp32") == "fp32":
+        return verified != "parity failed"
+    return verified == "gate passed"
+
+
+ADVICE_FIELDS = ("machine", "backend", "precision", "precision_requested", "device", "batch",
+                 "p50_ms", "p90_ms", "verified", "top1_agreement", "top1_drop_points")
+
+
 def recommend(rows: list[dict[str, Any]], budget_ms: float | None = None) -> dict[str, Any]:
-    """Fastest at batch 1, who meets a p90 budget, and where the GPU overtakes the CPU."""
+    """The fastest verified (backend, precision) at batch 1 and its cost against the fastest
+    fp32; who meets a p90 budget; where the GPU overtakes the CPU; what was not verified."""
     good = ok_rows(rows)
-    batch1 = sorted((r for r in good if r["batch"] == 1), key=lambda r: r["p50_ms"])
-    answer: dict[str, Any] = {"fastest_batch1": None, "budget_ms": budget_ms, "meets_budget": None,
-                              "gpu_overtakes_cpu_at_batch": None, "gpu_vs_cpu": None}
+    usable = [r for r in good if eligible(r)]
+    batch1 = sorted((r for r in usable if r["batch"] == 1), key=lambda r: r["p50_ms"])
+    fp32 = [r for r in batch1 if (r.get("precision_requested") or "fp32") == "fp32"]
+    answer: dict[str, Any] = {"fastest_batch1": None, "fastest_fp32_batch1": None,
+                              "speedup_vs_fp32": None, "budget_ms": budget_ms, "meets_budget": None,
+                              "gpu_overtakes_cpu_at_batch": None, "gpu_vs_cpu": None,
+                              "not_verified": sorted({f"{r['backend']}:{r.get('precision_requested')}"
+                                                      for r in good if not eligible(r)})}
     if batch1:
-        best = batch1[0]
-        answer["fastest_batch1"] = {k: best.get(k) for k in ("machine", "backend", "device", "p50_ms", "p90_ms")}
+        answer["fastest_batch1"] = {k: batch1[0].get(k) for k in ADVICE_FIELDS}
+    if fp32:
+        answer["fastest_fp32_batch1"] = {k: fp32[0].get(k) for k in ADVICE_FIELDS}
+        answer["speedup_vs_fp32"] = fp32[0]["p50_ms"] / batch1[0]["p50_ms"]
     if budget_ms is not None:
-        answer["meets_budget"] = [{k: r.get(k) for k in ("machine", "backend", "batch", "p90_ms")}
-                                  for r in sorted(good, key=lambda r: (r["batch"], r["p90_ms"]))
+        answer["meets_budget"] = [{k: r.get(k) for k in ADVICE_FIELDS}
+                                  for r in sorted(usable, key=lambda r: (r["batch"], r["p90_ms"]))
                                   if r["p90_ms"] <= budget_ms]
-    answer.update(_gpu_crossover(good))
+    answer.update(_gpu_crossover(usable))
     return answer
 
 
@@ -223,15 +303,24 @@ def _gpu_crossover(good: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'backend':<20} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'ms/img':>8} {'img/s':>9} {'GFLOP/s':>8}  provider"]
+    lines = [f"{'backend':<20} {'precision':<10} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'ms/img':>8} "
+             f"{'img/s':>9} {'GFLOP/s':>8}  {'verified':<14} provider"]
     for row in rows:
+        precision = precision_label(row)
         if row["status"] != "ok":
-            lines.append(f"{row['backend']:<20} {row['batch']:>5}  {row['status']}: {row['reason']}")
+            lines.append(f"{row['backend']:<20} {precision:<10} {row['batch']:>5}  {row['status']}: {row['reason']}")
             continue
         gflops = f"{row['gflops']:8.1f}" if row["gflops"] else f"{'':>8}"
-        lines.append(f"{row['backend']:<20} {row['batch']:>5} {row['p50_ms']:9.2f} {row['p90_ms']:9.2f} "
-                     f"{row['ms_per_image']:8.2f} {row['images_per_s']:9.1f} {gflops}  {row['provider']}")
+        lines.append(f"{row['backend']:<20} {precision:<10} {row['batch']:>5} {row['p50_ms']:9.2f} "
+                     f"{row['p90_ms']:9.2f} {row['ms_per_image']:8.2f} {row['images_per_s']:9.1f} "
+                     f"{gflops}  {row.get('verified', ''):<14} {row['provider']}")
     return "\n".join(lines)
+
+
+def precision_label(row: dict[str, Any]) -> str:
+    """``bf16`` or, for OpenVINO's own choice, ``auto=bf16``: what was asked and what ran."""
+    ran, asked = row.get("precision") or "fp32", row.get("precision_requested") or "fp32"
+    return ran if ran == asked else f"{asked}={ran}"
 
 
 def unavailable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

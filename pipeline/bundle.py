@@ -29,6 +29,14 @@ PARITY = "parity.json"
 EXPORT_LOG = "export.log"
 EXPORT_FILES = (TORCHSCRIPT, ONNX, ONNX_SIMPLIFIED, WEIGHTS, PARITY, EXPORT_LOG)
 
+ONNX_INT8 = "model.int8.onnx"
+ONNX_FP16 = "model.fp16.onnx"
+CALIBRATION = "calibration.json"
+QUANTIZE_FILES = (ONNX_INT8, ONNX_FP16, CALIBRATION)
+# The model file each precision reads; bf16 and OpenVINO's own choice are runtime settings
+# applied to the fp32 model, not files.
+PRECISION_FILES = {"int8": ONNX_INT8, "fp16": ONNX_FP16}
+
 CHECKPOINT = "checkpoint.pt"
 LAST_CHECKPOINT = "last.pt"
 HISTORY = "history.json"
@@ -40,6 +48,8 @@ LATENCY = "latency.json"
 REPORT = "report.md"
 LATENCY_PLOT = "latency.png"
 BENCH_FILES = (LATENCY, REPORT, LATENCY_PLOT)
+# What a new export makes stale: results measured on the old models, and variants made from them.
+DERIVED_FROM_EXPORT = QUANTIZE_FILES + BENCH_FILES
 
 
 _UMASK = os.umask(0)
@@ -164,15 +174,30 @@ class Bundle:
             "sha256": sha256_of(path),
         }
 
-    def forget_stage(self, files: tuple[str, ...]) -> None:
-        """Drop a stage's files and their manifest entries before the stage runs again."""
+    def forget_stage(self, files: tuple[str, ...], *, sections: tuple[str, ...] = (),
+                     stages: tuple[str, ...] = ()) -> None:
+        """Drop a stage's files, their manifest entries, and any manifest ``sections`` and
+        ``stages`` records that described them, before the stage runs again."""
         def drop(manifest: dict[str, Any]) -> None:
             for name in files:
                 manifest.get("artifacts", {}).pop(name, None)
+            for key in sections:
+                manifest.pop(key, None)
+            for key in stages:
+                manifest.get("stages", {}).pop(key, None)
         if self.manifest_path.is_file():
             self.update_manifest(drop)
         for name in files:
             self.path(name).unlink(missing_ok=True)
+
+    def artifact_sha256(self, name: str) -> str | None:
+        """The sha256 the manifest records for ``name`` (None when it is not recorded)."""
+        entry = self.read_manifest().get("artifacts", {}).get(name)
+        return entry["sha256"] if entry else None
+
+    def fp32_onnx(self) -> str:
+        """The fp32 ONNX file runtimes use: the simplified model when there is one."""
+        return ONNX_SIMPLIFIED if self.path(ONNX_SIMPLIFIED).is_file() else ONNX
 
     def check_integrity(self, names: list[str] | None = None) -> list[str]:
         """Check the listed artifacts (default all) against the manifest; raise on mismatch."""

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from pipeline import __version__
-from pipeline.errors import EXIT_CHECK_FAILED, PipelineError
+from pipeline.errors import EXIT_CHECK_FAILED, EXIT_ENVIRONMENT, EXIT_INTERNAL, PipelineError
 
 DEFAULT_BUNDLE_ROOT = Path("exported")
 
@@ -30,6 +30,15 @@ class PipelineGroup(click.Group):
         except PipelineError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug, not a user error: its own exit code, with the trace
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (exit {EXIT_INTERNAL}; "
+                       f"please report it with the trace above)", err=True)
+            ctx.exit(EXIT_INTERNAL)
 
 
 def _command_line(command: str, *operands: Any) -> str:
@@ -122,12 +131,22 @@ def model_options(func: Any) -> Any:
 
 
 def tolerance_options(func: Any) -> Any:
-    from pipeline.tolerances import DEFAULT_ATOL, DEFAULT_RTOL
+    from pipeline.tolerances import (DEFAULT_MAX_TOP1_DROP, DEFAULT_MIN_AGREEMENT, FLOOR_MULTIPLE,
+                                     SCALE_TERM)
 
-    func = click.option("--rtol", type=float, default=DEFAULT_RTOL, show_default=True,
-                        help="Relative tolerance.")(func)
-    return click.option("--atol", type=float, default=DEFAULT_ATOL, show_default=True,
-                        help="Absolute tolerance.")(func)
+    options = [
+        click.option("--atol", type=float, default=None,
+                     help=f"Absolute tolerance vs eager fp32 (numpy allclose). Default: the model's "
+                          f"own rule, |candidate - fp64| <= {FLOOR_MULTIPLE:g} x its fp32 noise "
+                          f"floor + {SCALE_TERM:g} x max|logit|."),
+        click.option("--rtol", type=float, default=None,
+                     help="Relative tolerance vs eager fp32 (with --atol; replaces the floor rule)."),
+        click.option("--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP, show_default=True,
+                     help="Accuracy gate for int8/fp16/bf16: most top-1 points lost (labelled images)."),
+        click.option("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, show_default=True,
+                     help="Accuracy gate: least share of images whose top-1 matches eager fp32."),
+    ]
+    return _apply(options, func)
 
 
 # ----------------------------------------------------------------------------- export
@@ -148,7 +167,8 @@ def tolerance_options(func: Any) -> Any:
 def export(ctx: click.Context, arch: str | None, num_classes: int | None, weights: str,
            checkpoint: Path | None, class_names: str | None, input_size: int | None, seed: int,
            out: Path | None, exporter: str, opset: int, no_simplify: bool, images: Path | None,
-           atol: float, rtol: float, verbose: bool, as_json: bool) -> None:
+           atol: float | None, rtol: float | None, max_top1_drop: float, min_agreement: float,
+           verbose: bool, as_json: bool) -> None:
     """Export to TorchScript and ONNX, simplify, then verify parity.
 
     \b
@@ -174,7 +194,8 @@ def export(ctx: click.Context, arch: str | None, num_classes: int | None, weight
     _log(f"exporting {loaded.arch} to {bundle_dir}/")
     bundle = export_bundle(loaded, bundle_dir, options, timer)
     with timer.stage("verify") as step:
-        report = _verify(bundle.root, atol=atol, rtol=rtol, images=images)
+        report = _verify(bundle.root, atol=atol, rtol=rtol, images=images,
+                         max_top1_drop=max_top1_drop, min_agreement=min_agreement)
         step["text"] = f"{'passed' if report else 'FAILED'} ({len(report.pairs)} comparisons)"
     _finish_verify(ctx, report, as_json, extra={"bundle": str(bundle.root),
                                                 "manifest": bundle.read_manifest()})
@@ -196,7 +217,7 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
         click.echo(format_table(report))
     if not report:
         _log(f"error: {failure_summary(report)}")
-        ctx.exit(EXIT_CHECK_FAILED)
+        ctx.exit(EXIT_ENVIRONMENT if report.environment_only else EXIT_CHECK_FAILED)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -208,19 +229,67 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
 @click.option("--cpu-only", is_flag=True, help="Do not try the CUDA execution provider.")
 @click.option("--json", "as_json", is_flag=True, help="Print parity JSON only on stdout.")
 @click.pass_context
-def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float, rtol: float,
-           cpu_only: bool, as_json: bool) -> None:
-    """Check artifact hashes, then parity of every exported model vs PyTorch.
+def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | None,
+           rtol: float | None, max_top1_drop: float, min_agreement: float, cpu_only: bool,
+           as_json: bool) -> None:
+    """Check artifact hashes, fp32 parity vs PyTorch, and the accuracy gate for int8/fp16/bf16.
 
-    Exit 1 when a file changed or any pair exceeds the tolerances (a CI gate).
+    Exit 1 when a file changed, a pair exceeds its tolerance or a reduced-precision variant
+    fails the gate; exit 3 when a CPU comparison cannot run in this environment (a CI gate).
+    The gate evaluates on --images (labelled when its sub-folders are the model's classes),
+    or on the validation split of a bundle trained here.
 
     \b
     Example:
       python -m pipeline verify exported/resnet18
-      python -m pipeline verify exported/resnet18 --images photos/ --atol 1e-4 --rtol 1e-3
+      python -m pipeline verify exported/resnet18 --images photos/ --max-top1-drop 0.5
+      python -m pipeline verify exported/resnet18 --atol 1e-4 --rtol 1e-3
     """
-    report = _verify(bundle, atol=atol, rtol=rtol, images=images, with_cuda=not cpu_only)
+    report = _verify(bundle, atol=atol, rtol=rtol, images=images, with_cuda=not cpu_only,
+                     max_top1_drop=max_top1_drop, min_agreement=min_agreement)
     _finish_verify(ctx, report, as_json)
+
+
+# ----------------------------------------------------------------------------- quantize
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--precision", "precisions", default="int8,fp16", show_default=True,
+              help="Variants to write: int8 (static QDQ, for CPUs and TensorRT), fp16 (for GPUs).")
+@click.option("--calibration", default=None,
+              help="int8 calibration images: an image folder, 'train' (the split train recorded; "
+                   "the default for trained bundles) or 'synthetic' (offline demo).")
+@click.option("--count", type=int, default=300, show_default=True, help="Calibration images to use.")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="Calibration method.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing images.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON only.")
+def quantize(bundle: Path, precisions: str, calibration: str | None, count: int, method: str,
+             seed: int, as_json: bool) -> None:
+    """Write model.int8.onnx and model.fp16.onnx from the exported fp32 model.
+
+    Then `verify` gates them on accuracy and `bench` times them.
+
+    \b
+    Example:
+      python -m pipeline quantize exported/resnet18 --calibration photos/
+      python -m pipeline quantize exported/resnet18 --precision int8 --method entropy
+      python -m pipeline quantize exported/resnet18 --calibration synthetic --count 200
+    """
+    from pipeline.quantize import QuantizeOptions, quantize_bundle
+
+    options = QuantizeOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                              calibration=calibration, count=count, method=method, seed=seed)
+    _log(f"quantizing {bundle}/")
+    record = quantize_bundle(bundle, options, log=_log)
+    if as_json:
+        emit_json(record)
+    else:
+        for precision, info in record.items():
+            calib = info.get("calibration")
+            extra = (f", calibrated on {calib['count']} images from {calib['source']} ({calib['method']})"
+                     if calib else "")
+            click.echo(f"{precision}: {bundle}/model.{precision}.onnx{extra}")
+        click.echo(f"next: python -m pipeline verify {bundle}")
 
 
 # ----------------------------------------------------------------------------- train
@@ -320,8 +389,8 @@ def train(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
 # ----------------------------------------------------------------------------- run
 @cli.command()
 @train_options
-@click.option("--backends", default="torch-cpu,torchscript-cpu,ort-cpu,torch-cuda,ort-cuda",
-              show_default=True, help="Backends for the bench stage.")
+@click.option("--backends", default="torch-cpu,torchscript-cpu,ort-cpu,openvino-cpu,torch-cuda,ort-cuda",
+              show_default=True, help="Backends for the bench stage (every precision each runs).")
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Batch sizes for the bench stage.")
 @click.option("--bench-seconds", type=float, default=2.0, show_default=True,
               help="Minimum timed seconds per bench row.")
@@ -345,7 +414,7 @@ def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: floa
     from pipeline.workflow import run_all
 
     config = _train_config({**kwargs, "resume": None}, default_epochs=10, default_batch=16)
-    bench_config = BenchConfig(backends=_backend_list(backends),
+    bench_config = BenchConfig(backends=_targets(backends, None),
                                batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                                iterations=bench_iterations, seconds=bench_seconds,
                                threads=os.cpu_count() or 1)
@@ -375,24 +444,25 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-def _backend_list(text: str | None) -> tuple[str, ...]:
-    from pipeline.bench import BACKENDS
-    from pipeline.errors import InputError
+def _targets(backends: str | None, precisions: str | None) -> tuple[str, ...]:
+    """``--backends``/``--precisions`` as ``backend:precision`` targets, from the registry."""
+    from pipeline.backends import parse_targets, target_name
 
-    if not text:
-        return BACKENDS
-    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in chosen if name not in BACKENDS]
-    if unknown or not chosen:
-        raise InputError(f"unknown backend {', '.join(unknown) or text!r}; choose from: {', '.join(BACKENDS)}")
-    return chosen
+    return tuple(target_name(b, p) for b, p in parse_targets(backends, precisions))
+
+
+def _registry_help() -> str:
+    from pipeline.backends import registry_help
+
+    return registry_help()
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--backends", default=None, help="Comma-separated subset (default all): "
-              "torch-cpu, torchscript-cpu, ort-cpu, torch-cuda, torchscript-cuda, ort-cuda, "
-              "ort-cuda-iobinding, ort-tensorrt.")
+@click.option("--backends", default=None,
+              help="Comma-separated backends, or backend:precision (default all): " + _registry_help() + ".")
+@click.option("--precisions", default=None,
+              help="Only these precisions: fp32, int8, fp16, bf16, auto (OpenVINO's own choice).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Batch sizes to sweep.")
 @click.option("--iterations", type=int, default=200, show_default=True, help="Minimum timed iterations.")
 @click.option("--seconds", type=float, default=5.0, show_default=True, help="Minimum timed seconds.")
@@ -406,7 +476,8 @@ def _backend_list(text: str | None) -> tuple[str, ...]:
 @click.option("--verbose", "-v", is_flag=True, help="Print the per-image lines of the --images loop.")
 @click.option("--json", "as_json", is_flag=True, help="Print latency JSON only on stdout.")
 @click.pass_context
-def bench(ctx: click.Context, bundle: Path, backends: str | None, batch_sizes: str, iterations: int,
+def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: str | None,
+          batch_sizes: str, iterations: int,
           seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
           budget_ms: float | None, strict: bool, verbose: bool, as_json: bool) -> None:
     """Per-image latency on every backend this machine has, each in its own process.
@@ -431,7 +502,8 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, batch_sizes: s
         raise InputError("--iterations must be >= 1 and --seconds/--warmup-seconds >= 0")
     if threads is not None and threads < 1:
         raise InputError(f"--threads {threads} must be at least 1")
-    config = BenchConfig(backends=_backend_list(backends), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+    config = BenchConfig(backends=_targets(backends, precisions),
+                         batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                          iterations=iterations, seconds=seconds, warmup_s=warmup_seconds,
                          threads=threads or os.cpu_count() or 1)
     target = Bundle.open(bundle)
@@ -448,12 +520,33 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, batch_sizes: s
         _print_image_loops(doc["images"], verbose)
         best = advice["fastest_batch1"]
         if best:
-            click.echo(f"fastest at batch 1: {best['backend']} (p50 {best['p50_ms']:.2f} ms)")
+            click.echo(f"fastest verified at batch 1: {best['backend']} {best['precision']} "
+                       f"(p50 {best['p50_ms']:.2f} ms)")
+        for warning in stale_parity_warnings(target):
+            _log(f"warning: {warning}")
         _log(f"wrote {target.root}/latency.json, report.md, latency.png")
     if strict and unavailable(doc["rows"]):
         names = sorted({row["backend"] for row in unavailable(doc["rows"])})
         _log(f"error: --strict: backends could not run: {', '.join(names)}")
         ctx.exit(EXIT_ENVIRONMENT)
+
+
+def stale_parity_warnings(bundle: Any) -> list[str]:
+    """bench's own check: does parity.json describe the models bench just timed?"""
+    from pipeline.bench import read_parity
+
+    parity = read_parity(bundle)
+    if parity is None:
+        return [f"{bundle.root} has no parity.json: nothing timed here was verified; run "
+                f"python -m pipeline verify {bundle.root}"]
+    artifacts = bundle.read_manifest().get("artifacts", {})
+    current = {entry["sha256"] for entry in artifacts.values()}
+    measured = {p.get("model_sha256") for p in parity.get("pairs", []) + parity.get("gates", [])
+                if p.get("model_sha256")}
+    if measured - current:
+        return [f"{bundle.root}/parity.json was made for models that have since changed; run "
+                f"python -m pipeline verify {bundle.root} again"]
+    return []
 
 
 def _print_image_loops(loops: list[dict[str, Any]], verbose: bool) -> None:
@@ -479,8 +572,10 @@ def _print_image_loops(loops: list[dict[str, Any]], verbose: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="Folder for report.md and report.png.")
 @click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
+@click.option("--force", is_flag=True, help="Merge latency files of different archs or input sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
-def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, as_json: bool) -> None:
+def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, force: bool,
+           as_json: bool) -> None:
     """Merge latency.json files from several machines into one comparison.
 
     \b
@@ -492,13 +587,16 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, 
 
     ensure_writable_dir(out)
     command = "python -m pipeline report " + " ".join(str(p) for p in latency_files)
-    advice = write_comparison(list(latency_files), out, budget_ms, command)
+    advice, warnings = write_comparison(list(latency_files), out, budget_ms, command, force=force)
+    for warning in warnings:
+        _log(f"warning: {warning}")
     if as_json:
         emit_json(advice)
     else:
         best = advice["fastest_batch1"]
         if best:
-            click.echo(f"fastest at batch 1: {best['backend']} on {best['machine']} (p50 {best['p50_ms']:.2f} ms)")
+            click.echo(f"fastest verified at batch 1: {best['backend']} {best['precision']} on "
+                       f"{best['machine']} (p50 {best['p50_ms']:.2f} ms)")
         _log(f"wrote {out}/report.md and {out}/report.png")
 
 
@@ -509,10 +607,14 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, 
 @click.option("--top-k", type=int, default=5, show_default=True, help="How many classes to show.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider; cuda fails (exit 3) rather than fall back.")
+@click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
+              help="ONNX Runtime, or OpenVINO (the openvino extra).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="A bundle's variant: fp32, int8, fp16 (quantize writes them), or auto (OpenVINO's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON only.")
 @click.pass_context
 def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: int, provider: str,
-            as_json: bool) -> None:
+            runtime: str, precision: str, as_json: bool) -> None:
     """Classify images with an exported bundle or a bare .onnx file.
 
     Exit 1 if any file could not be classified (the others still are).
@@ -521,12 +623,14 @@ def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: in
     Example:
       python -m pipeline predict exported/resnet18 photo.jpg more/ --top-k 5
       python -m pipeline predict model.onnx photo.jpg --provider cuda --json
+      python -m pipeline predict exported/resnet18 photo.jpg --precision int8 --runtime openvino
     """
     from dataclasses import asdict
 
     from pipeline.predict import predict as run_predict
 
-    results = run_predict(model, list(images), k=top_k, provider=provider)
+    results = run_predict(model, list(images), k=top_k, provider=provider, runtime=runtime,
+                          precision=precision)
     if as_json:
         emit_json([asdict(result) for result in results])
     for result in results:

@@ -305,3 +305,60 @@ def load_data(spec: str, prep: Preprocessing, *, cifar_aug: bool, val_split: flo
                          f"images; both splits need images")
     return DataSplit(ImageListDataset(train, train_transform(prep, cifar=cifar_aug)),
                      ImageListDataset(val, eval_transform(prep)), names, source, skipped)
+
+
+# ----------------------------------------------------------------------------- recorded splits
+def recorded_split(manifest: dict[str, Any], part: str, *,
+                   warn: Callable[[str], None] | None = None) -> tuple[list[tuple[Any, int]], list[str], str]:
+    """The ``train`` or ``val`` samples of the run that trained this bundle, rebuilt from the
+    data options ``train`` recorded (same seed, same split); returns (samples, classes, what).
+
+    Calibration reads the training part and the accuracy gate the validation part, so the two
+    never share an image.
+    """
+    train = manifest.get("stages", {}).get("train")
+    if not train or "config" not in train:
+        raise InputError("this bundle was not trained by python -m pipeline train, so it has no "
+                         "recorded data split; give an image folder instead")
+    config = train["config"]
+    spec, seed, val_split = config["data"], config["seed"], config["val_split"]
+    quiet = warn or (lambda message: None)
+    if spec == "synthetic":
+        samples = synthetic_split(val_split, seed, config.get("synthetic_per_class", SYNTHETIC_PER_CLASS))
+        train_part, val_part, names = samples
+    elif is_cifar_data(spec):
+        train_part, val_part, names = cifar_split(Path(spec.split(":", 1)[1] or "."))
+    else:
+        root = Path(spec)
+        if not root.is_dir():
+            raise InputError(f"the training data {spec!r} recorded in the manifest is not here; "
+                             f"give an image folder instead")
+        train_part, val_part, names, _ = folder_split(root, val_split, seed, quiet)
+    chosen = train_part if part == "train" else val_part
+    return chosen, names, f"the {'training' if part == 'train' else 'validation'} split of {spec} (seed {seed})"
+
+
+def labelled_folder(root: Path, class_names: list[str]) -> list[tuple[Path, int]] | None:
+    """(path, label) when ``root``'s sub-folders are named after the model's classes, else None."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not folders or any(folder.name not in class_names for folder in folders):
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    return [(path, index[folder.name]) for folder in folders
+            for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p))]
+
+
+def preprocess_samples(samples: Sequence[tuple[Any, int]], prep: Preprocessing) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(batch, labels, bad-file reasons): PIL images or paths through the eval transform."""
+    transform = eval_transform(prep)
+    arrays, labels, bad = [], [], []
+    for item, label in samples:
+        try:
+            image = open_rgb(item) if isinstance(item, (str, Path)) else item
+            arrays.append(transform(image).numpy())
+            labels.append(label)
+        except BadImage as exc:
+            bad.append(str(exc))
+    if not arrays:
+        return np.zeros((0, 3, prep.crop, prep.crop), np.float32), np.zeros(0, np.int64), bad
+    return np.stack(arrays), np.asarray(labels, np.int64), bad

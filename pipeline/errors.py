@@ -1,6 +1,7 @@
 """User-facing errors. Each carries the exit code the CLI maps it to.
 
-Exit codes: 0 ok, 1 a check failed, 2 usage or input error, 3 environment error.
+Exit codes: 0 ok, 1 a check failed, 2 usage or input error, 3 environment error,
+4 internal error (a bug: the trace is printed), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
+EXIT_INTERNAL = 4
 
 
 class PipelineError(Exception):

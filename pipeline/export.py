@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from pipeline import __version__
-from pipeline.bundle import (EXPORT_FILES, EXPORT_LOG, ONNX, ONNX_SIMPLIFIED, TORCHSCRIPT,
-                             WEIGHTS, Bundle, ensure_writable_dir, save_atomic,
+from pipeline.bundle import (DERIVED_FROM_EXPORT, EXPORT_FILES, EXPORT_LOG, ONNX, ONNX_SIMPLIFIED,
+                             TORCHSCRIPT, WEIGHTS, Bundle, ensure_writable_dir, save_atomic,
                              write_text_atomic)
 from pipeline.console import Captured, StageTimer, captured
 from pipeline.errors import InputError
@@ -227,7 +227,10 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
     check_options(options)
     timer = timer or StageTimer()
     bundle = Bundle(ensure_writable_dir(Path(out)))
-    bundle.forget_stage(EXPORT_FILES)
+    # Variants made from the old models and results measured on them would now describe
+    # models that no longer exist: they go with the old export.
+    bundle.forget_stage(EXPORT_FILES + DERIVED_FROM_EXPORT, sections=("quantize",),
+                        stages=("quantize", "bench", "verify"))
     start = time.perf_counter()
     example = example_input(loaded.preprocessing.crop)
     logs: list[tuple[str, Captured]] = []

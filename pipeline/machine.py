@@ -24,15 +24,51 @@ def installed_ort_distributions() -> list[str]:
 
 
 def library_versions() -> dict[str, str | None]:
+    """Versions of what the results depend on; only ONNX Runtime wheels really installed."""
     from pipeline import __version__
 
     versions: dict[str, str | None] = {"python": platform.python_version(), "pipeline": __version__}
     versions.update({name: _version(name) for name in LIBRARIES})
-    for name in ORT_DISTRIBUTIONS:
-        if _version(name):
-            versions[name] = _version(name)
-    versions["onnxruntime"] = versions.get("onnxruntime") or versions.get("onnxruntime-gpu")
+    for name in installed_ort_distributions():
+        versions[name] = _version(name)
+    if _version("openvino"):
+        versions["openvino"] = _version("openvino")
     return versions
+
+
+# The flags that decide which reduced precisions a CPU runs fast (names as in /proc/cpuinfo).
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of ``CPU_FLAGS`` this CPU has; all False where /proc/cpuinfo is unreadable."""
+    found: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    found = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {flag: flag in found for flag in CPU_FLAGS}
+
+
+def cpu_has_fast_bf16(flags: dict[str, bool] | None = None) -> bool:
+    flags = flags if flags is not None else cpu_flags()
+    return flags.get("amx_bf16", False) or flags.get("avx512_bf16", False)
+
+
+def cpu_has_fast_int8(flags: dict[str, bool] | None = None) -> bool:
+    flags = flags if flags is not None else cpu_flags()
+    return any(flags.get(f, False) for f in ("amx_int8", "avx512_vnni", "avx_vnni"))
+
+
+def cpu_summary() -> str:
+    """'<model> [avx2 avx512f ...]': the model and the flags it has, for tables."""
+    have = [flag for flag, present in cpu_flags().items() if present]
+    return f"{cpu_model()} [{' '.join(have) or 'no AVX2'}]"
 
 
 def cpu_model() -> str:
@@ -77,6 +113,7 @@ def machine_block() -> dict[str, Any]:
         "hostname": platform.node(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "gpu": gpu_info(),
         "versions": library_versions(),

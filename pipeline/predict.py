@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.archs import Preprocessing
-from pipeline.bundle import ONNX, ONNX_SIMPLIFIED, Bundle
+from pipeline.bundle import ONNX, Bundle
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    from pipeline.backends import Backend
 
 CHUNK = 16
 
@@ -27,23 +30,49 @@ class Prediction:
     error: str | None = None
 
 
-def onnx_path(target: Path) -> Path:
-    """The model to run: a bundle's simplified (else raw) ONNX, or the .onnx file itself."""
-    if not target.is_dir():
-        if not target.is_file():
-            raise InputError(f"ONNX file {str(target)!r} does not exist")
-        return target
-    bundle = Bundle.open(target)
-    for name in (ONNX_SIMPLIFIED, ONNX):
-        if bundle.path(name).is_file():
-            return bundle.path(name)
-    raise InputError(f"bundle {str(target)!r} has no exported ONNX model; run "
-                     f"python -m pipeline export --out {target}")
+RUNTIMES = ("ort", "openvino")
+
+
+def backend_for(runtime: str, provider: str) -> "Backend":
+    """The registry entry for ``--runtime``/``--provider``."""
+    from pipeline.backends import get_backend
+
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown --runtime {runtime!r}; choose from: {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        if provider != "cpu":
+            raise InputError(f"--runtime openvino runs on the CPU here; drop --provider {provider}")
+        return get_backend("openvino-cpu")
+    return get_backend(f"ort-{provider}")
+
+
+def make_runner(target: Path, backend: "Backend", precision: str) -> Any:
+    """A runner on a bundle's model at ``precision``, or on a bare .onnx file as it is."""
+    from pipeline.backends import check_precision_name
+    from pipeline.runners import OpenVinoRunner, OrtRunner
+
+    check_precision_name(precision)
+    if target.is_dir():
+        bundle = Bundle.open(target)
+        if ONNX not in bundle.read_manifest().get("artifacts", {}):
+            raise InputError(f"bundle {str(target)!r} has no exported ONNX model; run "
+                             f"python -m pipeline export --out {target}")
+        return backend.make(bundle, precision)
+    if not target.is_file():
+        raise InputError(f"ONNX file {str(target)!r} does not exist")
+    if precision not in ("fp32", "auto"):
+        raise InputError(f"--precision {precision} chooses a variant inside a bundle; a bare "
+                         f".onnx runs as it is: give the bundle folder, or the variant's file")
+    if backend.runtime == "openvino":
+        return OpenVinoRunner(target, precision=precision)
+    if precision != "fp32":
+        raise InputError(f"--precision {precision} is OpenVINO's own choice; add --runtime openvino")
+    return OrtRunner(target, provider=backend.provider or "cpu")
 
 
 def labels_and_preprocessing(runner: Any, target: Path) -> tuple[list[str], Preprocessing]:
-    """From the model's own metadata_props (written by export), read once from the session."""
-    meta = runner.session.get_modelmeta().custom_metadata_map
+    """From the model's own metadata_props (written by export), read once from the runtime."""
+    meta = runner.metadata()
     missing = [key for key in ("class_names", "preprocessing") if key not in meta]
     if missing:
         raise InputError(f"{str(target)!r} lacks metadata {', '.join(missing)}; export it with "
@@ -80,13 +109,13 @@ def top_k(probabilities: np.ndarray, names: list[str], k: int) -> list[dict[str,
     return [{"index": int(i), "label": names[i], "probability": float(probabilities[i])} for i in order]
 
 
-def predict(target: Path, inputs: list[Path], *, k: int = 5, provider: str = "cpu") -> list[Prediction]:
+def predict(target: Path, inputs: list[Path], *, k: int = 5, provider: str = "cpu",
+            runtime: str = "ort", precision: str = "fp32") -> list[Prediction]:
     from pipeline.images import load_batch
-    from pipeline.runners import OrtRunner
 
     if k < 1:
         raise InputError(f"--top-k {k} must be at least 1")
-    runner = OrtRunner(onnx_path(target), provider=provider)
+    runner = make_runner(Path(target), backend_for(runtime, provider), precision)
     class_names, prep = labels_and_preprocessing(runner, target)
     files, results = collect_files(inputs)
     if not files and not results:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import SCHEMA_VERSION, ok_rows, recommend
+from pipeline.bench import SCHEMA_VERSION, ok_rows, precision_label, recommend
 from pipeline.bundle import save_atomic, write_json_atomic, write_text_atomic
 from pipeline.errors import InputError
 
@@ -50,23 +50,49 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 
 def rows_table(rows: list[dict[str, Any]], *, with_machine: bool) -> list[str]:
     head = ["machine"] if with_machine else []
-    head += ["backend", "batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms", "n",
-             "ms/image", "images/s", "GFLOP/s", "cold create ms", "first infer ms", "provider"]
+    head += ["backend", "precision", "batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms",
+             "n", "ms/image", "images/s", "GFLOP/s", "cold create ms", "first infer ms", "verified",
+             "provider"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["machine"]] if with_machine else []
         if row["status"] != "ok":
-            cells += [row["backend"], str(row["batch"]), f"**{row['status']}**: {row['reason']}"]
+            cells += [row["backend"], precision_label(row), str(row["batch"]),
+                      f"**{row['status']}**: {row['reason']}"]
             cells += [""] * (len(head) - len(cells))
         else:
-            cells += [row["backend"], str(row["batch"]), _fmt(row["p50_ms"]), _fmt(row["p90_ms"]),
+            cells += [row["backend"], precision_label(row), str(row["batch"]), _fmt(row["p50_ms"]),
+                      _fmt(row["p90_ms"]),
                       _fmt(row["p95_ms"]), _fmt(row["p99_ms"]) if row["p99_ms"] is not None else "omitted (n<600)",
                       f"{row['mean_ms']:.2f} ± {row['std_ms']:.2f}", str(row["n"]),
                       _fmt(row["ms_per_image"], ".3f"), _fmt(row["images_per_s"], ".1f"),
                       _fmt(row["gflops"], ".1f"), _fmt(row["cold_create_ms"], ".0f"),
-                      _fmt(row["cold_first_infer_ms"], ".0f"), str(row["provider"])]
+                      _fmt(row["cold_first_infer_ms"], ".0f"), _verified(row), str(row["provider"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _verified(row: dict[str, Any]) -> str:
+    text = row.get("verified") or "not verified"
+    if row.get("top1_agreement") is not None:
+        text += f" (agreement {100 * row['top1_agreement']:.1f}%"
+        if row.get("top1_drop_points") is not None:
+            text += f", top-1 {-row['top1_drop_points']:+.2f} pts"
+        text += ")"
+    return text
+
+
+def accuracy_cost(choice: dict[str, Any]) -> str:
+    if choice.get("top1_agreement") is None:
+        return "fp32: no accuracy cost" if (choice.get("precision_requested") or "fp32") == "fp32" else ""
+    cost = f"top-1 agreement with fp32 {100 * choice['top1_agreement']:.2f}%"
+    if choice.get("top1_drop_points") is not None:
+        cost += f", top-1 accuracy {-choice['top1_drop_points']:+.2f} points"
+    return cost
+
+
+def _named(row: dict[str, Any]) -> str:
+    return f"{row['backend']} {precision_label(row)}"
 
 
 def recommendation_lines(advice: dict[str, Any]) -> list[str]:
@@ -74,13 +100,20 @@ def recommendation_lines(advice: dict[str, Any]) -> list[str]:
     best = advice["fastest_batch1"]
     if best:
         where = f" on {best['machine']}" if best.get("machine") else ""
-        lines.append(f"- Fastest at batch 1: **{best['backend']}**{where} "
-                     f"(p50 {best['p50_ms']:.2f} ms, p90 {best['p90_ms']:.2f} ms).")
+        lines.append(f"- Fastest verified model at batch 1: **{_named(best)}**{where} "
+                     f"(p50 {best['p50_ms']:.2f} ms, p90 {best['p90_ms']:.2f} ms; {accuracy_cost(best)}).")
+        fp32 = advice.get("fastest_fp32_batch1")
+        if fp32 and fp32 != best:
+            lines.append(f"- That is {advice['speedup_vs_fp32']:.2f}x the fastest fp32, "
+                         f"{_named(fp32)} (p50 {fp32['p50_ms']:.2f} ms).")
     else:
-        lines.append("- No backend produced numbers.")
+        lines.append("- No verified backend produced numbers.")
+    if advice.get("not_verified"):
+        lines.append(f"- Not verified, so never recommended: {', '.join(advice['not_verified'])} "
+                     f"(run `python -m pipeline verify` with evaluation images, then bench again).")
     if advice["budget_ms"] is not None:
         meets = advice["meets_budget"] or []
-        names = ", ".join(f"{m['backend']} @ batch {m['batch']} ({m['p90_ms']:.2f} ms)"
+        names = ", ".join(f"{_named(m)} @ batch {m['batch']} ({m['p90_ms']:.2f} ms)"
                           + (f" [{m['machine']}]" if m.get("machine") else "") for m in meets)
         lines.append(f"- Meets the {advice['budget_ms']:g} ms budget at p90: {names or 'none'}.")
     crossover = advice["gpu_vs_cpu"]
@@ -113,12 +146,13 @@ def machine_lines(doc: dict[str, Any]) -> list[str]:
     machine, config = doc["machine"], doc["config"]
     gpu = machine.get("gpu")
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
-    return [f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical cores)",
+    flags = " ".join(f for f, present in (machine.get("cpu_flags") or {}).items() if present)
+    return [f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical cores; flags: {flags or 'none of note'})",
             f"- GPU: {gpu['name']}, driver {gpu['driver']}, CUDA {gpu['cuda_runtime']}" if gpu else "- GPU: none",
             f"- Threads for every CPU backend: {config['threads']}",
             f"- Protocol: warm-up >= {config['min_warmup_iterations']} iterations and >= "
             f"{config['warmup_s']} s; timed until >= {config['iterations']} iterations and >= "
-            f"{config['seconds']} s; fp32, TF32 off on GPU",
+            f"{config['seconds']} s; TF32 off on GPU",
             f"- Versions: {versions}", ""]
 
 
@@ -135,8 +169,10 @@ def bench_markdown(doc: dict[str, Any], advice: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compare_markdown(docs: list[dict[str, Any]], advice: dict[str, Any], command: str) -> str:
+def compare_markdown(docs: list[dict[str, Any]], advice: dict[str, Any], command: str,
+                     warnings: list[str] | None = None) -> str:
     lines = ["# Latency comparison across machines", "", f"Command: `{command}`", ""]
+    lines += [f"> warning: {w}" for w in warnings or []] + ([""] if warnings else [])
     for doc in docs:
         lines.append(f"## {machine_label(doc)}")
         lines.append(f"Model {doc['model']['arch']} at {doc['model']['input_size']} px, created {doc['created']}")
@@ -155,7 +191,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     good = ok_rows(rows)
     multi = len({row.get("machine") for row in good}) > 1
-    label = (lambda r: f"{r['backend']}\n{r['machine'][:28]}") if multi else (lambda r: r["backend"])
+    label = ((lambda r: f"{_named(r)}\n{r['machine'][:28]}") if multi else _named)
     batch1 = sorted((r for r in good if r["batch"] == 1), key=lambda r: r["p50_ms"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     if batch1:
@@ -210,11 +246,49 @@ def record_bench(folder: Path, duration_s: float) -> None:
     bundle.update_manifest(update)
 
 
-def write_comparison(paths: list[Path], out: Path, budget_ms: float | None, command: str) -> dict[str, Any]:
+def check_mergeable(docs: list[dict[str, Any]], paths: list[Path], force: bool) -> list[str]:
+    """Latency files of different models are not one comparison; --force merges them anyway."""
+    models = {(d["model"]["arch"], d["model"]["input_size"]) for d in docs}
+    if len(models) <= 1:
+        return []
+    listing = "; ".join(f"{p}: {d['model']['arch']} at {d['model']['input_size']} px"
+                        for p, d in zip(paths, docs))
+    if not force:
+        raise InputError(f"these latency files measured different models ({listing}); a comparison "
+                         f"across machines needs the same arch and input size. Pass --force to "
+                         f"merge them anyway")
+    return [f"merged different models: {listing}"]
+
+
+def stale_rows(doc: dict[str, Any], path: Path) -> list[str]:
+    """Rows whose model file no longer matches the bundle the latency file sits in."""
+    from pipeline.bundle import MANIFEST, Bundle
+
+    folder = Path(path).parent
+    if not (folder / MANIFEST).is_file():
+        return []
+    try:
+        artifacts = Bundle(folder).read_manifest().get("artifacts", {})
+    except InputError:
+        return []
+    current = {name: entry["sha256"] for name, entry in artifacts.items()}
+    stale = sorted({f"{row['backend']}:{row.get('precision_requested')} ({row['model_file']})"
+                    for row in doc["rows"] if row.get("model_file")
+                    and current.get(row["model_file"]) != row.get("model_sha256")})
+    return [f"{path}: {', '.join(stale)} measured a model file that has since changed or gone; "
+            f"re-run bench"] if stale else []
+
+
+def write_comparison(paths: list[Path], out: Path, budget_ms: float | None, command: str,
+                     *, force: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Merge latency files into report.md/report.png; returns (advice, warnings)."""
     docs = [load_latency(path) for path in paths]
+    warnings = check_mergeable(docs, paths, force)
+    for doc, path in zip(docs, paths):
+        warnings += stale_rows(doc, path)
     rows = labelled_rows(docs)
     advice = recommend(rows, budget_ms)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "report.md", compare_markdown(docs, advice, command))
+    write_text_atomic(out / "report.md", compare_markdown(docs, advice, command, warnings))
     plot(rows, out / "report.png", "latency comparison")
-    return advice
+    return advice, warnings

@@ -1,15 +1,18 @@
-"""One runner per backend with one interface: ``infer(batch: ndarray) -> ndarray``.
+"""One runner per runtime with one interface: ``infer(batch: ndarray) -> ndarray``.
 
-Runners say which device and provider they really use. For ONNX Runtime that is read back
-from the session with ``get_providers()``: a session that silently fell back to the CPU is
-refused with the reason, never reported as CUDA.
+Runners say which device, provider and precision they really use. For ONNX Runtime the
+provider is read back from the session with ``get_providers()``: a session that silently fell
+back to the CPU is refused with the reason, never reported as CUDA. For OpenVINO the inference
+precision is read back from the compiled model (``INFERENCE_PRECISION_HINT``), never assumed.
+
+Which runner serves which backend name and precision is decided in ``pipeline.backends``.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -31,10 +34,30 @@ class Runner(Protocol):
     name: str
     device: str
     provider: str
+    precision: str
+    model_path: Path | None
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def timed_step(self, batch: np.ndarray) -> tuple[Callable[[], None], str]:
+        """The call to time for ``batch`` and where its input and output live (host/device)."""
+        ...
+
+    def metadata(self) -> dict[str, str]:
+        """The model file's metadata_props (class names, preprocessing ...), if it has any."""
+        ...
+
     def synchronize(self) -> None: ...
+
+
+class HostStep:
+    """``timed_step`` for runners whose input and output live in host memory."""
+
+    def timed_step(self, batch: np.ndarray) -> tuple[Callable[[], None], str]:
+        return (lambda: self.infer(batch)), "host"  # type: ignore[attr-defined]
+
+    def metadata(self) -> dict[str, str]:
+        return {}
 
 
 def cuda_problem() -> str | None:
@@ -56,12 +79,15 @@ def use_strict_fp32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-class TorchRunner:
-    """Eager PyTorch or a TorchScript file, on ``cpu`` or ``cuda``."""
+class TorchRunner(HostStep):
+    """Eager PyTorch or a TorchScript file, on ``cpu`` or ``cuda``; fp32, or bf16 autocast."""
 
-    def __init__(self, model: "torch.nn.Module", *, device: str = "cpu", name: str = "torch") -> None:
+    def __init__(self, model: "torch.nn.Module", *, device: str = "cpu", name: str = "torch",
+                 precision: str = "fp32", model_path: Path | None = None) -> None:
         import torch
 
+        if precision not in ("fp32", "bf16"):
+            raise InputError(f"{name}-{device} runs fp32 or bf16, not {precision!r}")
         if device == "cuda":
             problem = cuda_problem()
             if problem:
@@ -71,7 +97,13 @@ class TorchRunner:
         self.device = device
         self.name = f"{name}-{device}"
         self.provider = f"torch:{device}"
+        self.precision = precision
+        self.model_path = model_path
         self.model = model.eval().to(device)
+        if precision == "bf16":
+            # autocast runs convolutions and matmuls in bf16 (oneDNN picks AMX/AVX512-BF16 where
+            # present); channels_last is the layout those kernels want.
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_torchscript(cls, path: Path | str, *, device: str = "cpu") -> "TorchRunner":
@@ -87,12 +119,16 @@ class TorchRunner:
             # map_location moves the constants that freezing folded into the graph as well;
             # a later .to(device) would move only parameters, and a frozen module has none.
             module = torch.jit.load(str(path), map_location=device)
-        return cls(module, device=device, name="torchscript")
+        return cls(module, device=device, name="torchscript", model_path=Path(path))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
             tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            if self.precision == "bf16":
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device, dtype=torch.bfloat16):
+                    return self.model(tensor).float().cpu().numpy()
             return self.model(tensor).float().cpu().numpy()
 
     def infer_tensor(self, tensor: "torch.Tensor") -> "torch.Tensor":
@@ -104,12 +140,44 @@ class TorchRunner:
             self.torch.cuda.synchronize()
 
 
-def _provider_options(provider: str) -> dict[str, Any]:
+def _provider_options(provider: str, precision: str, model_path: Path) -> dict[str, Any]:
     if provider == "cuda":
         return {"device_id": 0, "use_tf32": 0}
     if provider == "tensorrt":
-        return {"device_id": 0, "trt_fp16_enable": False}
+        return tensorrt_options(precision, model_path)
     return {}
+
+
+def tensorrt_options(precision: str, model_path: Path) -> dict[str, Any]:
+    """TensorRT EP options: fp16 from the fp32 graph, int8 from the QDQ model's own scales.
+
+    Engines are cached per model sha256 and library versions, so a rebuilt model or an upgraded
+    TensorRT never reuses a stale engine; the first session pays the build, later ones load it.
+    """
+    from pipeline.bundle import sha256_of
+    from pipeline.machine import library_versions
+
+    versions = library_versions()
+    key = "-".join([sha256_of(model_path)[:16], precision,
+                    str(versions.get("onnxruntime-gpu") or versions.get("onnxruntime")),
+                    str(_trt_version())])
+    cache = Path(model_path).parent / ".trt_cache" / key
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"device_id": 0, "trt_fp16_enable": precision == "fp16",
+            "trt_int8_enable": precision == "int8", "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(cache)}
+
+
+def _trt_version() -> str | None:
+    from importlib import metadata
+
+    for name in ("tensorrt-cu13", "tensorrt-cu12", "tensorrt", "tensorrt-cu13-libs"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _load_failure_reason(log_text: str) -> str:
@@ -139,10 +207,14 @@ def ort_provider_problem(provider: str) -> str | None:
 
 
 class OrtRunner:
-    """An ONNX Runtime session on one execution provider, optionally with IO binding."""
+    """An ONNX Runtime session on one execution provider, optionally with IO binding.
+
+    ``precision`` names the model file's precision (fp32, int8 QDQ, fp16 with fp32 IO); for
+    TensorRT it also switches the engine's fp16/int8 mode.
+    """
 
     def __init__(self, path: Path | str, *, provider: str = "cpu", threads: int | None = None,
-                 iobinding: bool = False) -> None:
+                 iobinding: bool = False, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
         if provider not in ORT_PROVIDERS:
@@ -158,7 +230,7 @@ class OrtRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         wanted = ORT_PROVIDERS[provider]
-        providers: list[Any] = [(wanted, _provider_options(provider))]
+        providers: list[Any] = [(wanted, _provider_options(provider, precision, Path(path)))]
         if provider != "cpu":
             providers.append("CPUExecutionProvider")
         with captured() as chatter:
@@ -174,11 +246,23 @@ class OrtRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.iobinding = iobinding and provider != "cpu"
+        self.precision = precision
+        self.model_path = Path(path)
         self._ort = ort
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def timed_step(self, batch: np.ndarray) -> tuple[Callable[[], None], str]:
+        """With IO binding, input and output stay on the GPU: only the model is timed."""
+        if self.iobinding:
+            binding = self.bind_on_device(batch)
+            return (lambda: self.run_bound(binding)), "device"
+        return (lambda: self.infer(batch)), "host"
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def bind_on_device(self, batch: np.ndarray) -> Any:
         """Copy ``batch`` to the GPU once and bind input and output there (for timing)."""
@@ -208,6 +292,77 @@ def _preload_cuda_libraries() -> None:
                 preload(cuda=True, cudnn=True, msvc=False)
     except Exception:  # a failed preload shows up as a provider fallback, read back later
         pass
+
+
+OPENVINO_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+def openvino_problem() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed; install it with: pip install -e \".[openvino]\""
+    return None
+
+
+class OpenVinoRunner(HostStep):
+    """An ONNX model compiled by OpenVINO for its CPU plugin.
+
+    ``precision``: ``fp32`` pins the inference precision to f32; ``auto`` leaves the choice to
+    OpenVINO (bf16 on CPUs with AMX or AVX512-BF16, f32 elsewhere); ``int8`` compiles the QDQ
+    model. The precision OpenVINO really uses is read back from the compiled model.
+    """
+
+    def __init__(self, path: Path | str, *, precision: str = "fp32", threads: int | None = None) -> None:
+        problem = openvino_problem()
+        if problem:
+            raise EnvironmentUnavailable(f"openvino-cpu: {problem}")
+        import openvino as ov
+
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        if precision == "fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:  # OpenVINO raises its own RuntimeError subclasses on bad files
+            raise InputError(f"{str(path)!r} cannot be read by OpenVINO "
+                             f"({str(exc).strip().splitlines()[0][:200]})") from None
+        self._metadata = _openvino_metadata(model)
+        with captured():
+            self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        chosen = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.inference_precision = OPENVINO_PRECISIONS.get(chosen, chosen)
+        self.requested_precision = precision
+        # An int8 model runs int8 where it has quantize/dequantize pairs, the rest in
+        # inference_precision; both are reported.
+        self.precision = "int8" if precision == "int8" else self.inference_precision
+        self.device = "cpu"
+        self.name = "openvino-cpu"
+        self.provider = f"openvino:CPU ({self.inference_precision})"
+        self.model_path = Path(path)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        return self.request.get_output_tensor(0).data.copy()
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def synchronize(self) -> None:
+        """``infer`` is synchronous."""
+
+
+def _openvino_metadata(model: Any) -> dict[str, str]:
+    """ONNX metadata_props as OpenVINO keeps them, under rt_info['framework']."""
+    try:
+        framework = model.get_rt_info().get("framework", {})
+        return {key: value.astype(str) for key, value in framework.items()}
+    except Exception:  # older OpenVINO without the framework section: no metadata
+        return {}
 
 
 def _open_session(ort: Any, path: Path | str, options: Any, providers: list[Any]) -> Any:

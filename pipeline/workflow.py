@@ -1,4 +1,5 @@
-"""``run``: train -> export -> verify -> bench -> report into one bundle, callable without click."""
+"""``run``: train -> export -> quantize -> verify -> bench -> report into one bundle, callable
+without click. int8 is calibrated on the training split and gated on the validation split."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def run_all(config: TrainConfig, bench_config: BenchConfig, *, command: str,
     from pipeline.bench import run_bench
     from pipeline.console import StageTimer
     from pipeline.export import ExportOptions, export_bundle
+    from pipeline.quantize import QuantizeOptions, quantize_bundle
     from pipeline.report import record_bench, write_bench_outputs
     from pipeline.train import fit
     from pipeline.verify import verify_bundle
@@ -34,6 +36,8 @@ def run_all(config: TrainConfig, bench_config: BenchConfig, *, command: str,
     bundle = Path(training["bundle"])
     log("== export")
     export_bundle(load_model(checkpoint=bundle / "checkpoint.pt"), bundle, ExportOptions(), StageTimer())
+    log("== quantize")
+    quantize_bundle(bundle, QuantizeOptions(precisions=("int8",), calibration="train"), log=log)
     log("== verify")
     parity = verify_bundle(bundle)
     log("== bench")

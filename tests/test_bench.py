@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.bench import (MIN_WARMUP_ITERATIONS, ROW_FIELDS, percentile_stats, recommend,
                             timed_loop, warm_up)
+from pipeline.bundle import sha256_of
 from tests.conftest import requires_cuda, run_cli, write_images
 
 FAST = ["--iterations", "5", "--seconds", "0", "--warmup-seconds", "0"]
@@ -38,9 +39,13 @@ def test_statistics_on_a_known_sequence():
 
 
 def test_p99_reported_from_600_samples():
-    stats = percentile_stats([1_000_000] * 594 + [9_000_000] * 6)
-    assert stats["p99_ms"] == pytest.approx(1.0 + 8.0 * 0.01 * 0, abs=8.0) and stats["p99_note"] is None
-    assert stats["max_ms"] == 9.0
+    # 1..600 ms: numpy's linear p99 sits at rank 0.99 * 599 = 593.01 -> 594.01 ms
+    stats = percentile_stats([i * 1_000_000 for i in range(1, 601)])
+    assert stats["p99_ms"] == pytest.approx(594.01) and stats["p99_note"] is None
+    assert stats["max_ms"] == 600.0
+    # six slow samples of 600: rank 593.01 lies 1% of the way from the last fast one to a slow one
+    tail = percentile_stats([1_000_000] * 594 + [9_000_000] * 6)
+    assert tail["p99_ms"] == pytest.approx(1.08) and tail["max_ms"] == 9.0
 
 
 def test_timed_loop_runs_until_both_iterations_and_seconds():
@@ -67,7 +72,7 @@ def test_sync_is_called_before_each_stop():
 @pytest.fixture(scope="module")
 def bench_result(tiny_bundle_master, tmp_path_factory):
     bundle = shutil.copytree(tiny_bundle_master, tmp_path_factory.mktemp("bench") / "b")
-    result = run_cli("bench", bundle, "--backends", "torch-cpu,torchscript-cpu,ort-cpu,ort-cuda",
+    result = run_cli("bench", bundle, "--backends", "torch-cpu:fp32,torchscript-cpu,ort-cpu:fp32,ort-cuda:fp32",
                      "--batch-sizes", "1,2", "--threads", "1", "--budget-ms", "1000", *FAST)
     return bundle, result
 
@@ -76,8 +81,10 @@ def test_bench_rows_and_schema(bench_result, cuda_available):
     bundle, result = bench_result
     assert result.exit_code == 0, result.output
     doc = json.loads((bundle / "latency.json").read_text())
-    assert doc["schema_version"] == 1 and doc["kind"] == "pipeline.latency"
-    assert {"cpu", "cpu_count", "gpu", "versions"} <= set(doc["machine"])
+    assert doc["schema_version"] == 2 and doc["kind"] == "pipeline.latency"
+    assert {"cpu", "cpu_flags", "cpu_count", "gpu", "versions"} <= set(doc["machine"])
+    assert {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"} \
+        <= set(doc["machine"]["cpu_flags"])
     assert doc["config"]["threads"] == 1
     rows = doc["rows"]
     assert [(r["backend"], r["batch"]) for r in rows] == [
@@ -92,7 +99,12 @@ def test_bench_rows_and_schema(bench_result, cuda_available):
         assert row["ms_per_image"] == pytest.approx(row["p50_ms"] / row["batch"])
         assert row["images_per_s"] == pytest.approx(1000 * row["batch"] / row["p50_ms"])
         assert row["gflops"] > 0 and row["cold_create_ms"] > 0 and row["cold_first_infer_ms"] > 0
+        assert row["precision"] == row["precision_requested"] == "fp32"
+        assert row["model_sha256"] == sha256_of(bundle / row["model_file"])
+    assert [r["model_file"] for r in rows[:6:2]] == ["weights.pt", "model.ts", "model.sim.onnx"]
     assert rows[4]["provider"] == "CPUExecutionProvider"
+    # the export verified the ONNX and TorchScript files bench timed; eager torch is the reference
+    assert [r["verified"] for r in rows[:6:2]] == ["reference", "parity passed", "parity passed"]
     if not cuda_available:
         for row in rows[6:]:
             assert row["status"] == "unavailable" and "no CUDA GPU" in row["reason"]
@@ -102,11 +114,11 @@ def test_bench_rows_and_schema(bench_result, cuda_available):
 def test_bench_outputs_and_recommendation(bench_result):
     bundle, result = bench_result
     report = (bundle / "report.md").read_text()
-    assert "## Recommendation" in report and "Fastest at batch 1" in report
+    assert "## Recommendation" in report and "Fastest verified model at batch 1" in report
     assert "Meets the 1000 ms budget at p90" in report
     assert "Threads for every CPU backend: 1" in report and "python -m pipeline bench" in report
     assert (bundle / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "fastest at batch 1:" in result.stdout
+    assert "fastest verified at batch 1:" in result.stdout
 
 
 def test_strict_turns_reason_rows_into_exit_3(tiny_bundle, cuda_available):
@@ -160,6 +172,7 @@ def test_report_rejects_a_file_that_is_not_latency(tmp_path):
 def test_recommendation_finds_gpu_crossover():
     def row(backend, device, batch, p50):
         return {"backend": backend, "device": device, "batch": batch, "status": "ok",
+                "precision": "fp32", "precision_requested": "fp32", "verified": "parity passed",
                 "p50_ms": p50, "p90_ms": p50 * 1.1, "images_per_s": 1000 * batch / p50}
     rows = [row("ort-cpu", "cpu", 1, 5.0), row("ort-cuda", "cuda", 1, 6.0),
             row("ort-cpu", "cpu", 8, 40.0), row("ort-cuda", "cuda", 8, 10.0)]
@@ -190,3 +203,56 @@ def test_bench_on_a_bundle_without_an_export(tmp_path):
     Bundle(tmp_path).write_manifest(new_manifest())  # e.g. a bundle that only holds training files
     result = run_cli("bench", tmp_path, *FAST)
     assert result.exit_code == 2 and "has no exported model" in result.stderr
+
+
+def test_report_refuses_different_models_unless_forced(bench_result, tmp_path):
+    bundle, _ = bench_result
+    doc = json.loads((bundle / "latency.json").read_text())
+    other = json.loads(json.dumps(doc))
+    other["model"]["input_size"] = 64
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    refused = run_cli("report", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "cmp")
+    assert refused.exit_code == 2
+    assert "different models" in refused.stderr and "--force" in refused.stderr
+    assert "at 32 px" in refused.stderr and "at 64 px" in refused.stderr
+    forced = run_cli("report", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "cmp",
+                     "--force")
+    assert forced.exit_code == 0 and "merged different models" in forced.stderr
+
+
+def test_report_warns_when_the_bundle_model_changed(bench_result, tmp_path):
+    bundle, _ = bench_result
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    from pipeline.bundle import Bundle
+
+    data = bytearray((copy / "model.ts").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.ts").write_bytes(bytes(data))
+    Bundle(copy).update_manifest(lambda m: Bundle(copy).record_artifact(m, "model.ts", stage="export"))
+    result = run_cli("report", copy / "latency.json", "--out", tmp_path / "cmp")
+    assert result.exit_code == 0
+    assert "torchscript-cpu:fp32 (model.ts) measured a model file that has since changed" in result.stderr
+    fresh = run_cli("report", bundle / "latency.json", "--out", tmp_path / "cmp2")
+    assert "has since changed" not in fresh.stderr
+
+
+def test_worker_crash_and_timeout_become_error_rows(tiny_bundle, monkeypatch, tmp_path):
+    from pipeline import bench
+
+    hang = tmp_path / "hang.sh"
+    hang.write_text("#!/bin/sh\nsleep 30\n")
+    hang.chmod(0o755)
+    config = bench.BenchConfig(backends=("ort-cpu:fp32",), batch_sizes=(1, 2), iterations=1,
+                               seconds=0, warmup_s=0, threads=1)
+    # a worker that hangs: the bench gives up after the timeout and says so
+    monkeypatch.setattr(bench.sys, "executable", str(hang))
+    hung = bench.run_worker(tiny_bundle, "ort-cpu:fp32", config, gmacs=None, timeout_s=0.5)
+    assert [r["status"] for r in hung["rows"]] == ["error", "error"]
+    assert "timed out after 0.5s" in hung["rows"][0]["reason"]
+    # a worker that dies without writing its result: exit status and last line in the reason
+    monkeypatch.setattr(bench.sys, "executable", "/bin/false")
+    crashed = bench.run_worker(tiny_bundle, "ort-cpu:fp32", config, gmacs=None)
+    assert [r["batch"] for r in crashed["rows"]] == [1, 2]
+    assert all(r["status"] == "error" and "worker exited 1" in r["reason"] for r in crashed["rows"])
+    assert crashed["rows"][0]["precision"] == "fp32" and crashed["rows"][0]["p50_ms"] is None

@@ -83,6 +83,22 @@ def test_resnet18_at_224_from_the_command_line(tmp_path):
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"] and _input_dims(out / "model.onnx")[1:] == [3, 224, 224]
 
+    # A drift that an absolute atol of 2e-3 let through: the final bias scaled by (1 +- 1e-2),
+    # about 4e-4 on the logits, is far above this model's fp32 floor (~2e-6), so it fails.
+    from onnx import numpy_helper
+
+    path = out / "model.sim.onnx"
+    model = onnx.load(str(path))
+    bias = next(t for t in model.graph.initializer if list(t.dims) == [1000])
+    values = numpy_helper.to_array(bias)
+    signs = np.where(np.arange(values.size) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    bias.CopyFrom(numpy_helper.from_array(values * (1 + 1e-2 * signs), bias.name))
+    onnx.save(model, str(path))
+    bundle = Bundle(out)
+    bundle.update_manifest(lambda m: bundle.record_artifact(m, "model.sim.onnx", stage="export"))
+    drifted = run_cli("verify", out, "--cpu-only")
+    assert drifted.exit_code == 1 and "onnx-sim-ort-cpu" in drifted.stderr
+
 
 def test_onnx_metadata_lets_a_bare_file_be_used(tiny_bundle):
     meta = read_onnx_metadata(tiny_bundle / "model.onnx")
@@ -109,11 +125,19 @@ def test_opset_and_legacy_exporter_are_honoured(tmp_path):
 def test_reexport_replaces_only_its_own_files(tiny_bundle):
     keep = tiny_bundle / "history.json"
     keep.write_text("{}")
+    (tiny_bundle / "latency.json").write_text("{}")  # results of the old model
+    bundle = Bundle(tiny_bundle)
+    bundle.update_manifest(lambda m: bundle.record_artifact(m, "latency.json", stage="bench"))
     result = run_cli("export", "--arch", "resnet34_cifar", "--out", tiny_bundle, "--no-simplify")
     assert result.exit_code == 0, result.output
     assert keep.read_text() == "{}"
     assert not (tiny_bundle / "model.sim.onnx").exists()  # stale artifact removed
-    assert Bundle(tiny_bundle).read_manifest()["model"]["arch"] == "resnet34_cifar"
+    manifest = Bundle(tiny_bundle).read_manifest()
+    assert manifest["model"]["arch"] == "resnet34_cifar"
+    # bench and parity results described the old model: forgotten with it
+    assert not (tiny_bundle / "latency.json").exists() and "latency.json" not in manifest["artifacts"]
+    parity = json.loads((tiny_bundle / "parity.json").read_text())  # the new export's own verify
+    assert {p["model_sha256"] for p in parity["pairs"]} <= {e["sha256"] for e in manifest["artifacts"].values()}
 
 
 def test_checkpoint_with_class_names_travels_into_onnx(tmp_path):

@@ -4,8 +4,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline.bundle import Bundle
-from pipeline.verify import compare
+import pytest
+
+from pipeline.bundle import Bundle, sha256_of
+from pipeline.tolerances import FLOOR_MULTIPLE, SCALE_TERM
+from pipeline.verify import compare, compare_to_floor, floor_tolerance
 from tests.conftest import requires_cuda, run_cli, write_images
 
 
@@ -17,8 +20,25 @@ def _rehash(bundle_dir, name):
 def test_verify_passes_on_a_fresh_bundle(tiny_bundle):
     result = run_cli("verify", tiny_bundle)
     assert result.exit_code == 0, result.output
-    assert "atol 0.002, rtol 0.001" in result.stdout
-    assert "onnx-sim-ort-cpu" in result.stdout
+    assert "x the fp32 noise floor" in result.stdout
+    assert "onnx-sim-ort-cpu" in result.stdout and "onnx-sim-openvino-cpu" in result.stdout
+    parity = json.loads((tiny_bundle / "parity.json").read_text())
+    assert parity["rule"]["kind"] == "fp32 noise floor"
+    for pair in parity["pairs"]:
+        # the floor and the tolerance it earned are recorded; every pair has margin to spare
+        assert 0 < pair["fp32_floor"] < pair["tolerance"] and pair["margin"] > 1
+        assert pair["model_sha256"] == sha256_of(tiny_bundle / pair["model_file"])
+
+
+def test_the_floor_rule_is_measured_per_model():
+    fp64 = np.array([[1.0, -2.0, 3.0]])
+    fp32 = fp64 + np.array([[1e-6, 0.0, -2e-6]])
+    assert floor_tolerance(fp32, fp64) == pytest.approx((2e-6, FLOOR_MULTIPLE * 2e-6 + SCALE_TERM * 3.0))
+    tolerance = floor_tolerance(fp32, fp64)[1]
+    assert compare_to_floor(fp64 + 0.9 * tolerance, fp32, fp64)["passed"]
+    failed = compare_to_floor(fp64 + 1.1 * tolerance, fp32, fp64)
+    assert not failed["passed"] and failed["margin"] == pytest.approx(1 / 1.1)
+    assert not compare_to_floor(fp64 * np.nan, fp32, fp64)["passed"]
 
 
 def test_perturbed_initializer_fails_parity(tiny_bundle):
@@ -38,6 +58,49 @@ def test_perturbed_initializer_fails_parity(tiny_bundle):
     assert not parity["passed"]
     failed = {p["candidate"] for p in parity["pairs"] if not p["passed"]}
     assert failed == {"onnx-ort-cpu"}
+
+
+def test_five_percent_on_one_weight_tensor_is_caught(tiny_bundle):
+    path = tiny_bundle / "model.sim.onnx"
+    model = onnx.load(str(path))
+    target = next(t for t in model.graph.initializer if len(t.dims) == 4 and t.dims[0] >= 64)
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * 1.05, target.name))
+    onnx.save(model, str(path))
+    _rehash(tiny_bundle, "model.sim.onnx")
+    result = run_cli("verify", tiny_bundle)
+    assert result.exit_code == 1 and "onnx-sim" in result.stderr and "fp32 floor" in result.stderr
+
+
+def test_a_preprocessing_slip_is_caught(tiny_bundle, tmp_path):
+    """An export whose graph expects 0..255 inputs instead of normalised ones."""
+    from onnx import helper
+
+    path = tiny_bundle / "model.sim.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array(1.02, np.float32), "slip"))
+    first = graph.node[0]
+    graph.node.insert(0, helper.make_node("Mul", [graph.input[0].name, "slip"], ["slipped"]))
+    first.input[0] = "slipped"
+    onnx.save(model, str(path))
+    _rehash(tiny_bundle, "model.sim.onnx")
+    result = run_cli("verify", tiny_bundle)
+    assert result.exit_code == 1 and "onnx-sim-ort-cpu" in result.stderr
+
+
+def test_verify_never_passes_on_nothing(tiny_bundle, monkeypatch):
+    """No CPU ONNX session can be made (both ORT wheels installed): exit 3, never 0."""
+    from pipeline import runners
+
+    monkeypatch.setattr(runners, "installed_ort_distributions",
+                        lambda: ["onnxruntime", "onnxruntime-gpu"])
+    result = run_cli("verify", tiny_bundle)
+    assert result.exit_code == 3, result.output
+    assert "both onnxruntime and onnxruntime-gpu are installed" in result.stdout
+    parity = json.loads((tiny_bundle / "parity.json").read_text())
+    ort_pairs = [p for p in parity["pairs"] if p["candidate"].endswith("ort-cpu")]
+    assert ort_pairs and not any(p["passed"] for p in ort_pairs)
+    assert all(p["environment"] for p in ort_pairs) and not parity["passed"]
 
 
 def test_changed_byte_fails_integrity(tiny_bundle):
@@ -70,6 +133,15 @@ def test_tolerance_zero_is_reported_as_failure(tiny_bundle):
     result = run_cli("verify", tiny_bundle, "--atol", "0", "--rtol", "0")
     # Different kernels are not bit-identical, so zero tolerance must fail somewhere.
     assert result.exit_code == 1 and "worst:" in result.stderr
+    assert "atol 0, rtol 0" in result.stdout
+
+
+def test_atol_rtol_override_the_floor_rule(tiny_bundle):
+    result = run_cli("verify", tiny_bundle, "--atol", "2e-3", "--rtol", "1e-3", "--json")
+    assert result.exit_code == 0
+    rule = json.loads(result.stdout)["parity"]["rule"]
+    assert rule == {"kind": "allclose vs eager fp32", "atol": 2e-3, "rtol": 1e-3,
+                    "formula": "|candidate - fp32| <= atol + rtol * |fp32|"}
 
 
 def test_json_output_is_clean(tiny_bundle):
