@@ -262,9 +262,12 @@ def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | 
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="Calibration method.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for choosing images.")
+@click.option("--reduce-range/--full-range", default=None,
+              help="7-bit int8 weights, which cannot saturate ORT's AVX2 kernels. Default: "
+                   "7-bit on CPUs without VNNI, 8-bit with it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON only.")
 def quantize(bundle: Path, precisions: str, calibration: str | None, count: int, method: str,
-             seed: int, as_json: bool) -> None:
+             seed: int, reduce_range: bool | None, as_json: bool) -> None:
     """Write model.int8.onnx and model.fp16.onnx from the exported fp32 model.
 
     Then `verify` gates them on accuracy and `bench` times them.
@@ -278,7 +281,8 @@ def quantize(bundle: Path, precisions: str, calibration: str | None, count: int,
     from pipeline.quantize import QuantizeOptions, quantize_bundle
 
     options = QuantizeOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                              calibration=calibration, count=count, method=method, seed=seed)
+                              calibration=calibration, count=count, method=method, seed=seed,
+                              reduce_range=reduce_range)
     _log(f"quantizing {bundle}/")
     record = quantize_bundle(bundle, options, log=_log)
     if as_json:

@@ -77,7 +77,7 @@ def _verified(row: dict[str, Any]) -> str:
     if row.get("top1_agreement") is not None:
         text += f" (agreement {100 * row['top1_agreement']:.1f}%"
         if row.get("top1_drop_points") is not None:
-            text += f", top-1 {-row['top1_drop_points']:+.2f} pts"
+            text += f", top-1 {0.0 - row['top1_drop_points'] + 0.0:+.2f} pts"
         text += ")"
     return text
 
@@ -87,7 +87,7 @@ def accuracy_cost(choice: dict[str, Any]) -> str:
         return "fp32: no accuracy cost" if (choice.get("precision_requested") or "fp32") == "fp32" else ""
     cost = f"top-1 agreement with fp32 {100 * choice['top1_agreement']:.2f}%"
     if choice.get("top1_drop_points") is not None:
-        cost += f", top-1 accuracy {-choice['top1_drop_points']:+.2f} points"
+        cost += f", top-1 accuracy {0.0 - choice['top1_drop_points'] + 0.0:+.2f} points"
     return cost
 
 

@@ -359,9 +359,9 @@ class OpenVinoRunner(HostStep):
 def _openvino_metadata(model: Any) -> dict[str, str]:
     """ONNX metadata_props as OpenVINO keeps them, under rt_info['framework']."""
     try:
-        framework = model.get_rt_info().get("framework", {})
+        framework = model.get_rt_info()["framework"]  # an RTMap: [] but no .get()
         return {key: value.astype(str) for key, value in framework.items()}
-    except Exception:  # older OpenVINO without the framework section: no metadata
+    except Exception:  # a model without the section (not from ONNX): no metadata
         return {}
 
 

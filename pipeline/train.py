@@ -7,13 +7,14 @@ Every epoch is seeded from ``seed + epoch``, so ``--resume`` continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.bundle import (CHECKPOINT, HISTORY, HISTORY_PLOT, LAST_CHECKPOINT, METRICS,
                              TRAIN_FILES, Bundle, ensure_writable_dir, save_atomic,
@@ -445,17 +446,26 @@ def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[s
     try:
         for epoch in range(run.epoch, config.epochs):
             row, val = _train_epoch(run, epoch)
-            run.history.append(row)
-            run.epoch = epoch + 1
-            improved = val["acc"] > run.best_acc
-            run.best_acc = max(run.best_acc, val["acc"])
-            _log_epoch(main_log, row, config.epochs)
-            if run.ctx.is_main:
-                _write_epoch_files(run.bundle, run.checkpoint(), run.history, improved, val, data.class_names)
+            # Nothing below may be interrupted half-way: the epoch's state and files change
+            # together, or not at all (an interrupt arriving meanwhile waits for the end).
+            with deferred_interrupt():
+                run.history.append(row)
+                run.epoch = epoch + 1
+                improved = val["acc"] > run.best_acc
+                run.best_acc = max(run.best_acc, val["acc"])
+                _log_epoch(main_log, row, config.epochs)
+                if run.ctx.is_main:
+                    _write_epoch_files(run.bundle, run.checkpoint(), run.history, improved, val,
+                                       data.class_names)
     except KeyboardInterrupt:
+        # The weights and optimizer are part-way through an epoch; last.pt still holds the
+        # last completed epoch, which is exactly where --resume must start again.
         if run.ctx.is_main:
-            _save(run.checkpoint(), last)
-            main_log(f"interrupted: saved {last} after epoch {run.epoch}; continue with --resume {last}")
+            if last.is_file():
+                main_log(f"interrupted during epoch {run.epoch + 1}; {last} keeps epoch "
+                         f"{run.epoch}: continue with --resume {last}")
+            else:
+                main_log("interrupted during epoch 1; no epoch completed, nothing to resume")
         raise
     digest = state_digest(run.model)
     log(f"rank {run.ctx.rank}: final weights sha256 {digest}")
@@ -471,6 +481,9 @@ def _log_per_class(bundle: Bundle, log: Callable[[str], None]) -> None:
     """The best epoch's validation accuracy, overall and per class, as the CIFAR-10 write-up prints it."""
     import json
 
+    if not bundle.path(METRICS).is_file():
+        log(f"no {METRICS}: no epoch of this run completed")
+        return
     metrics = json.loads(bundle.path(METRICS).read_text(encoding="utf-8"))
     total = sum(map(sum, metrics["confusion_matrix"]))
     log(f"Accuracy of the network on the {total} validation images: {100 * metrics['top1']:.2f} % "
@@ -482,7 +495,8 @@ def _log_per_class(bundle: Bundle, log: Callable[[str], None]) -> None:
 
 def _write_epoch_files(bundle: Bundle, payload: dict[str, Any], history: list[dict[str, Any]],
                        improved: bool, val: dict[str, Any], names: list[str]) -> None:
-    _save(payload, bundle.path(LAST_CHECKPOINT))
+    """checkpoint/metrics (when improved) and history first, last.pt last: a last.pt on disk
+    means every file of its epoch is there too."""
     if improved:
         _save(payload, bundle.path(CHECKPOINT))
         write_json_atomic(bundle.path(METRICS), {
@@ -492,6 +506,26 @@ def _write_epoch_files(bundle: Bundle, payload: dict[str, Any], history: list[di
             "confusion_matrix_axes": "rows: true class, columns: predicted class"})
     write_json_atomic(bundle.path(HISTORY), history)
     plot_history(history, bundle.path(HISTORY_PLOT))
+    _save(payload, bundle.path(LAST_CHECKPOINT))
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it; elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _record_training(bundle: Bundle, config: TrainConfig, data: Any, history: list[dict[str, Any]],

@@ -121,11 +121,13 @@ class ParityReport:
 
 # ----------------------------------------------------------------------------- comparisons
 def topk_agreement(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Share of rows whose top-1 (argmax, as accuracy counts it: int8 logits can tie) and
+    whose top-5 set are the same."""
     k = min(5, reference.shape[1])
-    top_c = np.argsort(-candidate, axis=1)[:, :k]
-    top_r = np.argsort(-reference, axis=1)[:, :k]
+    top_c = np.argsort(-candidate, axis=1, kind="stable")[:, :k]
+    top_r = np.argsort(-reference, axis=1, kind="stable")[:, :k]
     top5 = float(np.mean([set(a) == set(b) for a, b in zip(top_c, top_r)]))
-    return float(np.mean(top_c[:, 0] == top_r[:, 0])), top5
+    return float(np.mean(candidate.argmax(1) == reference.argmax(1))), top5
 
 
 def compare(candidate: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> dict[str, Any]:

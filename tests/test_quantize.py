@@ -17,9 +17,10 @@ from pipeline.bundle import Bundle, sha256_of
 from pipeline.quantize import QuantizeOptions, quantize_bundle
 from tests.conftest import run_cli, write_images
 
-# resnet18 at 32 px on the synthetic shapes: a few seconds an epoch, and trained enough that
-# its predictions have margins (a random-weight net's top-1 flips under any int8 rounding).
-TRAIN = ["--arch", "resnet18", "--data", "synthetic", "--input-size", "32",
+# resnet18 at 64 px on the synthetic shapes: trained enough that its predictions have margins
+# (a random-weight net's top-1 flips under any int8 rounding; one trained at 32 px to ~60%
+# still flipped 2 of 120).
+TRAIN = ["--arch", "resnet18", "--data", "synthetic", "--input-size", "64",
          "--synthetic-per-class", "150", "--epochs", "6", "--batch-size", "16", "--workers", "0"]
 
 
@@ -123,7 +124,7 @@ def test_gate_fails_int8_calibrated_on_constant_images(trained, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     for index in range(8):
-        Image.new("RGB", (32, 32), (index, index, index)).save(flat / f"{index}.png")
+        Image.new("RGB", (64, 64), (index, index, index)).save(flat / f"{index}.png")
     quantized = run_cli("quantize", trained, "--precision", "int8", "--calibration", flat)
     assert quantized.exit_code == 0 and "fewer than 100" in quantized.stderr
     result = run_cli("verify", trained, "--cpu-only")
@@ -161,7 +162,7 @@ def test_gate_thresholds_are_options(trained_verified, tmp_path):
 
 def test_evaluation_images_that_calibrated_are_refused(trained, tmp_path):
     photos = tmp_path / "photos"
-    write_images(photos, count=4, size=32)
+    write_images(photos, count=4, size=64)
     assert run_cli("quantize", trained, "--precision", "int8", "--calibration", photos).exit_code == 0
     result = run_cli("verify", trained, "--images", photos)
     assert result.exit_code == 2 and "were also calibration images" in result.stderr

@@ -53,21 +53,67 @@ def _tiny_config(out, **extra):
 
 
 def _interrupt_after_first_epoch(message):
+    import signal
+
     if message.startswith("epoch 1/"):
-        raise KeyboardInterrupt  # what Ctrl-C does, at a known point
+        signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, at a known point
 
 
-def test_ctrl_c_saves_last_and_resume_continues_exactly(tmp_path):
-    straight = fit(_tiny_config(tmp_path / "a"), log=lambda m: None)
+def _interrupt_inside_epoch(monkeypatch, epoch: int, after_steps: int) -> None:
+    """Ctrl-C from inside train_one_epoch, after ``after_steps`` optimizer steps of ``epoch``."""
+    import signal
+
+    from torch.optim import AdamW
+
+    real_step = AdamW.step
+    steps = {"n": 0, "epoch": 0}
+    real_train = __import__("pipeline.train", fromlist=["train_one_epoch"]).train_one_epoch
+
+    def counting_train(*args, **kwargs):
+        steps["epoch"] = kwargs["epoch"] + 1
+        steps["n"] = 0
+        return real_train(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["epoch"] == epoch and steps["n"] == after_steps:
+            signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, mid-epoch, weights half-updated
+        return result
+
+    monkeypatch.setattr(AdamW, "step", step)
+    monkeypatch.setattr("pipeline.train.train_one_epoch", counting_train)
+
+
+def test_ctrl_c_inside_an_epoch_resumes_exactly(tmp_path, monkeypatch):
+    straight = fit(_tiny_config(tmp_path / "a", epochs=3), log=lambda m: None)
+    messages = []
+    _interrupt_inside_epoch(monkeypatch, epoch=2, after_steps=3)
     with pytest.raises(KeyboardInterrupt):
-        fit(_tiny_config(tmp_path / "b"), log=_interrupt_after_first_epoch)
+        fit(_tiny_config(tmp_path / "b", epochs=3), log=messages.append)
+    monkeypatch.undo()
+    # last.pt is the end of epoch 1, untouched by the half-done epoch 2
     saved = read_checkpoint(tmp_path / "b" / "last.pt")
     assert saved["epoch"] == 1 and len(saved["history"]) == 1
-    resumed = fit(_tiny_config(tmp_path / "b", resume=str(tmp_path / "b" / "last.pt")),
+    assert any("interrupted during epoch 2" in m and "keeps epoch 1" in m for m in messages)
+    resumed = fit(_tiny_config(tmp_path / "b", epochs=3, resume=str(tmp_path / "b" / "last.pt")),
                   log=lambda m: None)
     assert resumed["weights_sha256"] == straight["weights_sha256"]
     history = json.loads((tmp_path / "b" / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert (tmp_path / "b" / "metrics.json").is_file()
+
+
+def test_ctrl_c_between_logging_and_files_loses_nothing(tmp_path):
+    """The interrupt lands after epoch 1 is logged, before its files are written: it waits
+    until they are, so the resumed run ends cleanly whichever epoch turns out best."""
+    with pytest.raises(KeyboardInterrupt):
+        fit(_tiny_config(tmp_path), log=_interrupt_after_first_epoch)
+    saved = read_checkpoint(tmp_path / "last.pt")
+    assert saved["epoch"] == 1
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
+    fit(_tiny_config(tmp_path, resume=str(tmp_path / "last.pt")), log=lambda m: None)
+    assert json.loads((tmp_path / "metrics.json").read_text())["epoch"] in (1, 2)
 
 
 def test_fine_tune_with_frozen_backbone_on_folders(tmp_path):
