@@ -58,6 +58,9 @@ class Preprocessing:
             raise InputError(f"invalid preprocessing spec {data!r}: {exc}") from None
 
 
+SMALL_INPUT = 64  # px; at or below, no centre-crop margin (see ArchSpec.preprocessing)
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
@@ -73,11 +76,13 @@ class ArchSpec:
     def preprocessing(self, input_size: int | None = None) -> Preprocessing:
         """The eval preprocessing at ``input_size`` (default: the arch's own size).
 
-        224-style archs keep torchvision's 256/224 resize-to-crop ratio; CIFAR archs
-        resize straight to the input size, as the CIFAR write-up does.
+        224-style archs keep torchvision's 256/224 resize-to-crop ratio; CIFAR archs, and any
+        input of ``SMALL_INPUT`` px or less, resize straight to the input size: that is also
+        what training shows them (pad-crop augmentation of the whole image, see
+        ``pipeline.data.train_transform``), so train and eval see the same scale.
         """
         size = input_size or self.input_size
-        if self.family == "cifar":
+        if self.family == "cifar" or size <= SMALL_INPUT:
             resize = size
         else:
             resize = round(size * 256 / 224)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline.archs import Preprocessing
+from pipeline.archs import SMALL_INPUT, Preprocessing
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.images import BadImage, eval_transform, is_image_name, open_rgb
 
@@ -39,7 +39,6 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Milder than ImageNet's (0.08, 1): small datasets and small inputs lose the object otherwise.
 RANDOM_CROP_SCALE = (0.35, 1.0)
-SMALL_INPUT = 64
 
 
 @dataclass
@@ -59,14 +58,24 @@ class ImageListDataset:
     def __init__(self, samples: Sequence[tuple[Any, int]], transform: Callable[["Image.Image"], "torch.Tensor"]) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.skipped: list[str] = []  # in this process; DataLoader workers keep their own
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple["torch.Tensor", int]:
-        item, label = self.samples[index]
-        image = open_rgb(item) if isinstance(item, (str, Path)) else item
-        return self.transform(image), label
+        """A file whose pixels cannot be decoded (its header was fine) is skipped as it is met:
+        warned about, counted, and replaced by the next sample so the batch keeps its size."""
+        for offset in range(len(self.samples)):
+            item, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = open_rgb(item) if isinstance(item, (str, Path)) else item
+                return self.transform(image), label
+            except BadImage as exc:
+                if str(exc) not in self.skipped:
+                    self.skipped.append(str(exc))
+                    print(f"warning: skipping {exc}", file=sys.stderr)
+        raise InputError("no image in this data set can be decoded; fix the data set first")
 
     @property
     def targets(self) -> list[int]:
@@ -75,7 +84,9 @@ class ImageListDataset:
 
 def train_transform(prep: Preprocessing, *, cifar: bool) -> Callable[["Image.Image"], "torch.Tensor"]:
     """Pad-crop + flip for CIFAR models and small inputs (<= 64 px), where a random resized
-    crop would often cut the object away; random resized crop + flip otherwise."""
+    crop would often cut the object away; random resized crop + flip otherwise. For those
+    small inputs the eval preprocessing also resizes straight to the crop (``ArchSpec.
+    preprocessing``), so both see the whole image at the same scale."""
     import torch
     from torchvision.transforms import v2 as T
 
@@ -117,11 +128,13 @@ def scan_class_folders(root: Path, class_names: list[str] | None = None) -> tupl
 
 
 def drop_bad_images(samples: list[tuple[Path, int]], warn: Callable[[str], None]) -> tuple[list[tuple[Path, int]], list[str]]:
-    """Decode every file once; skip bad ones with a warning; stop when too many are bad."""
+    """A cheap header check of every file (no pixel is decoded): not an image, or a header cut
+    short, is skipped with a warning; too many such files stop the run. Files whose pixel
+    data turns out bad later are skipped as training reads them (``ImageListDataset``)."""
     good, bad = [], []
     for path, label in samples:
         try:
-            open_rgb(path)
+            check_header(path)
             good.append((path, label))
         except BadImage as exc:
             bad.append(str(exc))
@@ -132,6 +145,20 @@ def drop_bad_images(samples: list[tuple[Path, int]], warn: Callable[[str], None]
         raise InputError(f"{len(bad)} of {len(samples)} images are unreadable (more than "
                          f"{MAX_BAD_FRACTION:.0%}); fix the data set first. First: {bad[0]}")
     return good, bad
+
+
+def check_header(path: Path) -> None:
+    """Open the file and read its header only; raise ``BadImage`` when it is no image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.width < 1 or image.height < 1:
+                raise BadImage(f"{path}: image has no pixels")
+    except UnidentifiedImageError:
+        raise BadImage(f"{path}: not an image file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"{path}: truncated or corrupt image ({exc})") from None
 
 
 def stratified_split(samples: list[tuple[Any, int]], val_split: float, seed: int) -> tuple[list, list]:

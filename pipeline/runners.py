@@ -163,10 +163,31 @@ def tensorrt_options(precision: str, model_path: Path) -> dict[str, Any]:
                     str(_trt_version())])
     cache = Path(model_path).parent / ".trt_cache" / key
     cache.mkdir(parents=True, exist_ok=True)
-    return {"device_id": 0, "trt_fp16_enable": precision == "fp16",
-            "trt_int8_enable": precision == "int8", "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
-            "trt_timing_cache_path": str(cache)}
+    options = {"device_id": 0, "trt_fp16_enable": precision == "fp16",
+               "trt_int8_enable": precision == "int8", "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+               "trt_timing_cache_path": str(cache)}
+    return {**options, **tensorrt_profile(model_path)}
+
+
+TRT_MAX_BATCH = 64
+
+
+def tensorrt_profile(model_path: Path) -> dict[str, str]:
+    """One optimisation profile over batch 1..TRT_MAX_BATCH, so a batch sweep builds one
+    engine instead of rebuilding whenever a larger batch arrives."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    first = next(i for i in graph.input if i.name not in initializers)
+    dims = [d.dim_value for d in first.type.tensor_type.shape.dim][1:]
+    if not dims or not all(dims):
+        return {}
+    shape = "x".join(map(str, dims))
+    return {"trt_profile_min_shapes": f"{first.name}:1x{shape}",
+            "trt_profile_opt_shapes": f"{first.name}:8x{shape}",
+            "trt_profile_max_shapes": f"{first.name}:{TRT_MAX_BATCH}x{shape}"}
 
 
 def _trt_version() -> str | None:

@@ -41,8 +41,12 @@ def test_preact_v2_layout_matches_keras_resnet50v2():
     from pipeline.resnet_v2 import PreActBottleneck
 
     model = get_arch("resnet50v2").build()
-    # Keras ResNet50V2 has 25,613,800 params with its 1000-way head; BN here has no
-    # separate moving stats counted, so compare trainable conv/fc weights shape by shape.
+    # Keras ResNet50V2 with its 1000-way head: 25,613,800 params, of which 25,568,360 trainable
+    # and 45,440 BN moving means/variances. Here the trainable ones are parameters and the
+    # moving statistics are BN's running_mean/running_var buffers.
+    trainable = sum(p.numel() for p in model.parameters())
+    moving = sum(b.numel() for name, b in model.named_buffers() if "running_" in name)
+    assert (trainable, moving, trainable + moving) == (25_568_360, 45_440, 25_613_800)
     blocks = [m for m in model.modules() if isinstance(m, PreActBottleneck)]
     assert len(blocks) == 16
     first_stage = model.stages[0]

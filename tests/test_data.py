@@ -149,3 +149,28 @@ def test_synthetic_is_deterministic_and_balanced():
 def test_val_split_out_of_range():
     with pytest.raises(InputError, match="--val-split 1.5 must be between 0 and 1"):
         load_data("synthetic", PREP, cifar_aug=False, val_split=1.5)
+
+
+def test_pixels_that_fail_to_decode_are_skipped_as_training_reads_them(tmp_path, capsys):
+    """The header check passes a file whose pixel data is cut short; the dataset skips it
+    when it meets it and hands on the next sample instead of crashing the epoch."""
+    from PIL import Image
+
+    make_class_folders(tmp_path, per_class=20)
+    cut = tmp_path / "ant" / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:200])  # header intact, pixels missing
+    split = load_data(str(tmp_path), PREP, cifar_aug=False, val_split=0.2, warn=lambda m: None)
+    dataset = next(d for d in (split.train, split.val) if any(p == cut for p, _ in d.samples))
+    index = next(i for i, (p, _) in enumerate(dataset.samples) if p == cut)
+    image, label = dataset[index]
+    assert image.shape == (3, PREP.crop, PREP.crop) and dataset.skipped == [dataset.skipped[0]]
+    assert "cut.png" in dataset.skipped[0] and "cut.png" in capsys.readouterr().err
+
+
+def test_small_inputs_see_the_same_scale_in_training_and_evaluation():
+    from pipeline.archs import get_arch
+
+    assert get_arch("resnet18").preprocessing(64).resize == 64  # no centre-crop margin at 64 px
+    assert get_arch("resnet18").preprocessing(96).resize == round(96 * 256 / 224)
+    assert get_arch("resnet18_cifar").preprocessing().resize == 32

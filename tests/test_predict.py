@@ -79,11 +79,38 @@ def test_not_an_onnx_model(tmp_path):
 
 def test_cuda_provider_is_refused_not_faked(tiny_bundle, tmp_path, cuda_available):
     paths = write_images(tmp_path / "photos", count=1)
-    result = run_cli("predict", tiny_bundle, *paths, "--provider", "cuda")
+    result = run_cli("predict", tiny_bundle, *paths, "--provider", "cuda", "--json")
     if cuda_available:
-        assert result.exit_code == 0
+        assert result.exit_code == 0, result.output
+        cpu = json.loads(run_cli("predict", tiny_bundle, *paths, "--json").stdout)
+        gpu = json.loads(result.stdout)
+        assert [p["top"][0]["label"] for p in gpu] == [p["top"][0]["label"] for p in cpu]
+        assert abs(gpu[0]["top"][0]["probability"] - cpu[0]["top"][0]["probability"]) < 1e-3
     else:
         assert result.exit_code == 3 and "ort-cuda" in result.stderr and result.stdout == ""
+
+
+def test_a_cuda_session_that_falls_back_to_cpu_is_refused(tiny_bundle, tmp_path, monkeypatch):
+    """CUDA listed and a GPU "visible", but the session really runs on the CPU (e.g. libcudnn
+    missing): refused with exit 3, never reported as CUDA."""
+    import onnxruntime as ort
+
+    from pipeline import runners
+
+    monkeypatch.setattr(runners, "ort_provider_problem", lambda provider: None)
+    monkeypatch.setattr(runners, "_preload_cuda_libraries", lambda: None)
+    real_session = ort.InferenceSession
+
+    def cpu_only_session(path, sess_options=None, providers=None):
+        session = real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        return session  # its get_providers() says CPUExecutionProvider only, as a fallback would
+
+    monkeypatch.setattr(ort, "InferenceSession", cpu_only_session)
+    paths = write_images(tmp_path / "photos", count=1)
+    result = run_cli("predict", tiny_bundle, *paths, "--provider", "cuda")
+    assert result.exit_code == 3, result.output
+    assert "CUDAExecutionProvider was requested but the session runs on CPUExecutionProvider" in result.stderr
+    assert result.stdout == ""
 
 
 @requires_cuda()

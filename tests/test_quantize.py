@@ -17,17 +17,40 @@ from pipeline.bundle import Bundle, sha256_of
 from pipeline.quantize import QuantizeOptions, quantize_bundle
 from tests.conftest import run_cli, write_images
 
-# resnet18 at 64 px on the synthetic shapes: trained enough that its predictions have margins
-# (a random-weight net's top-1 flips under any int8 rounding; one trained at 32 px to ~60%
-# still flipped 2 of 120).
-TRAIN = ["--arch", "resnet18", "--data", "synthetic", "--input-size", "64",
-         "--synthetic-per-class", "150", "--epochs", "6", "--batch-size", "16", "--workers", "0"]
+CLASSES = ("red", "green", "blue", "yellow")
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200), "yellow": (210, 200, 40)}
+
+
+def colour_folders(root, per_class: int = 60, seed: int = 0):
+    """Class folders of noisy, unevenly lit colour patches: a task a few epochs learn well.
+
+    The gate needs a model whose predictions have margins: a random-weight net's top-1 flips
+    under any int8 rounding, and so do half-trained ones (the synthetic shapes trained for a
+    minute reach ~78%, and int8 flipped 3 of 120). The accuracy figure for a real task is the
+    benchmark's (benchmarks/results/run.md), not this test's.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        folder = root / name
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            light = rng.uniform(0.6, 1.3)
+            patch = np.array(COLOURS[name], np.float64) * light + rng.normal(0, 35, (64, 64, 3))
+            Image.fromarray(np.clip(patch, 0, 255).astype(np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+TRAIN = ["--arch", "resnet18", "--input-size", "64", "--epochs", "3", "--batch-size", "16",
+         "--workers", "0"]
 
 
 @pytest.fixture(scope="session")
 def trained_master(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "r18"
-    trained = run_cli("train", "--out", out, *TRAIN)
+    data = colour_folders(tmp_path_factory.mktemp("colours"))
+    trained = run_cli("train", "--out", out, "--data", data, *TRAIN)
     assert trained.exit_code == 0, trained.output
     exported = run_cli("export", "--checkpoint", out / "checkpoint.pt", "--out", out)
     assert exported.exit_code == 0, exported.output
@@ -72,7 +95,7 @@ def test_int8_is_static_qdq_per_channel_u8s8(trained_master):
                    and n.input[0] in {w.name for w in weights}]
     assert all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in per_channel)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["precision"] == "int8" and json.loads(meta["class_names"])[0] == "circle"
+    assert meta["precision"] == "int8" and json.loads(meta["class_names"]) == sorted(CLASSES)
 
 
 def test_fp16_keeps_fp32_inputs_and_outputs(trained_master):
@@ -94,9 +117,9 @@ def test_manifest_records_every_variant(trained_master):
     assert (int8["activations"], int8["weights"], int8["format"]) == ("uint8", "int8", "QDQ")
     assert "VNNI" in int8["why_u8s8"]
     calibration = int8["calibration"]
-    # 150 per class x 4 classes, 480 in the training split: the default 300 of them, seeded
-    assert calibration["count"] == 300 and calibration["method"] == "minmax"
-    assert calibration["split"] == "train" and "training split of synthetic" in calibration["source"]
+    # 60 per class x 4 classes, 192 in the training split: all of them (fewer than 300)
+    assert calibration["count"] == 192 and calibration["method"] == "minmax"
+    assert calibration["split"] == "train" and "training split of" in calibration["source"]
     assert manifest["quantize"]["versions"]["onnxruntime-gpu"] or manifest["quantize"]["versions"]["onnxruntime"]
 
 
@@ -107,12 +130,13 @@ def test_gate_passes_int8_and_openvino_on_the_trained_model(trained_verified):
     parity = json.loads((bundle / "parity.json").read_text())
     evaluation = parity["evaluation"]
     assert evaluation["labelled"] and "validation split" in evaluation["source"]
+    assert json.loads((bundle / "manifest.json").read_text())["stages"]["train"]["best_val_acc"] >= 0.95
     assert evaluation["held_apart_from_calibration"].startswith("yes: calibration used the training split")
     gates = {g["candidate"]: g for g in parity["gates"]}
     assert {"ort-cpu:int8", "ort-cpu:fp16", "openvino-cpu:auto", "openvino-cpu:int8"} <= set(gates)
     for gate in gates.values():
         assert gate["passed"] and gate["top1_agreement"] >= 0.99 and gate["top1_drop_points"] <= 1.0
-        assert gate["images"] == 120 and gate["cosine_mean"] > 0.99
+        assert gate["images"] == 48 and gate["cosine_mean"] > 0.99
         assert gate["model_sha256"] == sha256_of(bundle / gate["model_file"])
     assert gates["openvino-cpu:auto"]["precision"] in ("fp32", "bf16")  # read back, not assumed
     assert "accuracy gate vs eager fp32" in result.stdout and "ort-cpu:int8" in result.stdout
@@ -139,8 +163,8 @@ def test_gate_fails_a_corrupted_weight_scale(trained):
     inits = {t.name: t for t in model.graph.initializer}
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
                  and inits.get(n.input[0]) is not None and len(inits[n.input[0]].dims) == 4]
-    scale = inits[weight_dq[len(weight_dq) // 2].input[1]]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 8, scale.name))
+    scale = inits[weight_dq[0].input[1]]  # the stem's: every feature downstream goes wrong
+    scale.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(scale) * 8, scale.name))
     onnx.save(model, str(path))
     _rehash(trained, "model.int8.onnx")
     result = run_cli("verify", trained, "--cpu-only", "--json")
@@ -222,12 +246,10 @@ def test_recommendation_never_picks_an_unverified_precision():
 
 # ----------------------------------------------------------------------------- predict
 def test_predict_int8_and_openvino_agree_with_fp32(trained_master, tmp_path):
-    from pipeline.data import synthetic_samples
-
-    folder = tmp_path / "shapes"
-    folder.mkdir()
-    for index, (image, _) in enumerate(synthetic_samples(3, seed=4242)):
-        image.save(folder / f"{index:02d}.png")
+    folder = tmp_path / "patches"
+    for path in colour_folders(tmp_path / "new", per_class=3, seed=4242).rglob("*.png"):
+        folder.mkdir(exist_ok=True)
+        path.rename(folder / f"{path.parent.name}-{path.name}")
     answers = {}
     for args in ([], ["--precision", "int8"], ["--runtime", "openvino"],
                  ["--runtime", "openvino", "--precision", "int8"]):
