@@ -83,6 +83,30 @@ def cuda_gemm_peak(size: int = 8192, seconds: float = 5.0) -> dict[str, dict[str
                                                        sync=torch.cuda.synchronize)}
 
 
+def physical_cpu_peak(threads: int) -> dict[str, float | str]:
+    """cores x fp32 SIMD lanes x FMA units x 2 flops x clock: the ceiling no kernel can pass.
+
+    Lanes: 16 with AVX-512, 8 with AVX2. FMA units per core are not readable from the OS;
+    2 is what current server cores have (Zen 3/4, Xeon Gold/Platinum since Skylake-SP), so the
+    figure is an upper bound where a core has one. The clock is the highest that
+    /proc/cpuinfo reports now; turbo can go above it, which the label says.
+    """
+    from pipeline.machine import cpu_flags
+
+    flags = cpu_flags()
+    lanes = 16 if flags.get("avx512f") else 8 if flags.get("avx2") else 4
+    mhz = 0.0
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            mhz = max(float(line.split(":")[1]) for line in handle if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        pass
+    cores, fma_units = threads, 2
+    return {"cores": cores, "lanes": lanes, "fma_units": fma_units, "ghz": mhz / 1e3,
+            "gflops": cores * lanes * fma_units * 2 * mhz / 1e3,
+            "simd": "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"}
+
+
 def best(gemms: dict[str, dict[str, float]]) -> dict[str, float]:
     return max(gemms.values(), key=lambda g: g["gflops"])
 
@@ -92,9 +116,10 @@ def export_for_bench(arch: str, root: Path) -> Path:
     return export_bundle(loaded, root / arch, ExportOptions(), StageTimer(quiet=True)).root
 
 
-def table(results: dict[str, list[dict]], peaks: dict[str, dict]) -> list[str]:
+def table(results: dict[str, list[dict]], peaks: dict[str, dict],
+          gemms_by_device: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines = ["| arch | backend | device | p50 ms | p90 ms | p95 ms | n | ratio to eager (p50) | "
-             "GFLOP/s | share of GEMM peak | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GFLOP/s | share of peak | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arch, rows in results.items():
         eager = {row["device"]: row["p50_ms"] for row in rows
                  if row["status"] == "ok" and row["backend"].startswith("torch-")}
@@ -104,14 +129,18 @@ def table(results: dict[str, list[dict]], peaks: dict[str, dict]) -> list[str]:
                 continue
             ratio = row["p50_ms"] / eager[row["device"]] if row["device"] in eager else None
             share = row["gflops"] / peaks[row["device"]]["gflops"]
+            gemm_share = row["gflops"] / best(gemms_by_device[row["device"]])["gflops"] \
+                if row["device"] in gemms_by_device else share
+            shown_ratio = f"{ratio:.2f}x" if ratio is not None else "—"
             verdict = ""
             if row["backend"] == "ort-cpu" and arch in TARGET_RATIO and ratio is not None:
                 limit = TARGET_RATIO[arch]
-                verdict = (f"ratio {'met' if ratio <= limit else 'MISSED'} (<= {limit}x); peak share "
-                           f"{'met' if share >= TARGET_PEAK_SHARE else 'MISSED'} (>= {TARGET_PEAK_SHARE:.0%})")
+                verdict = (f"ratio {'met' if ratio <= limit else 'MISSED'} (<= {limit}x); GEMM share "
+                           f"{gemm_share:.0%}: {'met' if gemm_share >= TARGET_PEAK_SHARE else 'MISSED'} "
+                           f"(>= {TARGET_PEAK_SHARE:.0%})")
             lines.append(f"| {arch} | {row['backend']} | {row['device']} | {row['p50_ms']:.2f} | "
                          f"{row['p90_ms']:.2f} | {row['p95_ms']:.2f} | {row['n']} | "
-                         f"{ratio:.2f}x | {row['gflops']:.1f} | {share:.0%} | {verdict} |")
+                         f"{shown_ratio} | {row['gflops']:.1f} | {share:.0%} | {verdict} |")
     return lines
 
 
@@ -136,7 +165,11 @@ def main() -> None:
     gemms = {"cpu": cpu_gemm_peak(args.threads, seconds=args.seconds)}
     if args.cuda:
         gemms["cuda"] = cuda_gemm_peak(seconds=args.seconds)
+    physical = physical_cpu_peak(args.threads)
+    # The CPU share is of the physical peak (a GEMM can be beaten; the hardware cannot);
+    # on the GPU the fp32 GEMM stands in, as no clock-times-units figure is read here.
     peaks = {device: best(found) for device, found in gemms.items()}
+    peaks["cpu"] = {"gflops": physical["gflops"]}
     machine = machine_block()
     lines = ["# Backends side by side: batch 1, 224 px, fp32", "",
              f"Command: `python benchmarks/bench_backends.py {' '.join(sys.argv[1:])}`", "",
@@ -150,9 +183,15 @@ def main() -> None:
         for name, gemm in found.items():
             lines.append(f"- fp32 GEMM {gemm['size']}x{gemm['size']} on {device} via {name}: p50 "
                          f"{gemm['p50_ms']:.1f} ms = {gemm['gflops']:.1f} GFLOP/s (n={gemm['n']})")
-        lines.append(f"- Practical peak ({device}), the best of those: **{peaks[device]['gflops']:.1f} "
-                     f"GFLOP/s**; target: ONNX Runtime reaches >= {TARGET_PEAK_SHARE:.0%} of it")
-    lines += [""] + table(results, peaks) + [""]
+        if device == "cuda":
+            lines.append(f"- GPU peak used for shares: that GEMM, **{peaks[device]['gflops']:.1f} GFLOP/s**")
+    lines.append(f"- Physical fp32 peak (cpu), the share column's reference: {physical['cores']} cores "
+                 f"x {physical['lanes']} lanes ({physical['simd']}) x {physical['fma_units']} FMA units "
+                 f"(assumed) x 2 flops x {physical['ghz']:.2f} GHz (highest cpu MHz reported; turbo "
+                 f"may exceed it) = **{physical['gflops']:.1f} GFLOP/s**; the GEMMs above are kept as a "
+                 f"reference; target: ONNX Runtime reaches >= {TARGET_PEAK_SHARE:.0%} of the GEMM best "
+                 f"({best(gemms['cpu'])['gflops']:.1f} GFLOP/s)")
+    lines += [""] + table(results, peaks, gemms) + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -88,14 +88,20 @@ class Backend:
         return OrtRunner(path, provider=self.provider or "cpu", threads=threads,
                          iobinding=self.iobinding, precision=precision)
 
-    def precision_problem(self, precision: str) -> str | None:
-        """Why this CPU cannot run ``precision`` fast on this backend (timed rows only)."""
-        from pipeline.machine import cpu_has_fast_bf16
+    def precision_problem(self, precision: str, *, timed: bool = True) -> str | None:
+        """Why this CPU cannot run ``precision`` fast on this backend. bf16 without its units
+        is neither timed nor gated (emulation is slow, and nobody deploys it); fp16 on a CPU
+        is still gated (it checks the GPU's file) but never timed."""
+        from pipeline.machine import cpu_flags, cpu_has_fast_bf16
 
-        if self.device == "cpu" and self.runtime == "torch" and precision == "bf16" \
-                and not cpu_has_fast_bf16():
+        if self.device != "cpu":
+            return None
+        if self.runtime == "torch" and precision == "bf16" and not cpu_has_fast_bf16():
             return ("this CPU has no bf16 units (needs amx_bf16 or avx512_bf16); torch would "
                     "emulate bf16 and run slower than fp32")
+        if timed and precision == "fp16" and not cpu_flags().get("avx512_fp16"):
+            return ("this CPU has no fp16 arithmetic (avx512_fp16): fp16 is a GPU format here; "
+                    "verify still checks model.fp16.onnx on the CPU")
         return None
 
 

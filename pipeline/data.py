@@ -35,8 +35,6 @@ SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross")
 SYNTHETIC_SIZE = 64
 SYNTHETIC_PER_CLASS = 500
 CIFAR_FOLDER = "cifar-10-batches-py"
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Milder than ImageNet's (0.08, 1): small datasets and small inputs lose the object otherwise.
 RANDOM_CROP_SCALE = (0.35, 1.0)
 
@@ -112,19 +110,23 @@ def class_folders(root: Path) -> list[Path]:
 
 
 def scan_class_folders(root: Path, class_names: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(path, label) for every image file; a class with no image files is an input error."""
+    """(path, label) for every image file, listed by torchvision's ``make_dataset`` (the
+    ImageFolder layout); hidden folders are not classes, and a class with no image files is an
+    input error naming it."""
+    from torchvision.datasets.folder import make_dataset
+
     folders = class_folders(root)
     names = [folder.name for folder in folders]
     if class_names is not None and names != class_names:
         raise InputError(f"{str(root)!r} has classes {names}, but train/ has {class_names}; "
                          f"train/ and val/ need the same class folders")
-    samples = []
-    for label, folder in enumerate(folders):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p))
-        if not files:
-            raise InputError(f"class folder {str(folder)!r} has no images; add some or remove it")
-        samples += [(path, label) for path in files]
-    return samples, names
+    try:
+        found = make_dataset(str(root), {name: i for i, name in enumerate(names)},
+                             is_valid_file=lambda path: is_image_name(Path(path)))
+    except FileNotFoundError:
+        empty = next(f for f in folders if not any(is_image_name(p) for p in f.rglob("*") if p.is_file()))
+        raise InputError(f"class folder {str(empty)!r} has no images; add some or remove it") from None
+    return [(Path(path), label) for path, label in found], names
 
 
 def drop_bad_images(samples: list[tuple[Path, int]], warn: Callable[[str], None]) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -195,66 +197,47 @@ def folder_split(root: Path, val_split: float, seed: int, warn: Callable[[str], 
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
-def cifar_dir(root: Path) -> Path:
-    return root if (root / "batches.meta").is_file() else root / CIFAR_FOLDER
+def cifar_root(root: Path) -> Path:
+    """The folder torchvision's CIFAR10 wants: the parent of cifar-10-batches-py (the user
+    may name either)."""
+    return root.parent if root.name == CIFAR_FOLDER and (root / "batches.meta").is_file() else root
 
 
 def download_cifar(root: Path) -> None:
+    """torchvision's download (md5-checked), with a socket timeout so offline fails fast."""
     import socket
     import urllib.error
 
-    from torchvision.datasets.utils import download_and_extract_archive
+    from torchvision.datasets import CIFAR10
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(10)
     try:
-        download_and_extract_archive(CIFAR_URL, str(root), md5=CIFAR_MD5)
-    except (urllib.error.URLError, OSError) as exc:
+        CIFAR10(str(root), train=True, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
         raise EnvironmentUnavailable(f"CIFAR-10 is not in {root} and cannot be downloaded ({exc}); "
                                      f"put cifar-10-batches-py there, or use --data synthetic") from None
     finally:
         socket.setdefaulttimeout(previous)
 
 
-def _read_cifar_pickle(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="latin1")
-
-
-def load_cifar_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, list[int]]:
-    """Images (N, 32, 32, 3) uint8 and labels from CIFAR's pickled batches.
-
-    CIFAR-10 ships as Python pickles; they are read only from the folder the user names.
-    """
-    images, labels = [], []
-    for name in names:
-        path = folder / name
-        try:
-            entry = _read_cifar_pickle(path)
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels += list(entry.get("labels", entry.get("fine_labels", [])))
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-            raise InputError(f"CIFAR-10 batch {str(path)!r} cannot be read ({exc}); is the "
-                             f"folder the standard cifar-10-batches-py?") from None
-    return np.concatenate(images).transpose(0, 2, 3, 1), labels
-
-
 def cifar_split(root: Path) -> tuple[list, list, list[str]]:
+    """torchvision's CIFAR10 (its md5 integrity check included): train and test parts as PIL
+    images with labels. CIFAR-10 ships as Python pickles, read only from the folder named."""
     from PIL import Image
+    from torchvision.datasets import CIFAR10
 
-    folder = cifar_dir(root)
-    if not folder.is_dir():
+    root = cifar_root(root)
+    if not (root / CIFAR_FOLDER).is_dir():
         download_cifar(root)
-        folder = cifar_dir(root)
-    train_names = sorted(p.name for p in folder.glob("data_batch_*"))
-    if not train_names or not (folder / "test_batch").is_file():
-        raise InputError(f"{str(folder)!r} lacks data_batch_* or test_batch; is it cifar-10-batches-py?")
-    classes = list(_read_cifar_pickle(folder / "batches.meta")["label_names"])
-    splits = []
-    for names in (train_names, ["test_batch"]):
-        images, labels = load_cifar_batches(folder, names)
-        splits.append([(Image.fromarray(image), int(label)) for image, label in zip(images, labels)])
-    return splits[0], splits[1], classes
+    try:
+        parts = [CIFAR10(str(root), train=train, download=False) for train in (True, False)]
+    except (RuntimeError, OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+        raise InputError(f"{str(root / CIFAR_FOLDER)!r} is not an intact cifar-10-batches-py "
+                         f"({exc}); delete it to download again, or use --data synthetic") from None
+    splits = [[(Image.fromarray(image), int(label)) for image, label in zip(part.data, part.targets)]
+              for part in parts]
+    return splits[0], splits[1], list(parts[0].classes)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -301,6 +284,24 @@ def synthetic_split(val_split: float, seed: int, per_class: int = SYNTHETIC_PER_
 
 
 # ----------------------------------------------------------------------------- entry point
+def raw_split(spec: str, val_split: float, seed: int, per_class: int, warn: Callable[[str], None],
+              *, missing: str) -> tuple[list, list, list[str], list[str], str]:
+    """(train samples, val samples, class names, skipped files, what) for a ``--data`` spec,
+    before any transform; ``missing`` is the error when a folder spec names no folder."""
+    if spec == "synthetic":
+        train, val, names = synthetic_split(val_split, seed, per_class)
+        return train, val, names, [], f"synthetic shapes ({per_class} per class, seed {seed})"
+    if is_cifar_data(spec):
+        root = Path(spec.split(":", 1)[1] or ".")
+        train, val, names = cifar_split(root)
+        return train, val, names, [], f"CIFAR-10 at {root}"
+    root = Path(spec)
+    if not root.is_dir():
+        raise InputError(missing)
+    train, val, names, skipped = folder_split(root, val_split, seed, warn)
+    return train, val, names, skipped, f"image folder {root}"
+
+
 def is_cifar_data(spec: str) -> bool:
     return spec.startswith("cifar10:")
 
@@ -312,21 +313,9 @@ def load_data(spec: str, prep: Preprocessing, *, cifar_aug: bool, val_split: flo
     warn = warn or (lambda message: print(message, file=sys.stderr))
     if not 0.0 < val_split < 1.0:
         raise InputError(f"--val-split {val_split} must be between 0 and 1 (exclusive), e.g. 0.2")
-    skipped: list[str] = []
-    if spec == "synthetic":
-        train, val, names = synthetic_split(val_split, seed, synthetic_per_class)
-        source = f"synthetic shapes ({synthetic_per_class} per class, seed {seed})"
-    elif is_cifar_data(spec):
-        root = Path(spec.split(":", 1)[1] or ".")
-        train, val, names = cifar_split(root)
-        source = f"CIFAR-10 at {root}"
-    else:
-        root = Path(spec)
-        if not root.is_dir():
-            raise InputError(f"--data {spec!r} is not a folder; give an image folder, "
-                             f"cifar10:DIR or synthetic")
-        train, val, names, skipped = folder_split(root, val_split, seed, warn)
-        source = f"image folder {root}"
+    train, val, names, skipped, source = raw_split(spec, val_split, seed, synthetic_per_class, warn,
+                                                   missing=f"--data {spec!r} is not a folder; give "
+                                                           f"an image folder, cifar10:DIR or synthetic")
     if not train or not val:
         raise InputError(f"--data {spec!r} gives {len(train)} training and {len(val)} validation "
                          f"images; both splits need images")
@@ -349,18 +338,11 @@ def recorded_split(manifest: dict[str, Any], part: str, *,
                          "recorded data split; give an image folder instead")
     config = train["config"]
     spec, seed, val_split = config["data"], config["seed"], config["val_split"]
-    quiet = warn or (lambda message: None)
-    if spec == "synthetic":
-        samples = synthetic_split(val_split, seed, config.get("synthetic_per_class", SYNTHETIC_PER_CLASS))
-        train_part, val_part, names = samples
-    elif is_cifar_data(spec):
-        train_part, val_part, names = cifar_split(Path(spec.split(":", 1)[1] or "."))
-    else:
-        root = Path(spec)
-        if not root.is_dir():
-            raise InputError(f"the training data {spec!r} recorded in the manifest is not here; "
-                             f"give an image folder instead")
-        train_part, val_part, names, _ = folder_split(root, val_split, seed, quiet)
+    train_part, val_part, names, _, _ = raw_split(
+        spec, val_split, seed, config.get("synthetic_per_class", SYNTHETIC_PER_CLASS),
+        warn or (lambda message: None),
+        missing=f"the training data {spec!r} recorded in the manifest is not here; give an "
+                f"image folder instead")
     chosen = train_part if part == "train" else val_part
     return chosen, names, f"the {'training' if part == 'train' else 'validation'} split of {spec} (seed {seed})"
 

@@ -291,7 +291,8 @@ def gate_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[list[tuple[Back
                 continue  # no such variant: nothing to gate
             key = target_name(backend.name, precision)
             # A precision this CPU would only emulate is neither timed nor gated here.
-            reason = _backend_problem(backend, with_cuda) or backend.precision_problem(precision)
+            reason = (_backend_problem(backend, with_cuda)
+                      or backend.precision_problem(precision, timed=False))
             if reason:
                 skipped[key] = reason
             else:
@@ -314,9 +315,17 @@ def _backend_problem(backend: Backend, with_cuda: bool) -> str | None:
 
 
 # ----------------------------------------------------------------------------- running
+def _model_identity(runner: Runner, known: dict[str, str]) -> dict[str, str | None]:
+    """The file a runner read and its sha256 (the manifest's, once integrity has matched it)."""
+    path = runner.model_path
+    if path is None:
+        return {"model_file": None, "model_sha256": None}
+    return {"model_file": path.name, "model_sha256": known.get(path.name) or sha256_of(path)}
+
+
 def _pair_rows(key: str, make: Callable[[], Runner], inputs: dict[str, np.ndarray],
                fp32: dict[str, np.ndarray], fp64: dict[str, np.ndarray],
-               tolerances: tuple[float, float] | None) -> list[PairResult]:
+               tolerances: tuple[float, float] | None, known: dict[str, str]) -> list[PairResult]:
     """One candidate on every input; any failure to create or run it is a failed row."""
     try:
         runner = make()
@@ -328,9 +337,7 @@ def _pair_rows(key: str, make: Callable[[], Runner], inputs: dict[str, np.ndarra
     except Exception as exc:  # a runner that cannot be created is a failed pair, never a skip
         return [PairResult(key, label, len(batch), error=f"{type(exc).__name__}: {str(exc)[:300]}")
                 for label, batch in inputs.items()]
-    path = runner.model_path
-    model = {"model_file": path.name if path else None,
-             "model_sha256": sha256_of(path) if path else None}
+    model = _model_identity(runner, known)
     results = []
     for label, batch in inputs.items():
         result = PairResult(key, label, len(batch), provider=runner.provider, **model)
@@ -347,7 +354,8 @@ def _pair_rows(key: str, make: Callable[[], Runner], inputs: dict[str, np.ndarra
 
 
 def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluation,
-          reference: np.ndarray, max_drop: float, min_agreement: float) -> GateResult:
+          reference: np.ndarray, max_drop: float, min_agreement: float,
+          known: dict[str, str]) -> GateResult:
     gate = GateResult(target_name(backend.name, precision), backend.name, precision,
                       images=len(evaluation.batch))
     try:
@@ -359,8 +367,8 @@ def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluati
         gate.failed_on = "error"
         return gate
     gate.precision, gate.provider = runner.precision, runner.provider
-    if runner.model_path is not None:
-        gate.model_file, gate.model_sha256 = runner.model_path.name, sha256_of(runner.model_path)
+    identity = _model_identity(runner, known)
+    gate.model_file, gate.model_sha256 = identity["model_file"], identity["model_sha256"]
     gate.top1_agreement, gate.top5_agreement = topk_agreement(logits, reference)
     cosines = cosine_rows(logits, reference)
     gate.cosine_mean, gate.cosine_min = float(cosines.mean()), float(cosines.min())
@@ -397,6 +405,7 @@ def verify_bundle(path: Path | str, *, atol: float | None = None, rtol: float | 
         raise InputError(f"{bundle.root} has no exported models in its manifest; "
                          f"run: python -m pipeline export --out {bundle.root}")
     integrity = bundle.check_integrity(exported)
+    known = {name: artifacts[name]["sha256"] for name in integrity}  # just matched on disk
     rule = ({"kind": "allclose vs eager fp32", "atol": tolerances[0], "rtol": tolerances[1],
              "formula": "|candidate - fp32| <= atol + rtol * |fp32|"} if tolerances else
             {"kind": "fp32 noise floor", "floor_multiple": FLOOR_MULTIPLE, "scale_term": SCALE_TERM,
@@ -414,7 +423,7 @@ def verify_bundle(path: Path | str, *, atol: float | None = None, rtol: float | 
 
     factories, report.skipped = parity_candidates(bundle, with_cuda=with_cuda)
     for key, make in factories.items():
-        rows = _pair_rows(key, make, inputs, fp32, fp64, tolerances)
+        rows = _pair_rows(key, make, inputs, fp32, fp64, tolerances, known)
         if "cuda" in key and rows and all(r.environment for r in rows):
             report.skipped[key] = rows[0].error or "unavailable"  # only GPU pairs may be skipped
             continue
@@ -429,8 +438,8 @@ def verify_bundle(path: Path | str, *, atol: float | None = None, rtol: float | 
     elif gates and evaluation is not None:
         report.evaluation = evaluation.describe(held_apart(bundle, evaluation))
         reference = _eager_logits(model, evaluation.batch)
-        report.gates = [_gate(b, p, bundle, evaluation, reference, max_top1_drop, min_agreement)
-                        for b, p in gates]
+        report.gates = [_gate(b, p, bundle, evaluation, reference, max_top1_drop, min_agreement,
+                              known) for b, p in gates]
     write_json_atomic(bundle.path(PARITY), report.to_dict())
     return report
 

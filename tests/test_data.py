@@ -99,15 +99,25 @@ def test_bad_folders(tmp_path, layout, needle):
         load_data(str(tmp_path), PREP, cifar_aug=False)
 
 
+@pytest.fixture
+def fake_cifar_passes_md5(monkeypatch):
+    """Tiny stand-in batches cannot carry the real files' md5 sums, which torchvision's
+    CIFAR10 checks; everything else (the pickles, the layout, the parsing) is real."""
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+
+
 def write_cifar(root, per_batch=12, seed=0):
-    """A few tiny batches in the real cifar-10-batches-py pickle format."""
+    """Tiny batches in the real cifar-10-batches-py pickle format (5 training batches + test)."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": names, "num_vis": 3072}, handle)
-    for batch in ("data_batch_1", "data_batch_2", "test_batch"):
+    for batch in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                  "test_batch"):
         entry = {"batch_label": batch, "labels": [int(v) for v in rng.integers(0, 10, per_batch)],
                  "data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
                  "filenames": [f"{i}.png" for i in range(per_batch)]}
@@ -116,11 +126,20 @@ def write_cifar(root, per_batch=12, seed=0):
     return names
 
 
-def test_cifar10_pickles(tmp_path):
+def test_cifar10_pickles(tmp_path, fake_cifar_passes_md5):
     names = write_cifar(tmp_path)
     split = load_data(f"cifar10:{tmp_path}", get_arch("resnet18_cifar").preprocessing(), cifar_aug=True)
     assert split.class_names == names
-    assert (len(split.train), len(split.val)) == (24, 12)
+    assert (len(split.train), len(split.val)) == (60, 12)
+    # naming the batches folder itself works too
+    again = load_data(f"cifar10:{tmp_path / 'cifar-10-batches-py'}", PREP, cifar_aug=True)
+    assert len(again.train) == 60
+
+
+def test_cifar10_that_is_not_intact_is_refused(tmp_path):
+    write_cifar(tmp_path)  # the md5 sums are not CIFAR-10's: torchvision's check refuses it
+    with pytest.raises(InputError, match="is not an intact cifar-10-batches-py"):
+        load_data(f"cifar10:{tmp_path}", PREP, cifar_aug=True)
     image, _ = split.train[0]
     assert tuple(image.shape) == (3, 32, 32)
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.train import TrainConfig, fit, state_digest
 from pipeline.weights import read_checkpoint
 from tests.conftest import run_cli, run_module
-from tests.test_data import make_class_folders, write_cifar
+from tests.test_data import fake_cifar_passes_md5, make_class_folders, write_cifar  # noqa: F401
 
 TINY = ["--input-size", "32", "--synthetic-per-class", "12", "--batch-size", "8", "--workers", "0"]
 
@@ -134,7 +134,7 @@ def test_fine_tune_with_frozen_backbone_on_folders(tmp_path):
     assert not torch.equal(final["fc.weight"], fresh["fc.weight"])  # head trained
 
 
-def test_cifar10_training_and_export_keeps_class_names(tmp_path):
+def test_cifar10_training_and_export_keeps_class_names(tmp_path, fake_cifar_passes_md5):
     names = write_cifar(tmp_path / "cifar")
     result = run_cli("train", "--arch", "resnet18_cifar", "--data", f"cifar10:{tmp_path / 'cifar'}",
                      "--out", tmp_path / "b", "--epochs", "1", "--batch-size", "8", "--workers", "0",
