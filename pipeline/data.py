@@ -347,6 +347,20 @@ def recorded_split(manifest: dict[str, Any], part: str, *,
     return chosen, names, f"the {'training' if part == 'train' else 'validation'} split of {spec} (seed {seed})"
 
 
+def recorded_data_missing(manifest: dict[str, Any]) -> str | None:
+    """Why the data that trained this bundle cannot be read here (moved, another machine),
+    or None when it can; nothing is downloaded to find out."""
+    config = (manifest.get("stages", {}).get("train") or {}).get("config")
+    if not config:
+        return "the bundle was not trained here"
+    spec = config["data"]
+    if spec == "synthetic":
+        return None
+    folder = cifar_root(Path(spec.split(":", 1)[1] or ".")) / CIFAR_FOLDER if is_cifar_data(spec) \
+        else Path(spec)
+    return None if folder.is_dir() else f"the training data {spec!r} is not on this machine"
+
+
 def labelled_folder(root: Path, class_names: list[str]) -> list[tuple[Path, int]] | None:
     """(path, label) when ``root``'s sub-folders are named after the model's classes, else None."""
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -195,11 +195,16 @@ class Evaluation:
                 "labelled": self.labels is not None, "held_apart_from_calibration": held_apart}
 
 
-def evaluation_images(bundle: Bundle, manifest: dict[str, Any], images: Path | None) -> Evaluation | None:
+NO_EVALUATION = ("no evaluation images: give --images DIR (class folders named after the "
+                 "model's classes add accuracy)")
+
+
+def evaluation_images(bundle: Bundle, manifest: dict[str, Any], images: Path | None) -> tuple[Evaluation | None, str]:
     """``--images`` (labelled when its sub-folders are the model's classes), else the recorded
-    validation split of a bundle that ``train`` made, else None."""
+    validation split of a bundle that ``train`` made (when its data is here); else (None, why)."""
     from pipeline.archs import Preprocessing
-    from pipeline.data import labelled_folder, preprocess_samples, recorded_split
+    from pipeline.data import (labelled_folder, preprocess_samples, recorded_data_missing,
+                               recorded_split)
     from pipeline.images import find_images
 
     prep = Preprocessing.from_dict(manifest["model"]["preprocessing"])
@@ -215,9 +220,10 @@ def evaluation_images(bundle: Bundle, manifest: dict[str, Any], images: Path | N
                              f"images, first: {bad[0]}")
         return Evaluation(batch, labels if labelled else None,
                           f"{images} ({'class folders: labelled' if labelled else 'unlabelled'})",
-                          [sha256_of(Path(p)) for p, _ in samples])
-    if not manifest.get("stages", {}).get("train"):
-        return None
+                          [sha256_of(Path(p)) for p, _ in samples]), ""
+    missing = recorded_data_missing(manifest)
+    if missing:
+        return None, f"{NO_EVALUATION}; {missing}"
     samples, _, source = recorded_split(manifest, "val")
     if len(samples) > MAX_EVAL_IMAGES:
         order = np.random.default_rng(0).permutation(len(samples))[:MAX_EVAL_IMAGES]
@@ -225,7 +231,7 @@ def evaluation_images(bundle: Bundle, manifest: dict[str, Any], images: Path | N
         source += f", a seeded {MAX_EVAL_IMAGES}-image subset"
     batch, labels, _ = preprocess_samples(samples, prep)
     files = [sha256_of(Path(p)) for p, _ in samples if isinstance(p, (str, Path))]
-    return Evaluation(batch, labels, source, files or None)
+    return Evaluation(batch, labels, source, files or None), ""
 
 
 def held_apart(bundle: Bundle, evaluation: Evaluation) -> str:
@@ -416,7 +422,7 @@ def verify_bundle(path: Path | str, *, atol: float | None = None, rtol: float | 
                                      "min_top1_agreement": min_agreement})
     model = load_model(checkpoint=bundle.path(WEIGHTS)).model.eval()
     inputs = random_inputs(int(manifest["model"]["input_size"]))
-    evaluation = evaluation_images(bundle, manifest, images)
+    evaluation, no_evaluation = evaluation_images(bundle, manifest, images)
     if evaluation is not None and len(evaluation.batch):
         inputs["images"] = evaluation.batch[:16]
     fp32, fp64 = _eager_references(model, inputs)
@@ -432,9 +438,7 @@ def verify_bundle(path: Path | str, *, atol: float | None = None, rtol: float | 
     gates, skipped = gate_candidates(bundle, with_cuda=with_cuda)
     report.skipped.update(skipped)
     if gates and evaluation is None:
-        report.not_verified = {target_name(b.name, p): "no evaluation images: give --images DIR "
-                               "(class folders named after the model's classes add accuracy)"
-                               for b, p in gates}
+        report.not_verified = {target_name(b.name, p): no_evaluation for b, p in gates}
     elif gates and evaluation is not None:
         report.evaluation = evaluation.describe(held_apart(bundle, evaluation))
         reference = _eager_logits(model, evaluation.batch)

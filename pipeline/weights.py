@@ -117,6 +117,18 @@ def _load_state_dict(model: "nn.Module", state_dict: dict[str, Any], spec: ArchS
                          f"is it a checkpoint for another architecture?") from None
 
 
+def weights_preprocessing(weights: Any) -> dict[str, Any]:
+    """The eval transform a torchvision weights entry was evaluated with, as our spec.
+
+    It differs between entries: ResNet-50's DEFAULT (IMAGENET1K_V2) resizes to 232, not 256,
+    and using 256 with those weights costs accuracy. Built without downloading anything.
+    """
+    transform = weights.transforms()
+    return {"resize": int(transform.resize_size[0]), "crop": int(transform.crop_size[0]),
+            "mean": [float(v) for v in transform.mean], "std": [float(v) for v in transform.std],
+            "interpolation": transform.interpolation.value}
+
+
 def imagenet_state_dict(spec: ArchSpec) -> tuple[dict[str, Any], list[str], str]:
     """torchvision's DEFAULT ImageNet weights, from the torch hub cache or by download."""
     from torchvision.models import get_model_weights
@@ -183,6 +195,10 @@ def load_model(arch: str | None = None, *, num_classes: int | None = None,
         class_names = class_names or stored.get("class_names")
     elif weights == "imagenet":
         state_dict, categories, name = imagenet_state_dict(spec)
+        from torchvision.models import get_model_weights
+
+        # the preprocessing these very weights were evaluated with, unless --input-size says
+        stored = {"preprocessing": weights_preprocessing(get_model_weights(spec.name).DEFAULT)}
         model = spec.build(1000)
         _load_state_dict(model, state_dict, spec, f"ImageNet weights {name}")
         if num_classes != 1000:

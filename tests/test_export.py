@@ -77,7 +77,8 @@ def test_resnet18_at_224_from_the_command_line(tmp_path):
                                           "model.sim.onnx", "export.log"}
     for entry in manifest["artifacts"].values():
         assert entry["bytes"] == (out / entry["path"]).stat().st_size and len(entry["sha256"]) == 64
-    assert {"python", "torch", "torchvision", "onnx", "onnxsim", "onnxruntime"} <= set(manifest["versions"])
+    assert {"python", "torch", "torchvision", "onnx", "onnxsim"} <= set(manifest["versions"])
+    assert {"onnxruntime-gpu", "onnxruntime"} & set(manifest["versions"])  # the one installed
     assert set(manifest["stages"]["export"]["steps"]) >= {"torchscript", "onnx", "simplify"}
     assert "torch.onnx" in (out / "export.log").read_text()  # chatter is kept, not lost
     parity = json.loads((out / "parity.json").read_text())

@@ -335,3 +335,18 @@ def test_a_quantization_that_fails_midway_leaves_nothing(trained, monkeypatch):
     result = run_cli("verify", trained, "--cpu-only", "--json")
     gates = {g["candidate"] for g in json.loads(result.stdout)["parity"]["gates"]}
     assert "ort-cpu:int8" not in gates and "ort-cpu:fp16" in gates
+
+
+def test_a_bundle_whose_training_data_is_elsewhere_is_not_verified_not_failed(trained):
+    """A trained bundle verified on another machine (its data folder not there): the gate
+    says why it could not run; fp32 parity still decides the exit code."""
+    bundle = Bundle(trained)
+
+    def moved(manifest):
+        manifest["stages"]["train"]["config"]["data"] = str(trained / "no-such-folder")
+    bundle.update_manifest(moved)
+    result = run_cli("verify", trained, "--cpu-only", "--json")
+    assert result.exit_code == 0, result.output
+    parity = json.loads(result.stdout)["parity"]
+    assert parity["gates"] == []
+    assert "is not on this machine" in parity["not_verified"]["ort-cpu:int8"]

@@ -96,15 +96,25 @@ def _jpeg(width: int, height: int, seed: int) -> Image.Image:
 
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (1024, 683), (224, 224), (640, 480)])
 def test_eval_transform_equals_torchvision_resnet50_transforms(size):
+    """Ours, numerically, against torchvision's own transform objects (built without a
+    download): the arch default (256 -> 224, as IMAGENET1K_V1) and what --weights imagenet
+    records for ResNet-50's DEFAULT weights (IMAGENET1K_V2: 232 -> 224)."""
     from torchvision.models import ResNet50_Weights
 
+    from pipeline.archs import Preprocessing
     from pipeline.images import eval_transform
+    from pipeline.weights import weights_preprocessing
 
     image = _jpeg(*size, seed=size[0])
-    ours = eval_transform(get_arch("resnet50").preprocessing())(image)
-    theirs = ResNet50_Weights.DEFAULT.transforms()(image)  # the transform object; no download
-    assert ours.shape == theirs.shape == (3, 224, 224)
-    assert float((ours - theirs).abs().max()) < 1e-5
+    pairs = [(get_arch("resnet50").preprocessing(), ResNet50_Weights.IMAGENET1K_V1),
+             (Preprocessing.from_dict(weights_preprocessing(ResNet50_Weights.DEFAULT)),
+              ResNet50_Weights.DEFAULT)]
+    assert pairs[1][0].resize == 232
+    for prep, weights in pairs:
+        ours = eval_transform(prep)(image)
+        theirs = weights.transforms()(image)
+        assert ours.shape == theirs.shape == (3, 224, 224)
+        assert float((ours - theirs).abs().max()) < 1e-5, weights
 
 
 def _image_bytes(data: st.DataObject) -> bytes:
