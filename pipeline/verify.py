@@ -26,8 +26,9 @@ import numpy as np
 from pipeline.backends import BACKENDS, REDUCED_PRECISIONS, Backend, target_name
 from pipeline.bundle import (CALIBRATION, ONNX, ONNX_SIMPLIFIED, PARITY, PRECISION_FILES,
                              TORCHSCRIPT, WEIGHTS, Bundle, sha256_of, write_json_atomic)
-from pipeline.errors import CheckFailed, EnvironmentUnavailable, InputError
-from pipeline.runners import OpenVinoRunner, OrtRunner, Runner, TorchRunner, openvino_problem, ort_provider_problem
+from pipeline.errors import EnvironmentUnavailable, InputError
+from pipeline.runners import (OpenVinoRunner, OrtRunner, Runner, TorchRunner, openvino_problem,
+                              ort_provider_problem)
 from pipeline.tolerances import (DEFAULT_MAX_TOP1_DROP, DEFAULT_MIN_AGREEMENT, FLOOR_MULTIPLE,
                                  SCALE_TERM)
 

@@ -99,15 +99,6 @@ def test_bad_folders(tmp_path, layout, needle):
         load_data(str(tmp_path), PREP, cifar_aug=False)
 
 
-@pytest.fixture
-def fake_cifar_passes_md5(monkeypatch):
-    """Tiny stand-in batches cannot carry the real files' md5 sums, which torchvision's
-    CIFAR10 checks; everything else (the pickles, the layout, the parsing) is real."""
-    import torchvision.datasets.cifar as cifar
-
-    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
-
-
 def write_cifar(root, per_batch=12, seed=0):
     """Tiny batches in the real cifar-10-batches-py pickle format (5 training batches + test)."""
     folder = root / "cifar-10-batches-py"

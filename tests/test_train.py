@@ -11,7 +11,7 @@ import torch
 from pipeline.train import TrainConfig, fit, state_digest
 from pipeline.weights import read_checkpoint
 from tests.conftest import run_cli, run_module
-from tests.test_data import fake_cifar_passes_md5, make_class_folders, write_cifar  # noqa: F401
+from tests.test_data import make_class_folders, write_cifar
 
 TINY = ["--input-size", "32", "--synthetic-per-class", "12", "--batch-size", "8", "--workers", "0"]
 
