@@ -70,7 +70,6 @@ def test_onnxsim_failure_keeps_the_raw_model_with_a_warning(tmp_path, monkeypatc
     ["bench", "{bundle}", "--json", "--backends", "ort-cpu:fp32", "--batch-sizes", "1",
      "--iterations", "3", "--seconds", "0", "--warmup-seconds", "0"],
     ["predict", "{bundle}", "{image}", "--json"],
-    ["archs", "--json"],
 ])
 def test_json_stdout_holds_only_json(tiny_bundle, tmp_path, command):
     """In a real process, where native libraries write straight to the file descriptors."""
