@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.bench import BenchConfig, run_bench
 from pipeline.console import StageTimer
 from pipeline.export import ExportOptions, export_bundle
-from pipeline.machine import machine_block
+from pipeline.machine import cpu_summary, machine_block
 from pipeline.weights import load_model
 
 CPU_BACKENDS = ("torch-cpu", "torchscript-cpu", "ort-cpu")
@@ -95,14 +95,19 @@ def physical_cpu_peak(threads: int) -> dict[str, float | str]:
 
     flags = cpu_flags()
     lanes = 16 if flags.get("avx512f") else 8 if flags.get("avx2") else 4
-    mhz = 0.0
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            mhz = max(float(line.split(":")[1]) for line in handle if line.startswith("cpu MHz"))
+    mhz, source = 0.0, "highest cpu MHz in /proc/cpuinfo"
+    try:  # the rated maximum (boost) where the kernel exposes cpufreq; VMs often do not
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq", encoding="utf-8") as handle:
+            mhz, source = float(handle.read()) / 1e3, "cpufreq cpuinfo_max_freq"
     except (OSError, ValueError):
-        pass
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                mhz = max(float(line.split(":")[1]) for line in handle if line.startswith("cpu MHz"))
+        except (OSError, ValueError):
+            pass
     cores, fma_units = threads, 2
     return {"cores": cores, "lanes": lanes, "fma_units": fma_units, "ghz": mhz / 1e3,
+            "clock_source": source,
             "gflops": cores * lanes * fma_units * 2 * mhz / 1e3,
             "simd": "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"}
 
@@ -173,7 +178,7 @@ def main() -> None:
     machine = machine_block()
     lines = ["# Backends side by side: batch 1, 224 px, fp32", "",
              f"Command: `python benchmarks/bench_backends.py {' '.join(sys.argv[1:])}`", "",
-             f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical cores), threads per backend: {args.threads}",
+             f"- CPU: {cpu_summary()} ({machine['cpu_count']} logical cores), threads per backend: {args.threads}",
              f"- GPU: {machine['gpu']['name'] + ', driver ' + str(machine['gpu']['driver']) if machine['gpu'] else 'none'}",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
              f"- Protocol: each backend in its own process; warm-up >= 10 iterations and >= 1 s; "
@@ -185,12 +190,21 @@ def main() -> None:
                          f"{gemm['p50_ms']:.1f} ms = {gemm['gflops']:.1f} GFLOP/s (n={gemm['n']})")
         if device == "cuda":
             lines.append(f"- GPU peak used for shares: that GEMM, **{peaks[device]['gflops']:.1f} GFLOP/s**")
+    gemm_best = best(gemms["cpu"])["gflops"]
     lines.append(f"- Physical fp32 peak (cpu), the share column's reference: {physical['cores']} cores "
                  f"x {physical['lanes']} lanes ({physical['simd']}) x {physical['fma_units']} FMA units "
-                 f"(assumed) x 2 flops x {physical['ghz']:.2f} GHz (highest cpu MHz reported; turbo "
-                 f"may exceed it) = **{physical['gflops']:.1f} GFLOP/s**; the GEMMs above are kept as a "
-                 f"reference; target: ONNX Runtime reaches >= {TARGET_PEAK_SHARE:.0%} of the GEMM best "
-                 f"({best(gemms['cpu'])['gflops']:.1f} GFLOP/s)")
+                 f"(assumed) x 2 flops x {physical['ghz']:.2f} GHz ({physical['clock_source']}) = "
+                 f"**{physical['gflops']:.1f} GFLOP/s**; the GEMMs above are kept as a reference; "
+                 f"target: ONNX Runtime reaches >= {TARGET_PEAK_SHARE:.0%} of the GEMM best "
+                 f"({gemm_best:.1f} GFLOP/s)")
+    achieved = max([gemm_best] + [row["gflops"] for rows in results.values() for row in rows
+                                  if row["status"] == "ok" and row["device"] == "cpu"])
+    if achieved > physical["gflops"]:
+        implied = achieved / (physical["cores"] * physical["lanes"] * physical["fma_units"] * 2)
+        lines.append(f"- Measured {achieved:.1f} GFLOP/s beats that figure, so the cores run above the clock this "
+                     f"machine reports (boost; a VM hides cpufreq): the implied clock is at least "
+                     f"{implied:.2f} GHz, and shares above 100% mean the reported clock is too low, "
+                     f"not that the hardware was beaten")
     lines += [""] + table(results, peaks, gemms) + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
