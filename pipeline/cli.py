@@ -500,7 +500,7 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
     from pipeline.bundle import Bundle
     from pipeline.errors import EXIT_ENVIRONMENT, InputError
     from pipeline.images import find_images
-    from pipeline.report import record_bench, write_bench_outputs
+    from pipeline.report import record_bench, stale_parity_warnings, write_bench_outputs
 
     if iterations < 1 or seconds < 0 or warmup_seconds < 0:
         raise InputError("--iterations must be >= 1 and --seconds/--warmup-seconds >= 0")
@@ -533,24 +533,6 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
         names = sorted({row["backend"] for row in unavailable(doc["rows"])})
         _log(f"error: --strict: backends could not run: {', '.join(names)}")
         ctx.exit(EXIT_ENVIRONMENT)
-
-
-def stale_parity_warnings(bundle: Any) -> list[str]:
-    """bench's own check: does parity.json describe the models bench just timed?"""
-    from pipeline.bench import read_parity
-
-    parity = read_parity(bundle)
-    if parity is None:
-        return [f"{bundle.root} has no parity.json: nothing timed here was verified; run "
-                f"python -m pipeline verify {bundle.root}"]
-    artifacts = bundle.read_manifest().get("artifacts", {})
-    current = {entry["sha256"] for entry in artifacts.values()}
-    measured = {p.get("model_sha256") for p in parity.get("pairs", []) + parity.get("gates", [])
-                if p.get("model_sha256")}
-    if measured - current:
-        return [f"{bundle.root}/parity.json was made for models that have since changed; run "
-                f"python -m pipeline verify {bundle.root} again"]
-    return []
 
 
 def _print_image_loops(loops: list[dict[str, Any]], verbose: bool) -> None:

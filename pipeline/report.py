@@ -279,6 +279,24 @@ def stale_rows(doc: dict[str, Any], path: Path) -> list[str]:
             f"re-run bench"] if stale else []
 
 
+def stale_parity_warnings(bundle: Any) -> list[str]:
+    """bench's own check: does parity.json describe the models bench just timed?"""
+    from pipeline.bench import read_parity
+
+    parity = read_parity(bundle)
+    if parity is None:
+        return [f"{bundle.root} has no parity.json: nothing timed here was verified; run "
+                f"python -m pipeline verify {bundle.root}"]
+    artifacts = bundle.read_manifest().get("artifacts", {})
+    current = {entry["sha256"] for entry in artifacts.values()}
+    measured = {p.get("model_sha256") for p in parity.get("pairs", []) + parity.get("gates", [])
+                if p.get("model_sha256")}
+    if measured - current:
+        return [f"{bundle.root}/parity.json was made for models that have since changed; run "
+                f"python -m pipeline verify {bundle.root} again"]
+    return []
+
+
 def write_comparison(paths: list[Path], out: Path, budget_ms: float | None, command: str,
                      *, force: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Merge latency files into report.md/report.png; returns (advice, warnings)."""

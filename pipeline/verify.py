@@ -267,8 +267,9 @@ def parity_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[dict[str, Cal
         factories[f"{label}-ort-cpu"] = lambda n=name: OrtRunner(bundle.path(n), provider="cpu")
     fp32 = bundle.fp32_onnx()
     label = "onnx-sim" if fp32 == ONNX_SIMPLIFIED else "onnx"
-    if openvino_problem():
-        skipped[f"{label}-openvino-cpu"] = openvino_problem() or ""
+    missing = openvino_problem()
+    if missing:
+        skipped[f"{label}-openvino-cpu"] = missing
     else:
         factories[f"{label}-openvino-cpu"] = lambda: OpenVinoRunner(bundle.path(fp32), precision="fp32")
     if with_cuda:
