@@ -145,6 +145,12 @@ def target_name(backend: str, precision: str) -> str:
     return f"{backend}:{precision}"
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """``ort-cpu:int8`` -> (ort-cpu, int8); a bare backend name means fp32."""
+    backend, _, precision = target.partition(":")
+    return backend, precision or "fp32"
+
+
 def parse_targets(text: str | None, precisions: str | None = None) -> tuple[tuple[str, str], ...]:
     """``ort-cpu,openvino-cpu:auto`` -> ((ort-cpu, fp32), (ort-cpu, int8), (openvino-cpu, auto)).
 

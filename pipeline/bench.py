@@ -143,8 +143,9 @@ def reason_rows(backend: str, precision: str, batch_sizes: tuple[int, ...], reas
 def run_worker(bundle: Path, target: str, config: BenchConfig, *, gmacs: float | None,
                images: list[str] | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> dict[str, Any]:
     """Run one target in a fresh interpreter; a crash or a hang becomes error rows."""
-    backend, _, precision = target.partition(":")
-    precision = precision or "fp32"
+    from pipeline.backends import split_target
+
+    backend, precision = split_target(target)
     spec = {"bundle": str(bundle), "backend": backend, "precision": precision,
             "config": asdict(config), "gmacs": gmacs, "images": images}
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),
@@ -246,6 +247,12 @@ def attach_verification(rows: list[dict[str, Any]], parity: dict[str, Any] | Non
             row["top1_drop_points"] = gate.get("top1_drop_points")
 
 
+def target_of(row: dict[str, Any]) -> str:
+    from pipeline.backends import target_name
+
+    return target_name(row["backend"], row.get("precision_requested") or "fp32")
+
+
 def ok_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in rows if row["status"] == "ok"]
 
@@ -273,8 +280,7 @@ def recommend(rows: list[dict[str, Any]], budget_ms: float | None = None) -> dic
     answer: dict[str, Any] = {"fastest_batch1": None, "fastest_fp32_batch1": None,
                               "speedup_vs_fp32": None, "budget_ms": budget_ms, "meets_budget": None,
                               "gpu_overtakes_cpu_at_batch": None, "gpu_vs_cpu": None,
-                              "not_verified": sorted({f"{r['backend']}:{r.get('precision_requested')}"
-                                                      for r in good if not eligible(r)})}
+                              "not_verified": sorted({target_of(r) for r in good if not eligible(r)})}
     if batch1:
         answer["fastest_batch1"] = {k: batch1[0].get(k) for k in ADVICE_FIELDS}
     if fp32:

@@ -309,6 +309,12 @@ def _write_export_manifest(bundle: Bundle, loaded: LoadedModel, export_record: d
     bundle.update_manifest(update)
 
 
+def graph_input(graph: "onnx.GraphProto") -> "onnx.ValueInfoProto":
+    """The model's data input: the first graph input that is not an initializer."""
+    initializers = {t.name for t in graph.initializer}
+    return next(i for i in graph.input if i.name not in initializers)
+
+
 def read_onnx_metadata(path: Path | str) -> dict[str, str]:
     """The metadata_props of an ONNX file; a file that is not ONNX is an input error."""
     import onnx

@@ -178,14 +178,13 @@ def reduce_range_choice(requested: bool | None) -> tuple[bool, str]:
 
 
 def quantize_int8(source: Path, target: Path, calibration: Calibration, method: str,
-                  reduce_range: bool | None = None) -> dict[str, Any]:
+                  input_name: str, reduce_range: bool | None = None) -> dict[str, Any]:
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quant_pre_process, quantize_static)
 
     reader_type = type("Reader", (_BatchReader, CalibrationDataReader), {})
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    input_name = _input_name(source)
     reduce, why_reduce = reduce_range_choice(reduce_range)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".quantize.") as scratch:
         pre = Path(scratch) / "pre.onnx"
@@ -215,14 +214,6 @@ def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
             "fp32_ops_kept": sorted(set(DEFAULT_OP_BLOCK_LIST) & {n.op_type for n in model.graph.node})}
 
 
-def _input_name(path: Path) -> str:
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    return next(i.name for i in graph.input if i.name not in initializers)
-
-
 def _stamp(target: Path, source_meta: dict[str, str], precision: str, extra: dict[str, Any]) -> None:
     """Carry the fp32 model's metadata (classes, preprocessing) and say what this file is."""
     import onnx
@@ -234,18 +225,20 @@ def _stamp(target: Path, source_meta: dict[str, str], precision: str, extra: dic
     save_atomic(target, lambda tmp: onnx.save(model, str(tmp)))
 
 
-def _opset(path: Path) -> int:
+def _source_facts(path: Path) -> tuple[int, str, dict[str, str]]:
+    """(opset, input name, metadata_props) of the fp32 model, from one read of its graph."""
     import onnx
 
+    from pipeline.export import graph_input
+
     model = onnx.load(str(path), load_external_data=False)
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return opset, graph_input(model.graph).name, {p.key: p.value for p in model.metadata_props}
 
 
 def quantize_bundle(path: Path | str, options: QuantizeOptions,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the requested variants into the bundle and record them; returns the record."""
-    from pipeline.export import read_onnx_metadata
-
     log = log or (lambda message: None)
     check_options(options)
     bundle = Bundle.open(path)
@@ -256,11 +249,10 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
     source_name = bundle.fp32_onnx()
     bundle.check_integrity([source_name])
     source = bundle.path(source_name)
-    opset = _opset(source)
+    opset, input_name, meta = _source_facts(source)
     if "int8" in options.precisions and opset < MIN_QUANT_OPSET:
         raise InputError(f"{source_name} has opset {opset}; ONNX Runtime's QDQ per-channel "
                          f"quantization needs >= {MIN_QUANT_OPSET}: re-export with --opset 17 or higher")
-    meta = read_onnx_metadata(source)
     calibration = (calibration_images(bundle, manifest, options, log)
                    if "int8" in options.precisions else None)
     record: dict[str, Any] = {}
@@ -274,7 +266,7 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
                 if precision == "int8":
                     assert calibration is not None
                     info = quantize_int8(source, target, calibration, options.method,
-                                         options.reduce_range)
+                                         input_name, options.reduce_range)
                     info["calibration"] = {k: v for k, v in calibration.record(
                         options.method, options.count).items() if k != "files_sha256"}
                 else:

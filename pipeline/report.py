@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import SCHEMA_VERSION, ok_rows, precision_label, recommend
+from pipeline.bench import SCHEMA_VERSION, target_of, ok_rows, precision_label, recommend
 from pipeline.bundle import save_atomic, write_json_atomic, write_text_atomic
 from pipeline.errors import InputError
 
@@ -272,7 +272,7 @@ def stale_rows(doc: dict[str, Any], path: Path) -> list[str]:
     except InputError:
         return []
     current = {name: entry["sha256"] for name, entry in artifacts.items()}
-    stale = sorted({f"{row['backend']}:{row.get('precision_requested')} ({row['model_file']})"
+    stale = sorted({f"{target_of(row)} ({row['model_file']})"
                     for row in doc["rows"] if row.get("model_file")
                     and current.get(row["model_file"]) != row.get("model_sha256")})
     return [f"{path}: {', '.join(stale)} measured a model file that has since changed or gone; "

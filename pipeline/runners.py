@@ -178,9 +178,9 @@ def tensorrt_profile(model_path: Path) -> dict[str, str]:
     engine instead of rebuilding whenever a larger batch arrives."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    first = next(i for i in graph.input if i.name not in initializers)
+    from pipeline.export import graph_input
+
+    first = graph_input(onnx.load(str(model_path), load_external_data=False).graph)
     dims = [d.dim_value for d in first.type.tensor_type.shape.dim][1:]
     if not dims or not all(dims):
         return {}
