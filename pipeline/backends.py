@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.bundle import PRECISION_FILES, TORCHSCRIPT, WEIGHTS, Bundle
+from pipeline.bundle import AOTI_FILES, PRECISION_FILES, PT2, TORCHSCRIPT, WEIGHTS, Bundle
 from pipeline.errors import InputError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class VariantMissing(InputError):
 @dataclass(frozen=True)
 class Backend:
     name: str
-    runtime: str  # torch | torchscript | ort | openvino
+    runtime: str  # torch | torchscript | torch-export | aoti | ort | openvino
     device: str  # cpu | cuda
     precisions: tuple[str, ...]
     summary: str
@@ -61,6 +61,14 @@ class Backend:
             return bundle.path(WEIGHTS)
         if self.runtime == "torchscript":
             return bundle.path(TORCHSCRIPT)
+        if self.runtime in ("torch-export", "aoti"):
+            name = PT2 if self.runtime == "torch-export" else AOTI_FILES[self.device]
+            if not bundle.path(name).is_file():
+                option = " --aoti" if self.runtime == "aoti" else ""
+                raise VariantMissing(f"{bundle.root} has no {name} for {self.name}; make it with: "
+                                     f"python -m pipeline export --checkpoint "
+                                     f"{bundle.root}/weights.pt --out {bundle.root}{option}")
+            return bundle.path(name)
         # TensorRT builds its fp16 engine from the fp32 graph; an fp16 ONNX would add casts.
         name = PRECISION_FILES.get(precision) if not (self.provider == "tensorrt" and
                                                       precision == "fp16") else None
@@ -73,11 +81,16 @@ class Backend:
 
     def make(self, bundle: Bundle, precision: str = "fp32", *, threads: int | None = None) -> "Runner":
         """A runner for this backend at ``precision`` on ``bundle``'s model."""
-        from pipeline.runners import OpenVinoRunner, OrtRunner, TorchRunner
+        from pipeline.runners import AotiRunner, OpenVinoRunner, OrtRunner, TorchRunner
 
         path = self.model_file(bundle, precision)
         if self.runtime == "torchscript":
             return TorchRunner.from_torchscript(path, device=self.device)
+        if self.runtime == "torch-export":
+            return TorchRunner.from_program(path, device=self.device)
+        if self.runtime == "aoti":
+            record = bundle.read_manifest().get("export", {}).get("aoti", {}).get(self.device, {})
+            return AotiRunner(path, device=self.device, isa_flags=record.get("isa_flags"))
         if self.runtime == "torch":
             from pipeline.weights import load_model
 
@@ -108,12 +121,19 @@ class Backend:
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("torch-cpu", "torch", "cpu", ("fp32", "bf16"), "eager PyTorch; bf16 = autocast"),
     Backend("torchscript-cpu", "torchscript", "cpu", ("fp32",), "the traced, frozen model.ts"),
+    Backend("torch-export-cpu", "torch-export", "cpu", ("fp32",),
+            "model.pt2, the torch.export ExportedProgram, run by PyTorch"),
+    Backend("aoti-cpu", "aoti", "cpu", ("fp32",),
+            "model.aoti-cpu.pt2, compiled by AOTInductor (export --aoti)"),
     Backend("ort-cpu", "ort", "cpu", ("fp32", "int8", "fp16"), "ONNX Runtime CPU provider",
             provider="cpu"),
     Backend("openvino-cpu", "openvino", "cpu", ("fp32", "auto", "int8"),
             "OpenVINO CPU plugin; auto = its own precision", extra="openvino"),
     Backend("torch-cuda", "torch", "cuda", ("fp32",), "eager PyTorch on the GPU"),
     Backend("torchscript-cuda", "torchscript", "cuda", ("fp32",), "model.ts on the GPU"),
+    Backend("torch-export-cuda", "torch-export", "cuda", ("fp32",), "model.pt2 on the GPU"),
+    Backend("aoti-cuda", "aoti", "cuda", ("fp32",),
+            "model.aoti-cuda.pt2, AOTInductor CUDA kernels (export --aoti on a GPU machine)"),
     Backend("ort-cuda", "ort", "cuda", ("fp32", "fp16"), "ONNX Runtime CUDA provider",
             provider="cuda"),
     Backend("ort-cuda-iobinding", "ort", "cuda", ("fp32", "fp16"),

@@ -27,7 +27,10 @@ ONNX_SIMPLIFIED = "model.sim.onnx"
 WEIGHTS = "weights.pt"
 PARITY = "parity.json"
 EXPORT_LOG = "export.log"
-EXPORT_FILES = (TORCHSCRIPT, ONNX, ONNX_SIMPLIFIED, WEIGHTS, PARITY, EXPORT_LOG)
+PT2 = "model.pt2"
+AOTI_FILES = {"cpu": "model.aoti-cpu.pt2", "cuda": "model.aoti-cuda.pt2"}
+EXPORT_FILES = (TORCHSCRIPT, ONNX, ONNX_SIMPLIFIED, WEIGHTS, PARITY, EXPORT_LOG, PT2,
+                *AOTI_FILES.values())
 
 ONNX_INT8 = "model.int8.onnx"
 ONNX_FP16 = "model.fp16.onnx"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import click
 from pipeline import __version__
 from pipeline.errors import EXIT_CHECK_FAILED, EXIT_ENVIRONMENT, EXIT_INTERNAL, PipelineError
 
-DEFAULT_BUNDLE_ROOT = Path("exported")
 
 
 class PipelineGroup(click.Group):
@@ -158,6 +156,10 @@ def tolerance_options(func: Any) -> Any:
               show_default=True, help="torch.onnx exporter: dynamo (torch.export) or legacy (TorchScript).")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--no-pt2", is_flag=True, help="Skip model.pt2 (the torch.export ExportedProgram).")
+@click.option("--aoti", is_flag=True,
+              help="Also compile AOTInductor packages (model.aoti-cpu.pt2, and model.aoti-cuda.pt2 "
+                   "on a GPU machine); needs a C++ compiler.")
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Also verify on these real images.")
 @tolerance_options
@@ -166,45 +168,28 @@ def tolerance_options(func: Any) -> Any:
 @click.pass_context
 def export(ctx: click.Context, arch: str | None, num_classes: int | None, weights: str,
            checkpoint: Path | None, class_names: str | None, input_size: int | None, seed: int,
-           out: Path | None, exporter: str, opset: int, no_simplify: bool, images: Path | None,
-           atol: float | None, rtol: float | None, max_top1_drop: float, min_agreement: float,
-           verbose: bool, as_json: bool) -> None:
-    """Export to TorchScript and ONNX, simplify, then verify parity.
+           out: Path | None, exporter: str, opset: int, no_simplify: bool, no_pt2: bool,
+           aoti: bool, images: Path | None, atol: float | None, rtol: float | None,
+           max_top1_drop: float, min_agreement: float, verbose: bool, as_json: bool) -> None:
+    """Export to ONNX (+ onnxsim), TorchScript and model.pt2, then verify parity.
 
     \b
     Example:
       python -m pipeline export --arch resnet18
+      python -m pipeline export --arch resnet50 --aoti
       python -m pipeline export --arch resnet50 --weights imagenet --opset 17 --exporter legacy
       python -m pipeline export --checkpoint exported/resnet18/checkpoint.pt
     """
-    from pipeline.console import StageTimer
-    from pipeline.export import ExportOptions, check_options, export_bundle
-    from pipeline.weights import load_model, parse_class_names
+    from pipeline.api import export as api_export
 
-    options = ExportOptions(exporter=exporter, opset=opset, simplify=not no_simplify, verbose=verbose)
-    check_options(options)
-    timer = StageTimer()
-    with timer.stage("load") as step:
-        loaded = load_model(arch, num_classes=num_classes, weights=weights, checkpoint=checkpoint,
-                            class_names=parse_class_names(class_names), input_size=input_size,
-                            seed=seed)
-        step["text"] = (f"{loaded.arch}, {loaded.num_classes} classes, "
-                        f"{loaded.preprocessing.crop}px, weights {loaded.weights['source']}")
-    bundle_dir = out or DEFAULT_BUNDLE_ROOT / loaded.arch
-    _log(f"exporting {loaded.arch} to {bundle_dir}/")
-    bundle = export_bundle(loaded, bundle_dir, options, timer)
-    with timer.stage("verify") as step:
-        report = _verify(bundle.root, atol=atol, rtol=rtol, images=images,
-                         max_top1_drop=max_top1_drop, min_agreement=min_agreement)
-        step["text"] = f"{'passed' if report else 'FAILED'} ({len(report.pairs)} comparisons)"
-    _finish_verify(ctx, report, as_json, extra={"bundle": str(bundle.root),
-                                                "manifest": bundle.read_manifest()})
-
-
-def _verify(bundle: Path, **kwargs: Any) -> Any:
-    from pipeline.verify import verify_bundle
-
-    return verify_bundle(bundle, **kwargs)
+    result = api_export(arch, out=out, weights=weights, checkpoint=checkpoint,
+                        num_classes=num_classes, class_names=class_names, input_size=input_size,
+                        seed=seed, exporter=exporter, opset=opset, simplify=not no_simplify,
+                        pt2=not no_pt2, aoti=aoti, images=images, atol=atol, rtol=rtol,
+                        max_top1_drop=max_top1_drop, min_agreement=min_agreement,
+                        verbose=verbose, log=_log)
+    _finish_verify(ctx, result.parity, as_json, extra={"bundle": str(result.bundle),
+                                                       "manifest": result.manifest})
 
 
 def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
@@ -245,8 +230,10 @@ def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | 
       python -m pipeline verify exported/resnet18 --images photos/ --max-top1-drop 0.5
       python -m pipeline verify exported/resnet18 --atol 1e-4 --rtol 1e-3
     """
-    report = _verify(bundle, atol=atol, rtol=rtol, images=images, with_cuda=not cpu_only,
-                     max_top1_drop=max_top1_drop, min_agreement=min_agreement)
+    from pipeline.api import verify as api_verify
+
+    report = api_verify(bundle, atol=atol, rtol=rtol, images=images, cuda=not cpu_only,
+                        max_top1_drop=max_top1_drop, min_agreement=min_agreement)
     _finish_verify(ctx, report, as_json)
 
 
@@ -278,13 +265,11 @@ def quantize(bundle: Path, precisions: str, calibration: str | None, count: int,
       python -m pipeline quantize exported/resnet18 --precision int8 --method entropy
       python -m pipeline quantize exported/resnet18 --calibration synthetic --count 200
     """
-    from pipeline.quantize import QuantizeOptions, quantize_bundle
+    from pipeline.api import quantize as api_quantize
 
-    options = QuantizeOptions(precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                              calibration=calibration, count=count, method=method, seed=seed,
-                              reduce_range=reduce_range)
     _log(f"quantizing {bundle}/")
-    record = quantize_bundle(bundle, options, log=_log)
+    record = api_quantize(bundle, precisions=precisions, calibration=calibration, count=count,
+                          method=method, seed=seed, reduce_range=reduce_range, log=_log)
     if as_json:
         emit_json(record)
     else:
@@ -327,42 +312,14 @@ def train_options(func: Any) -> Any:
     return _apply(options, func)
 
 
-def _train_config(kwargs: dict[str, Any], *, default_epochs: int, default_batch: int) -> Any:
-    from pipeline.train import TrainConfig
-
-    values = dict(kwargs)
-    values["epochs"] = values["epochs"] if values["epochs"] is not None else default_epochs
-    values["batch_size"] = values["batch_size"] if values["batch_size"] is not None else default_batch
-    values["out"] = str(values["out"]) if values["out"] else None
-    values["arch"] = values["arch"] or ("resnet18" if not values.get("resume") else None)
-    return TrainConfig(**values)
-
-
-def _resumed_options(ctx: click.Context, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The interrupted run's own options, overridden only by those given on this command line."""
+def _given(ctx: click.Context, kwargs: dict[str, Any], resuming: bool) -> dict[str, Any]:
+    """Resuming, only the options typed on this command line override the interrupted run's."""
     from click.core import ParameterSource
 
-    from pipeline.train import TrainConfig
-    from pipeline.weights import read_checkpoint
-
-    stored = read_checkpoint(kwargs["resume"]).get("config") or {}
-    known = set(TrainConfig.__dataclass_fields__)
-    merged = {key: value for key, value in stored.items() if key in known and key in kwargs}
-    for key, value in kwargs.items():
-        if key not in merged or ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
-            merged[key] = value
-    return merged
-
-
-def _fit(ctx: click.Context, config: Any) -> dict[str, Any]:
-    from pipeline.train import fit
-
-    try:
-        return fit(config, log=_log)
-    except KeyboardInterrupt:
-        _log("error: interrupted")
-        ctx.exit(130)
-        raise  # unreachable: ctx.exit raises
+    if not resuming:
+        return kwargs
+    return {key: value for key, value in kwargs.items()
+            if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE}
 
 
 @cli.command()
@@ -380,14 +337,19 @@ def train(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
       python -m pipeline train --arch resnet18_cifar --data cifar10:data/ --optimizer sgd --schedule plateau
       torchrun --nproc_per_node=2 -m pipeline train --arch resnet50 --data photos/
     """
-    if kwargs["resume"]:
-        kwargs = _resumed_options(ctx, kwargs)
-    summary = _fit(ctx, _train_config(kwargs, default_epochs=10, default_batch=64))
+    from pipeline.api import train as api_train
+
+    resume = kwargs.pop("resume")
+    try:
+        result = api_train(resume=resume, log=_log, **_given(ctx, kwargs, bool(resume)))
+    except KeyboardInterrupt:
+        _log("error: interrupted")
+        ctx.exit(130)
     if as_json:
-        emit_json(summary)
-    elif summary["rank"] == 0:
-        click.echo(f"best val accuracy {summary['best_val_acc']:.4f}; checkpoint "
-                   f"{summary['bundle']}/checkpoint.pt")
+        emit_json(result.summary)
+    elif result.summary["rank"] == 0:
+        click.echo(f"best val accuracy {result.best_val_acc:.4f}; checkpoint "
+                   f"{result.bundle}/checkpoint.pt")
 
 
 # ----------------------------------------------------------------------------- run
@@ -411,19 +373,14 @@ def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: floa
       python -m pipeline run
       python -m pipeline run --arch resnet50 --data path/to/folder --epochs 10
     """
-    import os
-
-    from pipeline.bench import BenchConfig, format_table
+    from pipeline.api import run as api_run
+    from pipeline.bench import format_table
     from pipeline.verify import format_table as parity_table
-    from pipeline.workflow import run_all
 
-    config = _train_config({**kwargs, "resume": None}, default_epochs=10, default_batch=16)
-    bench_config = BenchConfig(backends=_targets(backends, None),
-                               batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
-                               iterations=bench_iterations, seconds=bench_seconds,
-                               threads=os.cpu_count() or 1)
     try:
-        result = run_all(config, bench_config, command=_command_line("run"), log=_log)
+        result = api_run(backends=backends, batch_sizes=batch_sizes, bench_seconds=bench_seconds,
+                         bench_iterations=bench_iterations, command=_command_line("run"),
+                         log=_log, **kwargs)
     except KeyboardInterrupt:
         _log("error: interrupted")
         ctx.exit(130)
@@ -436,25 +393,6 @@ def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: floa
 
 
 # ----------------------------------------------------------------------------- bench
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    from pipeline.errors import InputError
-
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise InputError(f"{option} {text!r} must be positive integers separated by commas, e.g. 1,8,32")
-    return values
-
-
-def _targets(backends: str | None, precisions: str | None) -> tuple[str, ...]:
-    """``--backends``/``--precisions`` as ``backend:precision`` targets, from the registry."""
-    from pipeline.backends import parse_targets, target_name
-
-    return tuple(target_name(b, p) for b, p in parse_targets(backends, precisions))
-
-
 def _registry_help() -> str:
     from pipeline.backends import registry_help
 
@@ -494,43 +432,27 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18 --backends ort-cpu,torch-cpu --batch-sizes 1,8
       python -m pipeline bench exported/resnet18 --images photos/ --budget-ms 20 --verbose
     """
-    import os
+    from pipeline.api import bench as api_bench
+    from pipeline.bench import format_table
 
-    from pipeline.bench import BenchConfig, format_table, run_bench, unavailable
-    from pipeline.bundle import Bundle
-    from pipeline.errors import EXIT_ENVIRONMENT, InputError
-    from pipeline.images import find_images
-    from pipeline.report import record_bench, stale_parity_warnings, write_bench_outputs
-
-    if iterations < 1 or seconds < 0 or warmup_seconds < 0:
-        raise InputError("--iterations must be >= 1 and --seconds/--warmup-seconds >= 0")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads {threads} must be at least 1")
-    config = BenchConfig(backends=_targets(backends, precisions),
-                         batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
-                         iterations=iterations, seconds=seconds, warmup_s=warmup_seconds,
-                         threads=threads or os.cpu_count() or 1)
-    target = Bundle.open(bundle)
-    files = [str(p) for p in find_images([images])] if images else None
-    started = time.perf_counter()
-    doc = run_bench(target.root, config, images=files, progress=not as_json)
-    doc["command"] = _command_line("bench", bundle)
-    advice = write_bench_outputs(doc, target.root, budget_ms)
-    record_bench(target.root, time.perf_counter() - started)
+    result = api_bench(bundle, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
+                       iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
+                       threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
+                       command=_command_line("bench", bundle))
     if as_json:
-        emit_json(doc)
+        emit_json(result.doc)
     else:
-        click.echo(format_table(doc["rows"]))
-        _print_image_loops(doc["images"], verbose)
-        best = advice["fastest_batch1"]
+        click.echo(format_table(result.rows))
+        _print_image_loops(result.doc["images"], verbose)
+        best = result.recommendation["fastest_batch1"]
         if best:
             click.echo(f"fastest verified at batch 1: {best['backend']} {best['precision']} "
                        f"(p50 {best['p50_ms']:.2f} ms)")
-        for warning in stale_parity_warnings(target):
+        for warning in result.warnings:
             _log(f"warning: {warning}")
-        _log(f"wrote {target.root}/latency.json, report.md, latency.png")
-    if strict and unavailable(doc["rows"]):
-        names = sorted({row["backend"] for row in unavailable(doc["rows"])})
+        _log(f"wrote {result.bundle}/latency.json, report.md, latency.png")
+    if strict and result.unavailable:
+        names = sorted({row["backend"] for row in result.unavailable})
         _log(f"error: --strict: backends could not run: {', '.join(names)}")
         ctx.exit(EXIT_ENVIRONMENT)
 
@@ -568,12 +490,9 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, 
     Example:
       python -m pipeline report cpu-box/latency.json gpu-box/latency.json --out compare/
     """
-    from pipeline.bundle import ensure_writable_dir
-    from pipeline.report import write_comparison
+    from pipeline.api import report as api_report
 
-    ensure_writable_dir(out)
-    command = "python -m pipeline report " + " ".join(str(p) for p in latency_files)
-    advice, warnings = write_comparison(list(latency_files), out, budget_ms, command, force=force)
+    advice, warnings = api_report(list(latency_files), out=out, budget_ms=budget_ms, force=force)
     for warning in warnings:
         _log(f"warning: {warning}")
     if as_json:
@@ -593,15 +512,16 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, 
 @click.option("--top-k", type=int, default=5, show_default=True, help="How many classes to show.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider; cuda fails (exit 3) rather than fall back.")
-@click.option("--runtime", type=click.Choice(["ort", "openvino"]), default="ort", show_default=True,
-              help="ONNX Runtime, or OpenVINO (the openvino extra).")
+@click.option("--runtime", type=click.Choice(["ort", "openvino", "torch-export"]), default="ort",
+              show_default=True, help="ONNX Runtime, OpenVINO (the openvino extra), or PyTorch on "
+                                      "the bundle's model.pt2 (a .pt2 file always runs in PyTorch).")
 @click.option("--precision", default="fp32", show_default=True,
               help="A bundle's variant: fp32, int8, fp16 (quantize writes them), or auto (OpenVINO's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON only.")
 @click.pass_context
 def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: int, provider: str,
             runtime: str, precision: str, as_json: bool) -> None:
-    """Classify images with an exported bundle or a bare .onnx file.
+    """Classify images with an exported bundle, a bare .onnx or a bare model.pt2.
 
     Exit 1 if any file could not be classified (the others still are).
 
@@ -609,13 +529,14 @@ def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: in
     Example:
       python -m pipeline predict exported/resnet18 photo.jpg more/ --top-k 5
       python -m pipeline predict model.onnx photo.jpg --provider cuda --json
+      python -m pipeline predict exported/resnet18/model.pt2 photo.jpg
       python -m pipeline predict exported/resnet18 photo.jpg --precision int8 --runtime openvino
     """
     from dataclasses import asdict
 
-    from pipeline.predict import predict as run_predict
+    from pipeline.api import predict as api_predict
 
-    results = run_predict(model, list(images), k=top_k, provider=provider, runtime=runtime,
+    results = api_predict(model, list(images), top_k=top_k, provider=provider, runtime=runtime,
                           precision=precision)
     if as_json:
         emit_json([asdict(result) for result in results])

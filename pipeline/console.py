@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import click
 
@@ -71,9 +71,10 @@ def _unique(items: Iterator[str]) -> list[str]:
 class StageTimer:
     """Times named stages, prints ``name  1.23s  detail`` per stage, keeps the durations."""
 
-    def __init__(self, *, quiet: bool = False) -> None:
+    def __init__(self, *, quiet: bool = False, log: Callable[[str], None] | None = None) -> None:
         self.durations: dict[str, float] = {}
         self.quiet = quiet
+        self.log = log or globals()["log"]
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[dict[str, str]]:
@@ -83,4 +84,4 @@ class StageTimer:
         elapsed = time.perf_counter() - start
         self.durations[name] = round(elapsed, 3)
         if not self.quiet:
-            log(f"  {name:<12} {elapsed:6.2f}s  {detail.get('text', '')}".rstrip())
+            self.log(f"  {name:<12} {elapsed:6.2f}s  {detail.get('text', '')}".rstrip())

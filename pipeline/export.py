@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from pipeline import __version__
-from pipeline.bundle import (DERIVED_FROM_EXPORT, EXPORT_FILES, EXPORT_LOG, ONNX, ONNX_SIMPLIFIED,
-                             TORCHSCRIPT, WEIGHTS, Bundle, ensure_writable_dir, save_atomic,
-                             write_text_atomic)
+from pipeline.bundle import (AOTI_FILES, DERIVED_FROM_EXPORT, EXPORT_FILES, EXPORT_LOG, ONNX,
+                             ONNX_SIMPLIFIED, PT2, TORCHSCRIPT, WEIGHTS, Bundle,
+                             ensure_writable_dir, save_atomic, write_text_atomic)
 from pipeline.console import Captured, StageTimer, captured
 from pipeline.errors import InputError
 from pipeline.machine import library_versions
+from pipeline.pt2 import MAX_BATCH, export_program
 from pipeline.weights import LoadedModel
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class ExportOptions:
     exporter: str = "dynamo"
     opset: int = DEFAULT_OPSET
     simplify: bool = True
+    pt2: bool = True  # model.pt2, the torch.export ExportedProgram
+    aoti: bool = False  # AOTInductor packages: the CPU's, and CUDA's when a GPU is present
     verbose: bool = False
 
 
@@ -56,6 +59,16 @@ def opset_range(exporter: str) -> tuple[int, int]:
 
 
 def check_options(options: ExportOptions) -> None:
+    if options.aoti and not options.pt2:
+        raise InputError("--aoti compiles the torch.export program: drop --no-pt2, or drop --aoti")
+    if options.aoti:
+        from pipeline.pt2 import NO_COMPILER_FIX, compiler_problem
+
+        problem = compiler_problem()  # before any file is touched: exit 3, bundle unchanged
+        if problem:
+            from pipeline.errors import EnvironmentUnavailable
+
+            raise EnvironmentUnavailable(f"--aoti: {problem}; {NO_COMPILER_FIX}")
     if options.exporter not in EXPORTERS:
         raise InputError(f"unknown --exporter {options.exporter!r}; choose from: "
                          f"{', '.join(EXPORTERS)}")
@@ -96,13 +109,18 @@ def trace_torchscript(model: "torch.nn.Module", example: "torch.Tensor", path: P
 
 
 def _torch_onnx_export(model: "torch.nn.Module", example: "torch.Tensor", path: Path,
-                       options: ExportOptions) -> None:
+                       options: ExportOptions,
+                       program: "torch.export.ExportedProgram | None" = None) -> None:
     import torch
 
     common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                   opset_version=options.opset)
-    if options.exporter == "dynamo":
-        batch = torch.export.Dim("batch", min=1, max=4096)
+    if options.exporter == "dynamo" and program is not None:
+        # The program model.pt2 came from, dynamic batch and all: no second torch.export.
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, **common)
+        onnx_program.save(str(path), external_data=False)
+    elif options.exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         program = torch.onnx.export(model, (example,), dynamo=True,
                                     dynamic_shapes=({0: batch},), **common)
         program.save(str(path), external_data=False)
@@ -110,6 +128,42 @@ def _torch_onnx_export(model: "torch.nn.Module", example: "torch.Tensor", path: 
         torch.onnx.export(model, (example,), str(path), dynamo=False,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True, **common)
+
+
+def write_program(program: "torch.export.ExportedProgram", loaded: LoadedModel,
+                  example: "torch.Tensor", path: Path, options: ExportOptions) -> dict[str, Any]:
+    """model.pt2 with the ONNX file's metadata in extra_files; loaded back the safe way and
+    compared with the eager model at another batch size."""
+    from pipeline.pt2 import reload_difference, save_program
+
+    save_program(program, path, onnx_metadata(loaded, options))
+    probe = example_input(example.shape[-1], batch=EXAMPLE_BATCH + 1, seed=1)
+    return {"dynamic_batch": {"min": 1, "max": MAX_BATCH},
+            "reload_max_abs_diff": reload_difference(path, loaded.model, probe)}
+
+
+def aoti_devices() -> list[str]:
+    """The CPU always; CUDA too when torch sees a GPU."""
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def write_aoti(loaded: LoadedModel, example: "torch.Tensor", path: Path, device: str, *,
+               program: "torch.export.ExportedProgram | None" = None) -> dict[str, Any]:
+    """An AOTInductor package for ``device``, from ``program`` or a fresh torch.export on it."""
+    import copy
+
+    from pipeline.pt2 import compile_aoti
+
+    if device == "cuda":
+        from pipeline.runners import use_strict_fp32
+
+        use_strict_fp32()  # Inductor's matmul and convolution choices follow these flags
+    if program is None:
+        model = loaded.model if device == "cpu" else copy.deepcopy(loaded.model).to(device)
+        program = export_program(model, example.to(device))
+    return compile_aoti(program, path, device)
 
 
 def onnx_metadata(loaded: LoadedModel, options: ExportOptions) -> dict[str, str]:
@@ -141,18 +195,34 @@ def set_metadata(proto: "onnx.ModelProto", metadata: dict[str, str]) -> None:
     proto.producer_name = proto.producer_name or "pipeline"
 
 
+def name_batch_axis(proto: "onnx.ModelProto", name: str = "batch") -> None:
+    """Call the input's symbolic batch dimension ``batch`` everywhere it appears (an exported
+    program names it after its symbol, e.g. ``s77``), as Triton configs and readers expect."""
+    graph = proto.graph
+    first = graph_input(graph).type.tensor_type.shape.dim
+    old = first[0].dim_param if first else ""
+    if not old or old == name:
+        return
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = name
+
+
 def export_onnx(loaded: LoadedModel, example: "torch.Tensor", path: Path,
-                options: ExportOptions) -> int:
+                options: ExportOptions, *,
+                program: "torch.export.ExportedProgram | None" = None) -> int:
     """Export, stamp metadata, run the full checker, save atomically; return the node count."""
     import onnx
 
     raw = path.with_name(f".{path.name}.export.tmp")
     try:
-        _torch_onnx_export(loaded.model, example, raw, options)
+        _torch_onnx_export(loaded.model, example, raw, options, program)
         proto = onnx.load(str(raw))
     finally:
         raw.unlink(missing_ok=True)
     set_metadata(proto, onnx_metadata(loaded, options))
+    name_batch_axis(proto)
 
     def save_checked(tmp: Path) -> None:
         onnx.save(proto, str(tmp))
@@ -198,11 +268,16 @@ def weights_offloaded(model: "torch.nn.Module", saved: Path) -> Iterator[None]:
 def simplify_onnx(source: Path, target: Path) -> dict[str, Any]:
     """Run onnxsim; on failure keep the raw model and return the reason as a warning."""
     import onnx
-    import onnxsim
 
     proto = onnx.load(str(source))
     info: dict[str, Any] = {"nodes_before": len(proto.graph.node), "nodes_after": None,
                             "check_ok": None, "warning": None}
+    try:
+        import onnxsim
+    except ImportError as exc:  # a core dependency, but an install can still lack it
+        info["warning"] = (f"onnxsim is not installed ({exc}); raw model kept: "
+                           f"pip install onnxsim, or export with --no-simplify")
+        return info
     metadata = {p.key: p.value for p in proto.metadata_props}
     del proto  # onnxsim reads the file itself; one copy fewer of the weights in memory
     release_memory()
@@ -239,10 +314,30 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
     with timer.stage("weights") as step:
         save_weights(loaded, bundle.path(WEIGHTS))
         step["text"] = WEIGHTS
+    # One torch.export serves model.pt2, the dynamo ONNX export and the CPU AOTInductor
+    # package; it shares the model's weights, and goes before onnxsim moves them off.
+    program, pt2_record = None, {"enabled": options.pt2}
+    if options.pt2:
+        with timer.stage("pt2") as step, captured(passthrough=options.verbose) as chatter:
+            program = export_program(loaded.model, example)
+            pt2_record.update(write_program(program, loaded, example, bundle.path(PT2), options))
+            step["text"] = (f"{PT2} (torch.export, dynamic batch, reload max |diff| "
+                            f"{pt2_record['reload_max_abs_diff']:.2e})")
+        logs.append(("pt2", chatter))
     with timer.stage("onnx") as step, captured(passthrough=options.verbose) as chatter:
-        nodes = export_onnx(loaded, example, bundle.path(ONNX), options)
+        nodes = export_onnx(loaded, example, bundle.path(ONNX), options, program=program)
         step["text"] = f"{ONNX} ({options.exporter}, opset {options.opset}, {nodes} nodes, checked)"
     logs.append(("onnx", chatter))
+    aoti_record: dict[str, Any] = {}
+    if options.aoti:
+        for device in aoti_devices():
+            with timer.stage(f"aoti-{device}") as step, captured(passthrough=options.verbose) as chatter:
+                aoti_record[device] = write_aoti(loaded, example, bundle.path(AOTI_FILES[device]),
+                                                 device, program=program if device == "cpu" else None)
+                step["text"] = (f"{AOTI_FILES[device]} (AOTInductor, {aoti_record[device]['compile_s']:.1f} s "
+                                f"with {aoti_record[device]['compiler']})")
+            logs.append((f"aoti-{device}", chatter))
+    del program
     release_memory()
     simplify_info: dict[str, Any] = {"enabled": options.simplify}
     if options.simplify:
@@ -266,7 +361,7 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
                      "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
                      "dynamic_axes": {INPUT_NAME: {"0": "batch"}, OUTPUT_NAME: {"0": "batch"}},
                      "onnx_nodes": nodes, "torchscript_reload_max_abs_diff": ts_diff,
-                     "simplify": simplify_info,
+                     "simplify": simplify_info, "pt2": pt2_record, "aoti": aoti_record,
                      "captured_warnings": _captured_warnings(logs)}
     _write_export_manifest(bundle, loaded, export_record, warnings,
                            {"duration_s": round(time.perf_counter() - start, 3),
@@ -302,7 +397,8 @@ def _write_export_manifest(bundle: Bundle, loaded: LoadedModel, export_record: d
         manifest.setdefault("stages", {})["export"] = stage
         manifest["warnings"] = [w for w in manifest.get("warnings", []) if w.get("stage") != "export"]
         manifest["warnings"] += [{"stage": "export", "message": text} for text in warnings]
-        for name in (WEIGHTS, TORCHSCRIPT, ONNX, ONNX_SIMPLIFIED, EXPORT_LOG):
+        for name in (WEIGHTS, TORCHSCRIPT, ONNX, ONNX_SIMPLIFIED, PT2, *AOTI_FILES.values(),
+                     EXPORT_LOG):
             if bundle.path(name).is_file():
                 bundle.record_artifact(manifest, name, stage="export")
 

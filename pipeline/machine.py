@@ -103,9 +103,14 @@ def _nvidia_driver() -> str | None:
     try:
         with open("/proc/driver/nvidia/version", encoding="utf-8") as handle:
             first = handle.readline()
-        return first.split("Kernel Module")[1].split()[0] if "Kernel Module" in first else first.strip()
-    except (OSError, IndexError):
+    except OSError:
         return None
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04 ..." or "... Open Kernel
+    # Module for x86_64  580.159.04 ...": the first dotted number is the version.
+    import re
+
+    found = re.search(r"\b(\d{3,}\.\d+(?:\.\d+)?)\b", first)
+    return found.group(1) if found else first.strip() or None
 
 
 def machine_block() -> dict[str, Any]:

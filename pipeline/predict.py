@@ -1,7 +1,7 @@
-"""Classify image files with an exported model: a bundle or a bare .onnx file.
+"""Classify image files with an exported model: a bundle, a bare .onnx or a bare model.pt2.
 
-A bare .onnx carries its preprocessing and class names in ``metadata_props`` (written by
-export), so nothing else is needed. Bad files get a per-file error and the rest still run.
+A bare .onnx carries its preprocessing and class names in ``metadata_props``, a model.pt2 the
+same keys in its ``extra/pipeline.json`` (both written by export), so nothing else is needed. Bad files get a per-file error and the rest still run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Prediction:
     error: str | None = None
 
 
-RUNTIMES = ("ort", "openvino")
+RUNTIMES = ("ort", "openvino", "torch-export")
 
 
 def backend_for(runtime: str, provider: str) -> "Backend":
@@ -43,6 +43,8 @@ def backend_for(runtime: str, provider: str) -> "Backend":
         if provider != "cpu":
             raise InputError(f"--runtime openvino runs on the CPU here; drop --provider {provider}")
         return get_backend("openvino-cpu")
+    if runtime == "torch-export":
+        return get_backend(f"torch-export-{provider}")
     return get_backend(f"ort-{provider}")
 
 
@@ -59,7 +61,14 @@ def make_runner(target: Path, backend: "Backend", precision: str) -> Any:
                              f"python -m pipeline export --out {target}")
         return backend.make(bundle, precision)
     if not target.is_file():
-        raise InputError(f"ONNX file {str(target)!r} does not exist")
+        raise InputError(f"model file {str(target)!r} does not exist")
+    if target.suffix == ".pt2" or backend.runtime == "torch-export":
+        if precision != "fp32" or backend.runtime == "openvino":
+            raise InputError(f"a .pt2 runs in PyTorch at fp32; drop --precision {precision} "
+                             f"and --runtime {backend.runtime}")
+        from pipeline.runners import TorchRunner
+
+        return TorchRunner.from_program(target, device=backend.device)
     if precision not in ("fp32", "auto"):
         raise InputError(f"--precision {precision} chooses a variant inside a bundle; a bare "
                          f".onnx runs as it is: give the bundle folder, or the variant's file")

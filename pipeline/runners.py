@@ -99,7 +99,9 @@ class TorchRunner(HostStep):
         self.provider = f"torch:{device}"
         self.precision = precision
         self.model_path = model_path
-        self.model = model.eval().to(device)
+        self._metadata: dict[str, str] = {}
+        # An ExportedProgram's module has no train/eval modes to switch (it was exported in eval).
+        self.model = (model.eval() if not _is_exported_module(model) else model).to(device)
         if precision == "bf16":
             # autocast runs convolutions and matmuls in bf16 (oneDNN picks AMX/AVX512-BF16 where
             # present); channels_last is the layout those kernels want.
@@ -121,6 +123,23 @@ class TorchRunner(HostStep):
             module = torch.jit.load(str(path), map_location=device)
         return cls(module, device=device, name="torchscript", model_path=Path(path))
 
+    @classmethod
+    def from_program(cls, path: Path | str, *, device: str = "cpu") -> "TorchRunner":
+        """``model.pt2`` (a torch.export ExportedProgram), loaded the safe way, run eagerly."""
+        from pipeline.pt2 import load_program, read_metadata
+
+        problem = cuda_problem() if device == "cuda" else None
+        if problem:
+            raise EnvironmentUnavailable(f"torch-export-cuda: {problem}")
+        program = load_program(path)
+        if device == "cuda":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, "cuda")
+        runner = cls(program.module(), device=device, name="torch-export", model_path=Path(path))
+        runner._metadata = read_metadata(path)
+        return runner
+
     def infer(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
@@ -134,6 +153,58 @@ class TorchRunner(HostStep):
     def infer_tensor(self, tensor: "torch.Tensor") -> "torch.Tensor":
         with self.torch.inference_mode():
             return self.model(tensor)
+
+    def metadata(self) -> dict[str, str]:
+        return self._metadata
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+
+def _is_exported_module(model: Any) -> bool:
+    return type(model).__name__ == "GraphModule" or hasattr(model, "_in_spec")
+
+
+class AotiRunner(HostStep):
+    """An AOTInductor package: compiled kernels behind one call, no Python model code."""
+
+    def __init__(self, path: Path | str, *, device: str = "cpu",
+                 isa_flags: list[str] | None = None) -> None:
+        import torch
+
+        from pipeline.pt2 import isa_problem, load_aoti
+
+        if device == "cuda":
+            problem = cuda_problem()
+            if problem:
+                raise EnvironmentUnavailable(f"aoti-cuda: {problem}")
+            use_strict_fp32()
+            # The package's kernels are loaded through the driver API, which needs a current
+            # context; in a fresh process (bench's worker) nothing has made one yet, and the
+            # load crashed there (SIGSEGV on an H200) while it ran after other CUDA work.
+            torch.cuda.init()
+            torch.zeros(1, device="cuda")
+            torch.cuda.synchronize()
+        else:
+            problem = isa_problem(isa_flags)
+            if problem:
+                raise EnvironmentUnavailable(f"aoti-cpu: {Path(path).name}: {problem}")
+        self.torch = torch
+        self.device = device
+        self.name = f"aoti-{device}"
+        self.provider = f"aoti:{device}"
+        self.precision = "fp32"
+        self.model_path = Path(path)
+        self.model = load_aoti(self.model_path, device)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            out = self.model(tensor)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            return out.float().cpu().numpy()
 
     def synchronize(self) -> None:
         if self.device == "cuda":

@@ -425,6 +425,34 @@ def _train_epoch(run: TrainingRun, epoch: int) -> tuple[dict[str, Any], dict[str
     return row, val
 
 
+def build_config(options: dict[str, Any], *, resume: str | None = None,
+                 defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """A TrainConfig from ``options``, where None means "not given".
+
+    Fresh runs fill what is not given from ``defaults``, then TrainConfig's own defaults.
+    Resuming, the interrupted run's own options (stored in last.pt) fill it instead, so
+    ``--resume last.pt --epochs 20`` changes the epochs and nothing else.
+    """
+    known = set(TrainConfig.__dataclass_fields__) - {"resume"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(f"unknown training option {', '.join(unknown)}; choose from: "
+                         f"{', '.join(sorted(known))}")
+    given = {key: value for key, value in options.items() if value is not None}
+    if resume:
+        from pipeline.weights import read_checkpoint
+
+        stored = read_checkpoint(resume).get("config") or {}
+        values = {key: value for key, value in stored.items() if key in known}
+        values.setdefault("arch", None)  # fit checks it against the checkpoint's own
+    else:
+        values = {"arch": "resnet18", **(defaults or {})}
+    values.update(given)
+    if values.get("out") is not None:
+        values["out"] = str(values["out"])
+    return TrainConfig(**values, resume=resume)
+
+
 def fit(config: TrainConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train into the bundle ``config.out``; returns a summary with the best validation accuracy."""
     log = log or (lambda message: print(message, file=sys.stderr))

@@ -24,11 +24,12 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.backends import BACKENDS, REDUCED_PRECISIONS, Backend, target_name
-from pipeline.bundle import (CALIBRATION, ONNX, ONNX_SIMPLIFIED, PARITY, PRECISION_FILES,
-                             TORCHSCRIPT, WEIGHTS, Bundle, sha256_of, write_json_atomic)
+from pipeline.bundle import (AOTI_FILES, CALIBRATION, ONNX, ONNX_SIMPLIFIED, PARITY,
+                             PRECISION_FILES, PT2, TORCHSCRIPT, WEIGHTS, Bundle, sha256_of,
+                             write_json_atomic)
 from pipeline.errors import EnvironmentUnavailable, InputError
-from pipeline.runners import (OpenVinoRunner, OrtRunner, Runner, TorchRunner, openvino_problem,
-                              ort_provider_problem)
+from pipeline.runners import (OpenVinoRunner, OrtRunner, Runner, TorchRunner, cuda_problem,
+                              openvino_problem, ort_provider_problem)
 from pipeline.tolerances import (DEFAULT_MAX_TOP1_DROP, DEFAULT_MIN_AGREEMENT, FLOOR_MULTIPLE,
                                  SCALE_TERM)
 
@@ -280,6 +281,17 @@ def parity_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[dict[str, Cal
                 skipped[key] = problem
             else:
                 factories[key] = lambda n=name: OrtRunner(bundle.path(n), provider="cuda")
+    # The PyTorch artifacts: model.pt2 wherever it was written, AOTInductor packages per device.
+    for device in ("cpu", "cuda") if with_cuda else ("cpu",):
+        for name, file in (("torch-export", PT2), ("aoti", AOTI_FILES[device])):
+            if not bundle.path(file).is_file():
+                continue
+            key = f"{name}-{device}"
+            problem = cuda_problem() if device == "cuda" else None
+            if problem:
+                skipped[key] = problem
+            else:
+                factories[key] = lambda k=key: BACKENDS[k].make(bundle)
     return factories, skipped
 
 
@@ -316,8 +328,6 @@ def _backend_problem(backend: Backend, with_cuda: bool) -> str | None:
             return "--cpu-only"
         if backend.runtime == "ort":
             return ort_provider_problem(backend.provider or "cuda")
-        from pipeline.runners import cuda_problem
-
         return cuda_problem()
     return None
 

@@ -19,6 +19,10 @@ class RunResult:
     parity: Any
     latency: dict[str, Any]
 
+    def __bool__(self) -> bool:
+        """True when verify passed: the run's CI answer."""
+        return bool(self.parity)
+
 
 def run_all(config: TrainConfig, bench_config: BenchConfig, *, command: str,
             log: Callable[[str], None]) -> RunResult:

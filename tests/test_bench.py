@@ -238,7 +238,9 @@ def test_report_warns_when_the_bundle_model_changed(bench_result, tmp_path):
 
 
 def test_worker_crash_and_timeout_become_error_rows(tiny_bundle, monkeypatch, tmp_path):
-    from pipeline import bench
+    import importlib
+
+    bench = importlib.import_module("pipeline.bench")
 
     hang = tmp_path / "hang.sh"
     hang.write_text("#!/bin/sh\nsleep 30\n")

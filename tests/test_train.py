@@ -82,7 +82,7 @@ def _interrupt_inside_epoch(monkeypatch, epoch: int, after_steps: int) -> None:
         return result
 
     monkeypatch.setattr(AdamW, "step", step)
-    monkeypatch.setattr("pipeline.train.train_one_epoch", counting_train)
+    monkeypatch.setattr(sys.modules["pipeline.train"], "train_one_epoch", counting_train)
 
 
 def test_ctrl_c_inside_an_epoch_resumes_exactly(tmp_path, monkeypatch):

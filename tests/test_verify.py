@@ -98,7 +98,7 @@ def test_verify_never_passes_on_nothing(tiny_bundle, monkeypatch):
     assert result.exit_code == 3, result.output
     assert "both onnxruntime and onnxruntime-gpu are installed" in result.stdout
     parity = json.loads((tiny_bundle / "parity.json").read_text())
-    ort_pairs = [p for p in parity["pairs"] if p["candidate"].endswith("ort-cpu")]
+    ort_pairs = [p for p in parity["pairs"] if p["candidate"].endswith("-ort-cpu")]
     assert ort_pairs and not any(p["passed"] for p in ort_pairs)
     assert all(p["environment"] for p in ort_pairs) and not parity["passed"]
 
