@@ -206,9 +206,20 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
           batch_sizes: str | Sequence[int] = (1, 8, 32), iterations: int = 200,
           seconds: float = 5.0, warmup_seconds: float = 1.0, threads: int | None = None,
           images: str | Path | None = None, budget_ms: float | None = None,
-          progress: bool = False, command: str | None = None) -> BenchResult:
+          progress: bool = False, command: str | None = None, scenario: str = "single-stream",
+          concurrency: str | Sequence[int] = (1, 4, 16), log: Log = stderr_log) -> BenchResult:
     """Time every backend (each in its own process); writes latency.json, report.md and
-    latency.png into the bundle. ``command`` is recorded as what made the numbers."""
+    latency.png into the bundle. ``command`` is recorded as what made the numbers.
+
+    ``scenario="server"`` serves the bundle with Triton instead and drives it with each
+    ``concurrency`` of loopback clients for ``seconds``, beside a fresh single-stream ORT
+    batch-1 baseline; the rows go into latency.json's ``server`` section."""
+    if scenario not in ("single-stream", "server"):
+        raise InputError(f"unknown --scenario {scenario!r}; choose from: single-stream, server")
+    if scenario == "server":
+        return _bench_server(Path(bundle), concurrency=concurrency, seconds=seconds,
+                             warmup_seconds=warmup_seconds, threads=threads, budget_ms=budget_ms,
+                             iterations=iterations, progress=progress, command=command, log=log)
     from pipeline.bench import BenchConfig, run_bench
     from pipeline.bundle import Bundle
     from pipeline.images import find_images
@@ -233,14 +244,30 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
 
 
 def predict(model: str | Path, images: str | Path | Sequence[str | Path], *, top_k: int = 5,
-            provider: str = "cpu", runtime: str = "ort", precision: str = "fp32") -> list["Prediction"]:
-    """Classify image files or folders with a bundle, a bare .onnx or a model.pt2. A file that
-    cannot be read is a Prediction with ``error`` set; the others are still classified."""
+            provider: str = "cpu", runtime: str = "ort", precision: str = "fp32",
+            server: str | None = None) -> list["Prediction"]:
+    """Classify image files or folders with a bundle, a bare .onnx or a model.pt2, or through
+    the Triton server at ``server`` (a URL) that serves the bundle. A file that cannot be read
+    is a Prediction with ``error`` set; the others are still classified."""
     from pipeline.predict import predict as run_predict
 
     items = [images] if isinstance(images, (str, Path)) else list(images)
     return run_predict(Path(model), [Path(p) for p in items], k=top_k, provider=provider,
-                       runtime=runtime, precision=precision)
+                       runtime=runtime, precision=precision, server=server)
+
+
+def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int = 8001,
+          metrics_port: int = 8002, max_batch_size: int = 32, queue_delay_us: int = 2000,
+          instances: int = 1, threads: int | None = None, precision: str = "fp32",
+          on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Serve the bundle with Triton (HTTP, gRPC, dynamic batching) until SIGTERM or Ctrl-C."""
+    from pipeline.serve import ServeOptions
+    from pipeline.serve import serve as run_serve
+
+    run_serve(Path(bundle), ServeOptions(host=host, port=port, grpc_port=grpc_port,
+                                         metrics_port=metrics_port, max_batch_size=max_batch_size,
+                                         queue_delay_us=queue_delay_us, instances=instances,
+                                         threads=threads, precision=precision), on_ready=on_ready)
 
 
 def run(arch: str | None = None, data: str | None = None, *,
@@ -272,3 +299,59 @@ def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget
     files = [Path(p) for p in latency_files]
     command = command or "python -m pipeline report " + " ".join(str(p) for p in files)
     return write_comparison(files, out, budget_ms, command, force=force)
+
+
+def deploy_triton(bundle: str | Path, out: str | Path, *, name: str | None = None,
+                  target: str = "cpu", precision: str | None = None, max_batch_size: int = 64,
+                  instances: int = 1) -> dict[str, Any]:
+    """Write a Triton model repository (ONNX Runtime backend) for the bundle into ``out``."""
+    from pipeline.deploy import TritonOptions, triton_repository
+
+    return triton_repository(Path(bundle), Path(out), TritonOptions(
+        name=name, target=target, precision=precision, max_batch_size=max_batch_size,
+        instances=instances))
+
+
+def _bench_server(bundle: Path, *, concurrency: str | Sequence[int], seconds: float,
+                  warmup_seconds: float, threads: int | None, budget_ms: float | None,
+                  iterations: int, progress: bool, command: str | None, log: Log) -> BenchResult:
+    import datetime
+
+    from pipeline.bench import BenchConfig, run_bench
+    from pipeline.bundle import LATENCY, Bundle
+    from pipeline.loadtest import ServerScenario, best_within, check, run_server_scenario
+    from pipeline.report import load_latency, record_bench, stale_parity_warnings, write_bench_outputs
+
+    scenario = ServerScenario(concurrency=int_list(concurrency, "--concurrency"), seconds=seconds,
+                              warmup_s=max(warmup_seconds, 1.0), threads=threads)
+    check(scenario)
+    target = Bundle.open(bundle)
+    started = time.perf_counter()
+    threads = threads or os.cpu_count() or 1
+    ceiling_batch = min(max(scenario.concurrency), scenario.max_batch_size)
+    log(f"single-stream baseline: ort-cpu fp32 at batch 1 (and {ceiling_batch}, what dynamic "
+        f"batching could reach at most)")
+    base_doc = run_bench(target.root, BenchConfig(backends=("ort-cpu:fp32",),
+                                                  batch_sizes=tuple(sorted({1, ceiling_batch})),
+                                                  iterations=iterations, seconds=seconds,
+                                                  warmup_s=warmup_seconds, threads=threads),
+                         progress=progress)
+    good = [r for r in base_doc["rows"] if r["status"] == "ok"]
+    baseline = next((r for r in good if r["batch"] == 1), None)
+    ceiling = next((r for r in good if r["batch"] == ceiling_batch and ceiling_batch > 1), None)
+    result = run_server_scenario(target.root, scenario, log)
+    try:
+        doc = load_latency(target.path(LATENCY))  # keep the single-stream rows measured before
+    except InputError:
+        doc = base_doc
+    doc["server"] = {"scenario": "server", "rows": result["rows"], "baseline": baseline,
+                     "batched_ceiling": ceiling,
+                     "stop": result["server_stop"], "budget_ms": budget_ms,
+                     "best": best_within(result["rows"], budget_ms), "seconds": seconds,
+                     "warmup_s": scenario.warmup_s, "max_batch_size": scenario.max_batch_size,
+                     "queue_delay_us": scenario.queue_delay_us, "threads": threads,
+                     "command": command or f"pipeline.bench({str(bundle)!r}, scenario='server')",
+                     "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    advice = write_bench_outputs(doc, target.root, budget_ms)
+    record_bench(target.root, time.perf_counter() - started)
+    return BenchResult(target.root, doc, advice, stale_parity_warnings(target))

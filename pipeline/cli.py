@@ -414,6 +414,11 @@ def _registry_help() -> str:
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Also run the classic per-image loop over these files.")
 @click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
+@click.option("--scenario", type=click.Choice(["single-stream", "server"]), default="single-stream",
+              show_default=True, help="server: serve with Triton and drive it with concurrent "
+                                      "loopback clients (the serving extra).")
+@click.option("--concurrency", default="1,4,16", show_default=True,
+              help="Concurrent clients per load level (--scenario server).")
 @click.option("--strict", is_flag=True, help="Exit 3 if any requested backend could not run.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the per-image lines of the --images loop.")
 @click.option("--json", "as_json", is_flag=True, help="Print latency JSON only on stdout.")
@@ -421,7 +426,8 @@ def _registry_help() -> str:
 def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: str | None,
           batch_sizes: str, iterations: int,
           seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
-          budget_ms: float | None, strict: bool, verbose: bool, as_json: bool) -> None:
+          budget_ms: float | None, scenario: str, concurrency: str, strict: bool, verbose: bool,
+          as_json: bool) -> None:
     """Per-image latency on every backend this machine has, each in its own process.
 
     Writes latency.json, report.md and latency.png into the bundle.
@@ -431,6 +437,7 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18
       python -m pipeline bench exported/resnet18 --backends ort-cpu,torch-cpu --batch-sizes 1,8
       python -m pipeline bench exported/resnet18 --images photos/ --budget-ms 20 --verbose
+      python -m pipeline bench exported/resnet18 --scenario server --concurrency 1,4,16 --seconds 10
     """
     from pipeline.api import bench as api_bench
     from pipeline.bench import format_table
@@ -438,9 +445,14 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
     result = api_bench(bundle, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
                        iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
                        threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
-                       command=_command_line("bench", bundle))
+                       command=_command_line("bench", bundle), scenario=scenario,
+                       concurrency=concurrency, log=_log)
     if as_json:
         emit_json(result.doc)
+    elif scenario == "server":
+        from pipeline.report import server_lines
+
+        click.echo("\n".join(server_lines(result.doc["server"])))
     else:
         click.echo(format_table(result.rows))
         _print_image_loops(result.doc["images"], verbose)
@@ -505,6 +517,98 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, 
         _log(f"wrote {out}/report.md and {out}/report.png")
 
 
+# ----------------------------------------------------------------------------- deploy
+@cli.group()
+def deploy() -> None:
+    """Package a bundle for a serving system.
+
+    \b
+    Example:
+      python -m pipeline deploy triton exported/resnet18 --out model_repository
+    """
+
+
+@deploy.command("triton")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The model repository folder to write (tritonserver --model-repository).")
+@click.option("--name", default=None, help="Model name in the repository (default: the arch).")
+@click.option("--target", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: KIND_CPU instances, fp32. gpu: KIND_GPU with the TensorRT accelerator.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="TensorRT precision for --target gpu (default fp16; int8 serves model.int8.onnx).")
+@click.option("--max-batch-size", type=int, default=64, show_default=True,
+              help="Triton's max_batch_size (the ONNX batch axis is dynamic).")
+@click.option("--instances", type=int, default=1, show_default=True, help="instance_group count.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON only.")
+def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precision: str | None,
+                  max_batch_size: int, instances: int, as_json: bool) -> None:
+    """Write a Triton model repository (ONNX Runtime backend) for the bundle.
+
+    Preferred batch sizes for dynamic batching come from the bundle's bench sweep, if any.
+
+    \b
+    Example:
+      python -m pipeline deploy triton exported/resnet18 --out model_repository
+      python -m pipeline deploy triton exported/resnet18 --out repo --target gpu --precision int8
+    """
+    from pipeline.api import deploy_triton as api_deploy_triton
+
+    written = api_deploy_triton(bundle, out, name=name, target=target, precision=precision,
+                                max_batch_size=max_batch_size, instances=instances)
+    if as_json:
+        emit_json(written)
+    else:
+        click.echo(f"wrote {written['config']} ({written['target']}, {written['onnx']}, "
+                   f"max_batch_size {written['max_batch_size']}, preferred batch sizes "
+                   f"{written['preferred_batch_size'] or 'none (run bench for them)'})")
+        click.echo(f"start it with: tritonserver --model-repository {written['repository']}")
+
+
+# ----------------------------------------------------------------------------- serve
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address for HTTP, gRPC and metrics. 0.0.0.0 exposes the server to the network.")
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="gRPC port.")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus metrics port.")
+@click.option("--max-batch-size", type=int, default=32, show_default=True,
+              help="Largest batch the dynamic batcher forms.")
+@click.option("--queue-delay-us", type=int, default=2000, show_default=True,
+              help="How long a request may wait for others to batch with.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads per instance.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
+              show_default=True, help="The bundle's variant to serve.")
+def serve(bundle: Path, host: str, port: int, grpc_port: int, metrics_port: int,
+          max_batch_size: int, queue_delay_us: int, instances: int, threads: int | None,
+          precision: str) -> None:
+    """Serve the bundle with NVIDIA Triton (through PyTriton): HTTP and gRPC, dynamic batching,
+    health and readiness. Stops cleanly on SIGTERM or Ctrl-C. Needs the serving extra.
+
+    \b
+    Example:
+      python -m pipeline serve exported/resnet18
+      python -m pipeline serve exported/resnet18 --port 9000 --max-batch-size 16
+      python -m pipeline predict exported/resnet18 photo.jpg --server http://127.0.0.1:8000
+    """
+    from pipeline.api import serve as api_serve
+
+    def ready(info: dict) -> None:
+        _log(f"serving {info['model']} ({info['model_file']}): {info['model_url']}")
+        _log(f"  infer    POST {info['infer']}  input {info['input']} FP32 "
+             f"[batch, {', '.join(map(str, info['input_shape']))}]")
+        _log(f"  ready    GET  {info['ready']}")
+        _log(f"  grpc     {info['grpc']}   metrics {info['metrics']}")
+        _log("stop with Ctrl-C or SIGTERM")
+
+    api_serve(bundle, host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+              max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, instances=instances,
+              threads=threads, precision=precision, on_ready=ready)
+    _log("stopped")
+
+
 # ----------------------------------------------------------------------------- predict
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
@@ -517,10 +621,13 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, 
                                       "the bundle's model.pt2 (a .pt2 file always runs in PyTorch).")
 @click.option("--precision", default="fp32", show_default=True,
               help="A bundle's variant: fp32, int8, fp16 (quantize writes them), or auto (OpenVINO's choice).")
+@click.option("--server", default=None,
+              help="Classify through the Triton server at this URL (python -m pipeline serve BUNDLE), "
+                   "preprocessing and labelling with the bundle given.")
 @click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON only.")
 @click.pass_context
 def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: int, provider: str,
-            runtime: str, precision: str, as_json: bool) -> None:
+            runtime: str, precision: str, server: str | None, as_json: bool) -> None:
     """Classify images with an exported bundle, a bare .onnx or a bare model.pt2.
 
     Exit 1 if any file could not be classified (the others still are).
@@ -530,6 +637,7 @@ def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: in
       python -m pipeline predict exported/resnet18 photo.jpg more/ --top-k 5
       python -m pipeline predict model.onnx photo.jpg --provider cuda --json
       python -m pipeline predict exported/resnet18/model.pt2 photo.jpg
+      python -m pipeline predict exported/resnet18 photo.jpg --server http://127.0.0.1:8000
       python -m pipeline predict exported/resnet18 photo.jpg --precision int8 --runtime openvino
     """
     from dataclasses import asdict
@@ -537,7 +645,7 @@ def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: in
     from pipeline.api import predict as api_predict
 
     results = api_predict(model, list(images), top_k=top_k, provider=provider, runtime=runtime,
-                          precision=precision)
+                          precision=precision, server=server)
     if as_json:
         emit_json([asdict(result) for result in results])
     for result in results:

@@ -118,13 +118,24 @@ def top_k(probabilities: np.ndarray, names: list[str], k: int) -> list[dict[str,
     return [{"index": int(i), "label": names[i], "probability": float(probabilities[i])} for i in order]
 
 
+def server_runner(target: Path, url: str, precision: str) -> Any:
+    """A runner that sends each batch to the Triton server at ``url`` serving this bundle."""
+    from pipeline.serve import ServerRunner, served_model
+
+    if not Path(target).is_dir():
+        raise InputError(f"--server needs the bundle folder the server serves (for its "
+                         f"preprocessing and classes), not {str(target)!r}")
+    return ServerRunner(url, served_model(Bundle.open(target), precision))
+
+
 def predict(target: Path, inputs: list[Path], *, k: int = 5, provider: str = "cpu",
-            runtime: str = "ort", precision: str = "fp32") -> list[Prediction]:
+            runtime: str = "ort", precision: str = "fp32", server: str | None = None) -> list[Prediction]:
     from pipeline.images import load_batch
 
     if k < 1:
         raise InputError(f"--top-k {k} must be at least 1")
-    runner = make_runner(Path(target), backend_for(runtime, provider), precision)
+    runner = (server_runner(Path(target), server, precision) if server else
+              make_runner(Path(target), backend_for(runtime, provider), precision))
     class_names, prep = labels_and_preprocessing(runner, target)
     files, results = collect_files(inputs)
     if not files and not results:

@@ -166,7 +166,49 @@ def bench_markdown(doc: dict[str, Any], advice: dict[str, Any]) -> str:
     lines += recommendation_lines(advice)
     lines += ["## Results", ""] + rows_table(labelled_rows([doc]), with_machine=False) + [""]
     lines += image_loop_lines(doc.get("images", []))
+    lines += server_lines(doc.get("server"))
     return "\n".join(lines)
+
+
+def server_lines(server: dict[str, Any] | None) -> list[str]:
+    """The server scenario: throughput and latency per concurrency, against single-stream."""
+    if not server:
+        return []
+    base = server.get("baseline") or {}
+    base_ips = base.get("images_per_s")
+    lines = ["## Server scenario (Triton, dynamic batching, loopback clients)", "",
+             f"Command: `{server.get('command', '')}`; {server.get('seconds', '?')} s per level after "
+             f"{server.get('warmup_s', '?')} s of warm-up; batch-1 requests; dynamic batching up to "
+             f"{server.get('max_batch_size', '?')}, queue delay {server.get('queue_delay_us', '?')} us.",
+             "",
+             "| concurrency | images/s | vs single-stream ORT b1 | p50 ms | p90 ms | p99 ms | requests | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in server.get("rows", []):
+        ratio = f"{row['images_per_s'] / base_ips:.2f}x" if base_ips and row["images_per_s"] else "—"
+        lines.append(f"| {row['concurrency']} | {row['images_per_s']:.1f} | {ratio} | "
+                     f"{_fmt(row.get('p50_ms'))} | {_fmt(row.get('p90_ms'))} | {_fmt(row.get('p99_ms'))} | "
+                     f"{row['requests']} | {row['errors']}" + (f" ({row['first_error']})" if row.get("first_error") else "")
+                     + " |")
+    if base_ips:
+        lines += ["", f"Single-stream baseline in the same run: ort-cpu fp32 at batch 1, "
+                      f"{base_ips:.1f} images/s (p50 {base['p50_ms']:.2f} ms)."]
+    ceiling = server.get("batched_ceiling")
+    if ceiling and base_ips:
+        lines.append(f"ort-cpu fp32 at batch {ceiling['batch']} in the same run: "
+                     f"{ceiling['images_per_s']:.1f} images/s ({ceiling['images_per_s'] / base_ips:.2f}x "
+                     f"batch 1), the most that batching requests together could give here.")
+    best = server.get("best")
+    budget = server.get("budget_ms")
+    if best:
+        lines.append(f"Recommended setting: concurrency {best['concurrency']} with dynamic batching up to "
+                     f"{best['max_batch_size']}: {best['images_per_s']:.1f} images/s at p99 "
+                     f"{best['p99_ms']:.1f} ms" + (f", within the {budget:g} ms budget." if budget else "."))
+    elif budget:
+        lines.append(f"No concurrency kept p99 within the {budget:g} ms budget.")
+    stop = server.get("stop") or {}
+    lines += ["", f"Server stopped by SIGTERM: exit code {stop.get('exit_code')}, ports free again: "
+                  f"{stop.get('ports_free')}.", ""]
+    return lines
 
 
 def compare_markdown(docs: list[dict[str, Any]], advice: dict[str, Any], command: str,

@@ -1,0 +1,180 @@
+"""``deploy triton``: a standard Triton model repository for the ONNX Runtime backend.
+
+    DIR/<name>/config.pbtxt     platform onnxruntime_onnx, batching, dynamic batching, instances
+    DIR/<name>/1/model.onnx     the bundle's simplified model (or the variant the target needs)
+    DIR/<name>/labels.txt       one class name per line (label_filename of the output)
+    DIR/README.md               how to start tritonserver on it
+
+The config is written in protobuf text format and reads back with Triton's own
+``ModelConfig`` message (tests parse it with ``tritonclient``'s ``model_config_pb2``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.bundle import LATENCY, ONNX, ONNX_INT8, Bundle, atomic_path, ensure_writable_dir
+from pipeline.errors import InputError
+
+TARGETS = ("cpu", "gpu")
+GPU_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_MAX_BATCH = 64
+DEFAULT_QUEUE_DELAY_US = 2000
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    name: str | None = None
+    target: str = "cpu"  # cpu: KIND_CPU instances; gpu: KIND_GPU + the TensorRT accelerator
+    precision: str | None = None  # gpu: fp32, fp16 or int8 (default: the best variant present)
+    max_batch_size: int = DEFAULT_MAX_BATCH
+    instances: int = 1
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+
+
+def check_options(options: TritonOptions) -> None:
+    if options.target not in TARGETS:
+        raise InputError(f"unknown --target {options.target!r}; choose from: {', '.join(TARGETS)}")
+    if options.precision is not None and options.precision not in GPU_PRECISIONS:
+        raise InputError(f"--precision {options.precision!r} is not one of {', '.join(GPU_PRECISIONS)}")
+    if options.precision not in (None, "fp32") and options.target != "gpu":
+        raise InputError(f"--precision {options.precision} picks the TensorRT precision of a GPU "
+                         f"target; add --target gpu (CPU instances run the fp32 model)")
+    if options.max_batch_size < 1:
+        raise InputError(f"--max-batch-size {options.max_batch_size} must be at least 1")
+    if options.instances < 1:
+        raise InputError(f"--instances {options.instances} must be at least 1")
+    if options.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", options.name):
+        raise InputError(f"--name {options.name!r} must use letters, digits, '_', '.' and '-' only")
+
+
+def preferred_batch_sizes(bundle: Bundle, max_batch: int) -> list[int]:
+    """Batch sizes the bench sweep measured on this machine (above 1, within max_batch)."""
+    path = bundle.path(LATENCY)
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")).get("rows", [])
+    except ValueError:
+        return []
+    sizes = {int(r["batch"]) for r in rows if r.get("status") == "ok" and r.get("backend", "").startswith("ort-")}
+    return sorted(size for size in sizes if 1 < size <= max_batch)
+
+
+def _model_for(bundle: Bundle, options: TritonOptions) -> tuple[Path, str]:
+    """The ONNX file to serve and the TensorRT precision (GPU target) it is meant for."""
+    if options.target == "cpu":
+        return bundle.path(bundle.fp32_onnx()), "fp32"
+    precision = options.precision
+    if precision is None:  # the best variant the bundle has, for the GPU
+        precision = "fp16"
+    if precision == "int8":
+        if not bundle.path(ONNX_INT8).is_file():
+            raise InputError(f"{bundle.root} has no {ONNX_INT8} for a TensorRT int8 target; make it "
+                             f"with: python -m pipeline quantize {bundle.root} --precision int8")
+        return bundle.path(ONNX_INT8), "int8"
+    # TensorRT builds its fp16 engine from the fp32 graph (an fp16 ONNX would add casts).
+    return bundle.path(bundle.fp32_onnx()), precision
+
+
+def io_spec(model: Path) -> dict[str, Any]:
+    """Input/output names, dims without the batch axis, and whether the batch axis is dynamic."""
+    import onnx
+
+    from pipeline.export import graph_input
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    first, out = graph_input(graph), graph.output[0]
+
+    def dims(value: Any) -> list[Any]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    in_dims, out_dims = dims(first), dims(out)
+    dynamic = bool(in_dims) and isinstance(in_dims[0], str)
+    if not dynamic:
+        raise InputError(f"{model.name} has a fixed batch axis ({in_dims[0]}); Triton batching needs "
+                         f"the dynamic one that python -m pipeline export writes")
+    if elem_type(first) != 1 or elem_type(out) != 1:
+        raise InputError(f"{model.name}: input and output must be float32 (this one is not)")
+    return {"input": first.name, "input_dims": in_dims[1:], "output": out.name,
+            "output_dims": out_dims[1:]}
+
+
+def elem_type(value: Any) -> int:
+    return value.type.tensor_type.elem_type
+
+
+def config_text(name: str, spec: dict[str, Any], options: TritonOptions, preferred: list[int],
+                precision: str) -> str:
+    """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
+    def dims(values: list[Any]) -> str:
+        return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"',
+             f"max_batch_size: {options.max_batch_size}",
+             "input [", "  {", f'    name: "{spec["input"]}"', "    data_type: TYPE_FP32",
+             f"    dims: {dims(spec['input_dims'])}", "  }", "]",
+             "output [", "  {", f'    name: "{spec["output"]}"', "    data_type: TYPE_FP32",
+             f"    dims: {dims(spec['output_dims'])}", '    label_filename: "labels.txt"', "  }", "]",
+             "dynamic_batching {"]
+    if preferred:
+        lines.append(f"  preferred_batch_size: {dims(preferred)}")
+    lines += [f"  max_queue_delay_microseconds: {options.queue_delay_us}", "}",
+              "instance_group [", "  {", f"    count: {options.instances}",
+              f"    kind: {'KIND_GPU' if options.target == 'gpu' else 'KIND_CPU'}", "  }", "]"]
+    if options.target == "gpu":
+        lines += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator [",
+                  "      {", '        name: "tensorrt"',
+                  f'        parameters {{ key: "precision_mode" value: "{precision.upper()}" }}',
+                  '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
+                  '        parameters { key: "trt_engine_cache_enable" value: "1" }',
+                  "      }", "    ]", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def triton_repository(bundle_dir: Path | str, out: Path | str,
+                      options: TritonOptions = TritonOptions()) -> dict[str, Any]:
+    """Write the model repository; returns what was written."""
+    check_options(options)
+    bundle = Bundle.open(Path(bundle_dir))
+    manifest = bundle.read_manifest()
+    if ONNX not in manifest.get("artifacts", {}):
+        raise InputError(f"{bundle.root} has no exported ONNX model; run: python -m pipeline "
+                         f"export --out {bundle.root}")
+    model, precision = _model_for(bundle, options)
+    bundle.check_integrity([model.name])  # never ship a file that changed since export
+    spec = io_spec(model)
+    name = options.name or re.sub(r"[^A-Za-z0-9_.-]", "_", manifest["model"]["arch"])
+    preferred = preferred_batch_sizes(bundle, options.max_batch_size)
+    class_names = manifest["model"]["class_names"]
+    if len(class_names) != (spec["output_dims"] or [0])[-1]:
+        raise InputError(f"{bundle.root}: {len(class_names)} class names for "
+                         f"{spec['output_dims']} outputs; re-export the bundle")
+    root = ensure_writable_dir(Path(out))
+    folder = root / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "1" / "model.onnx") as tmp:
+        shutil.copyfile(model, tmp)
+    with atomic_path(folder / "labels.txt") as tmp:
+        tmp.write_text("".join(f"{label}\n" for label in class_names), encoding="utf-8")
+    text = config_text(name, spec, options, preferred, precision)
+    with atomic_path(folder / "config.pbtxt") as tmp:  # last: a repository with a config is complete
+        tmp.write_text(text, encoding="utf-8")
+    readme = (f"# Triton model repository\n\nMade by `python -m pipeline deploy triton "
+              f"{bundle.root} --out {root}` from {model.name} (sha256 "
+              f"{manifest['artifacts'].get(model.name, {}).get('sha256', '?')}).\n\n"
+              f"Start it with:\n\n    tritonserver --model-repository {root.resolve()}\n\n"
+              f"or in a container: `docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v "
+              f"{root.resolve()}:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
+              f"--model-repository=/models`.\n")
+    with atomic_path(root / "README.md") as tmp:
+        tmp.write_text(readme, encoding="utf-8")
+    return {"repository": str(root), "model": name, "config": str(folder / "config.pbtxt"),
+            "onnx": model.name, "precision": precision, "target": options.target,
+            "max_batch_size": options.max_batch_size, "preferred_batch_size": preferred}
+

@@ -1,0 +1,248 @@
+"""``serve``: a real inference server for a bundle: NVIDIA Triton, started through PyTriton.
+
+Triton does the serving: HTTP and gRPC (KServe v2 protocol), dynamic batching, health and
+readiness endpoints (``/v2/health/live``, ``/v2/health/ready``), metrics, and the validation of
+every request against the model's declared input (name, float32, ``[batch, 3, H, W]``). The
+model itself is the bundle's ONNX file in an ONNX Runtime session, called once per batch
+that Triton's dynamic batcher forms.
+
+Addresses are explicit: Triton would otherwise listen on every interface, so HTTP, gRPC and
+metrics all bind to ``--host`` (127.0.0.1 unless told otherwise). SIGTERM and Ctrl-C stop
+the server and free its ports.
+
+PyTriton's Python-backend stub links the system ``libpython``; where the interpreter is
+another build of the same version, model start-up fails (``'_thread.RLock' object has no
+attribute '_recursion_count'``). The server process therefore gets ``LD_LIBRARY_PATH`` led by
+the running interpreter's own library folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.bundle import ONNX, Bundle
+from pipeline.errors import EnvironmentUnavailable, InputError
+
+INSTALL_HINT = 'pip install -e ".[serving]"'
+DEFAULT_MAX_BATCH = 32
+DEFAULT_QUEUE_DELAY_US = 2000
+# On SIGTERM Triton lets in-flight requests finish, but not a client that stalls mid-upload
+# for its default 30 s.
+EXIT_TIMEOUT_S = 5
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # HTTP
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = DEFAULT_MAX_BATCH
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    instances: int = 1
+    threads: int | None = None
+    precision: str = "fp32"
+
+
+def serving_problem() -> str | None:
+    """Why this environment cannot serve, or None."""
+    try:
+        import pytriton  # noqa: F401
+        import tritonclient.http  # noqa: F401
+    except ImportError as exc:
+        return f"the serving extra is not installed ({exc.name}); install it with: {INSTALL_HINT}"
+    return None
+
+
+def check_options(options: ServeOptions) -> None:
+    for flag, port in (("--port", options.port), ("--grpc-port", options.grpc_port),
+                       ("--metrics-port", options.metrics_port)):
+        if not 1 <= port <= 65535:
+            raise InputError(f"{flag} {port} is not a TCP port (1..65535)")
+    if len({options.port, options.grpc_port, options.metrics_port}) != 3:
+        raise InputError(f"--port, --grpc-port and --metrics-port must differ (got {options.port}, "
+                         f"{options.grpc_port}, {options.metrics_port})")
+    if options.max_batch_size < 1 or options.instances < 1 or options.queue_delay_us < 0:
+        raise InputError("--max-batch-size and --instances must be >= 1 and --queue-delay-us >= 0")
+
+
+def check_ports_free(options: ServeOptions) -> None:
+    """Exit 3 naming the port and its option, before Triton starts and fails less clearly."""
+    for flag, port in (("--port", options.port), ("--grpc-port", options.grpc_port),
+                       ("--metrics-port", options.metrics_port)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As servers bind: a port whose old connections linger in TIME_WAIT is free, one
+            # that something listens on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((options.host, port))
+            except OSError as exc:
+                raise EnvironmentUnavailable(f"port {port} on {options.host} is not free "
+                                             f"({exc.strerror}); choose another with {flag}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral port nothing listens on now (for tests and the load generator)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def with_own_libpython(env: dict[str, str]) -> dict[str, str]:
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    parts = [p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p]
+    return {**env, "LD_LIBRARY_PATH": os.pathsep.join(parts)}
+
+
+@dataclass
+class ServedModel:
+    name: str
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, int, int]
+    classes: int
+    model_file: Path
+
+
+def served_model(bundle: Bundle, precision: str) -> ServedModel:
+    from pipeline.backends import get_backend
+    from pipeline.deploy import io_spec
+
+    manifest = bundle.read_manifest()
+    if ONNX not in manifest.get("artifacts", {}):
+        raise InputError(f"{bundle.root} has no exported ONNX model; run: python -m pipeline "
+                         f"export --out {bundle.root}")
+    path = get_backend("ort-cpu").model_file(bundle, precision)
+    bundle.check_integrity([path.name])
+    spec = io_spec(path)
+    return ServedModel(name=manifest["model"]["arch"], input_name=spec["input"],
+                       output_name=spec["output"], input_shape=tuple(spec["input_dims"]),
+                       classes=int(spec["output_dims"][0]), model_file=path)
+
+
+def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
+          on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Serve the bundle until SIGTERM or Ctrl-C; ``on_ready`` gets the endpoints once ready."""
+    check_options(options)
+    bundle = Bundle.open(Path(bundle_dir))
+    model = served_model(bundle, options.precision)
+    problem = serving_problem()
+    if problem:
+        raise EnvironmentUnavailable(f"serve: {problem}")
+    check_ports_free(options)
+    os.environ.update(with_own_libpython(dict(os.environ)))
+
+    import numpy as np
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    from pipeline.deploy import preferred_batch_sizes
+    from pipeline.runners import OrtRunner
+
+    runners = [OrtRunner(model.model_file, provider="cpu", threads=options.threads,
+                         precision=options.precision) for _ in range(options.instances)]
+
+    def make_infer(runner: OrtRunner) -> Callable[..., dict[str, np.ndarray]]:
+        @batch
+        def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+            return {model.output_name: runner.infer(inputs[model.input_name])}
+        return infer
+
+    config = TritonConfig(http_address=options.host, http_port=options.port,
+                          grpc_address=options.host, grpc_port=options.grpc_port,
+                          metrics_address=options.host, metrics_port=options.metrics_port,
+                          allow_sagemaker=False, allow_vertex_ai=False, exit_on_error=True,
+                          exit_timeout_secs=EXIT_TIMEOUT_S)
+    preferred = preferred_batch_sizes(bundle, options.max_batch_size) or None
+    triton = Triton(config=config)
+    _stop_on_sigterm()
+    try:
+        triton.bind(model_name=model.name, infer_func=[make_infer(r) for r in runners],
+                    inputs=[Tensor(name=model.input_name, dtype=np.float32, shape=model.input_shape)],
+                    outputs=[Tensor(name=model.output_name, dtype=np.float32, shape=(model.classes,))],
+                    config=ModelConfig(max_batch_size=options.max_batch_size,
+                                       batcher=DynamicBatcher(
+                                           max_queue_delay_microseconds=options.queue_delay_us,
+                                           preferred_batch_size=preferred)),
+                    strict=True)
+        triton.run()
+        if on_ready:
+            on_ready(endpoints(model, options))
+        triton.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        triton.stop()
+
+
+def endpoints(model: ServedModel, options: ServeOptions) -> dict[str, Any]:
+    base = f"http://{options.host}:{options.port}"
+    return {"model": model.name, "http": base, "grpc": f"{options.host}:{options.grpc_port}",
+            "metrics": f"http://{options.host}:{options.metrics_port}/metrics",
+            "model_url": f"{base}/v2/models/{model.name}", "ready": f"{base}/v2/health/ready",
+            "infer": f"{base}/v2/models/{model.name}/infer", "input": model.input_name,
+            "input_shape": list(model.input_shape), "output": model.output_name,
+            "model_file": model.model_file.name}
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops the server the way Ctrl-C does (PyTriton's serve loop handles that)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ----------------------------------------------------------------------------- client
+class ServerRunner:
+    """The runner interface over a served model: ``infer`` sends the batch to Triton (HTTP,
+    binary tensors) and returns its logits. predict uses it with ``--server URL``."""
+
+    def __init__(self, url: str, model: ServedModel, *, timeout_s: float = 60.0) -> None:
+        problem = serving_problem()
+        if problem:
+            raise EnvironmentUnavailable(f"--server: {problem}")
+        import tritonclient.http as http
+
+        self.http = http
+        self.model = model
+        self.url = url.removeprefix("http://").rstrip("/")
+        self.name = "triton-http"
+        self.device = "server"
+        self.provider = f"triton:{self.url}"
+        self.precision = "fp32"
+        self.model_path = model.model_file
+        self.client = http.InferenceServerClient(self.url, connection_timeout=timeout_s,
+                                                 network_timeout=timeout_s)
+        try:
+            ready = self.client.is_model_ready(model.name)
+        except Exception as exc:  # connection refused, DNS, timeout: the server is not there
+            raise EnvironmentUnavailable(f"no Triton server answers at {url} ({type(exc).__name__}: "
+                                         f"{str(exc)[:120]}); start one with python -m pipeline "
+                                         f"serve BUNDLE") from None
+        if not ready:
+            raise EnvironmentUnavailable(f"the server at {url} has no ready model {model.name!r}")
+
+    def infer(self, batch: Any) -> Any:
+        import numpy as np
+
+        request = self.http.InferInput(self.model.input_name, list(batch.shape), "FP32")
+        request.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32), binary_data=True)
+        wanted = self.http.InferRequestedOutput(self.model.output_name, binary_data=True)
+        result = self.client.infer(self.model.name, [request], outputs=[wanted])
+        return result.as_numpy(self.model.output_name)
+
+    def metadata(self) -> dict[str, str]:
+        from pipeline.export import read_onnx_metadata
+
+        return read_onnx_metadata(self.model.model_file)
+
+    def synchronize(self) -> None:
+        pass
