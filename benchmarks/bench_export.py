@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.machine import cpu_summary
+
 TARGETS = {"resnet18": ("wall", 20.0), "resnet50": ("wall", 40.0), "resnet152": ("rss", 3.0)}
 HELP_TARGET_S = 1.0
 
@@ -73,7 +75,7 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/bench_export.py --archs {args.archs} --repeats {args.repeats}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Machine: {cpu_summary()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}. Defaults: dynamo exporter, opset 18, onnxsim, "
         f"verify on CPU. Wall time includes interpreter start-up and the verify stage. "
         f"Peak RSS is in GiB (2^30 bytes), the largest of the runs; the RSS target of "
