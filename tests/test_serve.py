@@ -188,6 +188,7 @@ def test_bundle_without_an_export_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_server_scenario_bench(tiny_bundle: Path) -> None:
     result = run_cli("bench", tiny_bundle, "--scenario", "server", "--concurrency", "1,4",
                      "--seconds", "2", "--warmup-seconds", "1", "--iterations", "10",
