@@ -217,9 +217,19 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     if scenario not in ("single-stream", "server"):
         raise InputError(f"unknown --scenario {scenario!r}; choose from: single-stream, server")
     if scenario == "server":
-        return _bench_server(Path(bundle), concurrency=concurrency, seconds=seconds,
-                             warmup_seconds=warmup_seconds, threads=threads, budget_ms=budget_ms,
-                             iterations=iterations, progress=progress, command=command, log=log)
+        from pipeline.bundle import Bundle
+        from pipeline.loadtest import ServerScenario, server_bench
+        from pipeline.report import stale_parity_warnings
+
+        target = Bundle.open(Path(bundle))
+        doc, advice = server_bench(
+            target, ServerScenario(concurrency=int_list(concurrency, "--concurrency"),
+                                   seconds=seconds, warmup_s=max(warmup_seconds, 1.0),
+                                   threads=threads),
+            iterations=iterations, warmup_seconds=warmup_seconds, budget_ms=budget_ms,
+            progress=progress, command=command or f"pipeline.bench({str(bundle)!r}, scenario='server')",
+            log=log)
+        return BenchResult(target.root, doc, advice, stale_parity_warnings(target))
     from pipeline.bench import BenchConfig, run_bench
     from pipeline.bundle import Bundle
     from pipeline.images import find_images
@@ -310,48 +320,3 @@ def deploy_triton(bundle: str | Path, out: str | Path, *, name: str | None = Non
     return triton_repository(Path(bundle), Path(out), TritonOptions(
         name=name, target=target, precision=precision, max_batch_size=max_batch_size,
         instances=instances))
-
-
-def _bench_server(bundle: Path, *, concurrency: str | Sequence[int], seconds: float,
-                  warmup_seconds: float, threads: int | None, budget_ms: float | None,
-                  iterations: int, progress: bool, command: str | None, log: Log) -> BenchResult:
-    import datetime
-
-    from pipeline.bench import BenchConfig, run_bench
-    from pipeline.bundle import LATENCY, Bundle
-    from pipeline.loadtest import ServerScenario, best_within, check, run_server_scenario
-    from pipeline.report import load_latency, record_bench, stale_parity_warnings, write_bench_outputs
-
-    scenario = ServerScenario(concurrency=int_list(concurrency, "--concurrency"), seconds=seconds,
-                              warmup_s=max(warmup_seconds, 1.0), threads=threads)
-    check(scenario)
-    target = Bundle.open(bundle)
-    started = time.perf_counter()
-    threads = threads or os.cpu_count() or 1
-    ceiling_batch = min(max(scenario.concurrency), scenario.max_batch_size)
-    log(f"single-stream baseline: ort-cpu fp32 at batch 1 (and {ceiling_batch}, what dynamic "
-        f"batching could reach at most)")
-    base_doc = run_bench(target.root, BenchConfig(backends=("ort-cpu:fp32",),
-                                                  batch_sizes=tuple(sorted({1, ceiling_batch})),
-                                                  iterations=iterations, seconds=seconds,
-                                                  warmup_s=warmup_seconds, threads=threads),
-                         progress=progress)
-    good = [r for r in base_doc["rows"] if r["status"] == "ok"]
-    baseline = next((r for r in good if r["batch"] == 1), None)
-    ceiling = next((r for r in good if r["batch"] == ceiling_batch and ceiling_batch > 1), None)
-    result = run_server_scenario(target.root, scenario, log)
-    try:
-        doc = load_latency(target.path(LATENCY))  # keep the single-stream rows measured before
-    except InputError:
-        doc = base_doc
-    doc["server"] = {"scenario": "server", "rows": result["rows"], "baseline": baseline,
-                     "batched_ceiling": ceiling,
-                     "stop": result["server_stop"], "budget_ms": budget_ms,
-                     "best": best_within(result["rows"], budget_ms), "seconds": seconds,
-                     "warmup_s": scenario.warmup_s, "max_batch_size": scenario.max_batch_size,
-                     "queue_delay_us": scenario.queue_delay_us, "threads": threads,
-                     "command": command or f"pipeline.bench({str(bundle)!r}, scenario='server')",
-                     "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    advice = write_bench_outputs(doc, target.root, budget_ms)
-    record_bench(target.root, time.perf_counter() - started)
-    return BenchResult(target.root, doc, advice, stale_parity_warnings(target))

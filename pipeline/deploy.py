@@ -11,7 +11,6 @@ The config is written in protobuf text format and reads back with Triton's own
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -55,12 +54,11 @@ def check_options(options: TritonOptions) -> None:
 
 def preferred_batch_sizes(bundle: Bundle, max_batch: int) -> list[int]:
     """Batch sizes the bench sweep measured on this machine (above 1, within max_batch)."""
-    path = bundle.path(LATENCY)
-    if not path.is_file():
-        return []
+    from pipeline.report import load_latency
+
     try:
-        rows = json.loads(path.read_text(encoding="utf-8")).get("rows", [])
-    except ValueError:
+        rows = load_latency(bundle.path(LATENCY))["rows"]
+    except InputError:  # no sweep yet, or one this version cannot read
         return []
     sizes = {int(r["batch"]) for r in rows if r.get("status") == "ok" and r.get("backend", "").startswith("ort-")}
     return sorted(size for size in sizes if 1 < size <= max_batch)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from pipeline import __version__
 from pipeline.bundle import (AOTI_FILES, DERIVED_FROM_EXPORT, EXPORT_FILES, EXPORT_LOG, ONNX,
-                             ONNX_SIMPLIFIED, PT2, TORCHSCRIPT, WEIGHTS, Bundle,
+                             ONNX_SIMPLIFIED, PARITY, PT2, TORCHSCRIPT, WEIGHTS, Bundle,
                              ensure_writable_dir, save_atomic, write_text_atomic)
 from pipeline.console import Captured, StageTimer, captured
 from pipeline.errors import InputError
@@ -62,13 +62,9 @@ def check_options(options: ExportOptions) -> None:
     if options.aoti and not options.pt2:
         raise InputError("--aoti compiles the torch.export program: drop --no-pt2, or drop --aoti")
     if options.aoti:
-        from pipeline.pt2 import NO_COMPILER_FIX, compiler_problem
+        from pipeline.pt2 import require_compiler
 
-        problem = compiler_problem()  # before any file is touched: exit 3, bundle unchanged
-        if problem:
-            from pipeline.errors import EnvironmentUnavailable
-
-            raise EnvironmentUnavailable(f"--aoti: {problem}; {NO_COMPILER_FIX}")
+        require_compiler()  # before any file is touched: exit 3, bundle unchanged
     if options.exporter not in EXPORTERS:
         raise InputError(f"unknown --exporter {options.exporter!r}; choose from: "
                          f"{', '.join(EXPORTERS)}")
@@ -397,9 +393,8 @@ def _write_export_manifest(bundle: Bundle, loaded: LoadedModel, export_record: d
         manifest.setdefault("stages", {})["export"] = stage
         manifest["warnings"] = [w for w in manifest.get("warnings", []) if w.get("stage") != "export"]
         manifest["warnings"] += [{"stage": "export", "message": text} for text in warnings]
-        for name in (WEIGHTS, TORCHSCRIPT, ONNX, ONNX_SIMPLIFIED, PT2, *AOTI_FILES.values(),
-                     EXPORT_LOG):
-            if bundle.path(name).is_file():
+        for name in EXPORT_FILES:  # parity.json is verify's to record
+            if name != PARITY and bundle.path(name).is_file():
                 bundle.record_artifact(manifest, name, stage="export")
 
     bundle.update_manifest(update)

@@ -48,7 +48,7 @@ def check(scenario: ServerScenario) -> None:
 class Server:
     """``python -m pipeline serve`` in its own process group, stopped by SIGTERM."""
 
-    def __init__(self, bundle: Path, scenario: ServerScenario, log: Callable[[str], None]) -> None:
+    def __init__(self, bundle: Path, scenario: ServerScenario) -> None:
         from pipeline.serve import free_port
 
         self.ports = {"--port": free_port(), "--grpc-port": free_port(), "--metrics-port": free_port()}
@@ -64,7 +64,6 @@ class Server:
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        self.log = log
 
     def wait_ready(self, model: str) -> None:
         import tritonclient.http as http
@@ -174,19 +173,16 @@ def drive(url: str, model: Any, concurrency: int, seconds: float, warmup_s: floa
     return row
 
 
-def run_server_scenario(bundle_dir: Path, scenario: ServerScenario,
+def run_server_scenario(bundle: Any, scenario: ServerScenario,
                         log: Callable[[str], None]) -> dict[str, Any]:
     """Serve the bundle, drive it at every concurrency, stop it; returns rows and the stop."""
-    from pipeline.bundle import Bundle
     from pipeline.serve import serving_problem, served_model
 
-    check(scenario)
-    bundle = Bundle.open(bundle_dir)
     model = served_model(bundle, "fp32")
     problem = serving_problem()
     if problem:
         raise EnvironmentUnavailable(f"--scenario server: {problem}")
-    server = Server(bundle.root, scenario, log)
+    server = Server(bundle.root, scenario)
     rows: list[dict[str, Any]] = []
     try:
         server.wait_ready(model.name)
@@ -203,6 +199,49 @@ def run_server_scenario(bundle_dir: Path, scenario: ServerScenario,
     finally:
         stopped = server.stop()
     return {"rows": rows, "server_stop": stopped, "url": server.url}
+
+
+def server_bench(bundle: Any, scenario: ServerScenario, *, iterations: int, warmup_seconds: float,
+                 budget_ms: float | None, progress: bool, command: str,
+                 log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The server scenario beside fresh single-stream ORT baselines (batch 1, and the largest
+    batch the server could form), into latency.json's ``server`` section and report.md."""
+    import datetime
+
+    from pipeline.bench import BenchConfig, run_bench
+    from pipeline.bundle import LATENCY
+    from pipeline.report import load_latency, record_bench, write_bench_outputs
+
+    check(scenario)
+    started = time.perf_counter()
+    threads = scenario.threads or os.cpu_count() or 1
+    ceiling_batch = min(max(scenario.concurrency), scenario.max_batch_size)
+    log(f"single-stream baseline: ort-cpu fp32 at batch 1 (and {ceiling_batch}, what dynamic "
+        f"batching could reach at most)")
+    base_doc = run_bench(bundle.root, BenchConfig(backends=("ort-cpu:fp32",),
+                                                  batch_sizes=tuple(sorted({1, ceiling_batch})),
+                                                  iterations=iterations, seconds=scenario.seconds,
+                                                  warmup_s=warmup_seconds, threads=threads),
+                         progress=progress)
+    good = [r for r in base_doc["rows"] if r["status"] == "ok"]
+    baseline = next((r for r in good if r["batch"] == 1), None)
+    ceiling = next((r for r in good if r["batch"] == ceiling_batch and ceiling_batch > 1), None)
+    result = run_server_scenario(bundle, scenario, log)
+    try:
+        doc = load_latency(bundle.path(LATENCY))  # keep the single-stream rows measured before
+    except InputError:
+        doc = base_doc
+    doc["server"] = {"scenario": "server", "rows": result["rows"], "baseline": baseline,
+                     "batched_ceiling": ceiling, "stop": result["server_stop"],
+                     "budget_ms": budget_ms, "best": best_within(result["rows"], budget_ms),
+                     "seconds": scenario.seconds, "warmup_s": scenario.warmup_s,
+                     "max_batch_size": scenario.max_batch_size,
+                     "queue_delay_us": scenario.queue_delay_us, "threads": threads,
+                     "command": command,
+                     "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    advice = write_bench_outputs(doc, bundle.root, budget_ms)
+    record_bench(bundle.root, time.perf_counter() - started)
+    return doc, advice
 
 
 def best_within(rows: list[dict[str, Any]], budget_ms: float | None) -> dict[str, Any] | None:

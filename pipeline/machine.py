@@ -41,17 +41,21 @@ CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx51
              "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_flags() -> dict[str, bool]:
-    """Which of ``CPU_FLAGS`` this CPU has; all False where /proc/cpuinfo is unreadable."""
-    found: set[str] = set()
+def cpu_flag_set() -> set[str]:
+    """Every flag /proc/cpuinfo lists for this CPU; empty where it is unreadable."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("flags"):
-                    found = set(line.split(":", 1)[1].split())
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of ``CPU_FLAGS`` this CPU has; all False where /proc/cpuinfo is unreadable."""
+    found = cpu_flag_set()
     return {flag: flag in found for flag in CPU_FLAGS}
 
 

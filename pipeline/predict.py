@@ -1,7 +1,8 @@
 """Classify image files with an exported model: a bundle, a bare .onnx or a bare model.pt2.
 
 A bare .onnx carries its preprocessing and class names in ``metadata_props``, a model.pt2 the
-same keys in its ``extra/pipeline.json`` (both written by export), so nothing else is needed. Bad files get a per-file error and the rest still run.
+same keys in its ``extra/pipeline.json`` (both written by export), so nothing else is needed.
+Bad files get a per-file error and the rest still run.
 """
 
 from __future__ import annotations

@@ -33,32 +33,56 @@ if TYPE_CHECKING:
 
 METADATA_FILE = "pipeline.json"  # extra/pipeline.json inside the archive
 MAX_BATCH = 4096
+# Constants stored as pickled objects (torch 2.11 has only the first name; 2.14 both).
+PICKLED_OBJECT_PREFIXES = ("custom_obj_", "opaque_obj_")
 
 
 @dataclass
 class Archive:
-    """A .pt2 file read once: its records by name (the archive's root folder stripped)."""
+    """A .pt2 file read once: its bytes, the zip over them, and its records by name (the
+    archive's root folder stripped)."""
 
     path: Path
     data: bytes
+    zip: zipfile.ZipFile
     records: dict[str, str] = field(default_factory=dict)  # record -> zip member name
 
     @property
     def is_aoti(self) -> bool:
-        return any(name.startswith("data/aotinductor/") for name in self.records)
+        return is_aoti_records(self.records)
 
     def read(self, record: str) -> bytes:
-        with zipfile.ZipFile(io.BytesIO(self.data)) as archive:
-            return archive.read(self.records[record])
+        return self.zip.read(self.records[record])
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, str]:
+        """``extra/pipeline.json``: the same keys as the ONNX file's metadata_props."""
         record = f"extra/{METADATA_FILE}"
         if record not in self.records:
             return {}
         try:
-            return json.loads(self.read(record))
-        except ValueError:
-            raise InputError(f"{str(self.path)!r}: its extra/{METADATA_FILE} is not JSON") from None
+            return {key: str(value) for key, value in json.loads(self.read(record)).items()}
+        except (ValueError, AttributeError):
+            raise InputError(f"{str(self.path)!r}: its extra/{METADATA_FILE} is not a JSON "
+                             f"object") from None
+
+
+def is_aoti_records(records: Any) -> bool:
+    return any(name.startswith("data/aotinductor/") for name in records)
+
+
+def _records(path: Path, archive: zipfile.ZipFile) -> dict[str, str]:
+    """Member names by record name, or an InputError when this is no PT2 archive."""
+    names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    roots = {name.split("/", 1)[0] for name in names}
+    if len(roots) != 1 or any("/" not in name for name in names):
+        raise InputError(_not_pt2(path, "no single archive root folder"))
+    root = roots.pop()
+    return {name[len(root) + 1:]: name for name in names}
+
+
+def _not_pt2(path: Path, why: str) -> str:
+    return (f"{str(path)!r} is not a .pt2 archive written by torch.export ({why}); give a "
+            f"model.pt2 written by `python -m pipeline export`")
 
 
 def read_archive(path: Path | str) -> Archive:
@@ -67,23 +91,16 @@ def read_archive(path: Path | str) -> Archive:
     if not path.is_file():
         raise InputError(f".pt2 file {str(path)!r} does not exist")
     data = path.read_bytes()
-    not_pt2 = (f"{str(path)!r} is not a .pt2 archive written by torch.export; give a model.pt2 "
-               f"written by `python -m pipeline export`")
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError, OSError):
-        raise InputError(not_pt2 + " (not a zip archive)") from None
-    roots = {name.split("/", 1)[0] for name in names}
-    if len(roots) != 1 or any("/" not in name for name in names):
-        raise InputError(not_pt2 + " (no single archive root folder)")
-    root = roots.pop()
-    found = Archive(path, data, {name[len(root) + 1:]: name for name in names})
+        raise InputError(_not_pt2(path, "not a zip archive")) from None
+    found = Archive(path, data, archive, _records(path, archive))
     from torch.export.pt2_archive.constants import ARCHIVE_FORMAT_PATH, ARCHIVE_FORMAT_VALUE
 
     if (ARCHIVE_FORMAT_PATH not in found.records
             or found.read(ARCHIVE_FORMAT_PATH).decode(errors="replace").strip() != ARCHIVE_FORMAT_VALUE):
-        raise InputError(not_pt2 + " (no archive_format 'pt2' record)")
+        raise InputError(_not_pt2(path, "no archive_format 'pt2' record"))
     return found
 
 
@@ -113,7 +130,7 @@ def unsafe_records(archive: Archive) -> list[str]:
                 name = str(meta.get("path_name", ""))
                 if meta.get("use_pickle"):
                     problems.append(f"{directory}{name} for {fqn} (pickled)")
-                elif name.startswith((c.CUSTOM_OBJ_FILENAME_PREFIX, getattr(c, "OPAQUE_OBJ_FILENAME_PREFIX", "opaque_obj_"))):
+                elif name.startswith(PICKLED_OBJECT_PREFIXES):
                     problems.append(f"{directory}{name} for {fqn} (a pickled object)")
         sample = c.SAMPLE_INPUTS_FILENAME_FORMAT.format(model)
         if sample in archive.records:
@@ -129,6 +146,11 @@ def unsafe_records(archive: Archive) -> list[str]:
 
 def load_program(path: Path | str) -> "torch.export.ExportedProgram":
     """An ExportedProgram from ``path``, refusing archives that would run code on load."""
+    return open_program(path)[0]
+
+
+def open_program(path: Path | str) -> tuple["torch.export.ExportedProgram", dict[str, str]]:
+    """The program and its ``extra/pipeline.json`` metadata, from one read of the file."""
     import torch
 
     archive = read_archive(path)
@@ -139,11 +161,12 @@ def load_program(path: Path | str) -> "torch.export.ExportedProgram":
     if problems:
         raise InputError(f"refusing {str(path)!r}: loading it would unpickle arbitrary objects "
                          f"({'; '.join(problems[:3])}); re-export it with python -m pipeline export")
+    metadata = archive.metadata()
     try:
         with warnings.catch_warnings():
             # torch.frombuffer on the archive's read-only bytes; the tensors are copied on use
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return torch.export.load(io.BytesIO(archive.data))
+            return torch.export.load(io.BytesIO(archive.data)), metadata
     except Exception as exc:  # torch raises many kinds on a damaged archive
         raise InputError(f"{str(path)!r} is not a loadable ExportedProgram "
                          f"({type(exc).__name__}: {str(exc)[:160]})") from None
@@ -151,7 +174,7 @@ def load_program(path: Path | str) -> "torch.export.ExportedProgram":
 
 def read_metadata(path: Path | str) -> dict[str, str]:
     """The ``extra/pipeline.json`` metadata (the same keys as the ONNX file's metadata_props)."""
-    return {key: str(value) for key, value in read_archive(path).metadata().items()}
+    return read_archive(path).metadata()
 
 
 # ----------------------------------------------------------------------------- export
@@ -193,15 +216,18 @@ def reload_difference(path: Path, model: "torch.nn.Module", probe: "torch.Tensor
 
 
 # ----------------------------------------------------------------------------- AOTInductor
-def compiler_problem() -> str | None:
-    """Why AOTInductor cannot compile here (no C++ compiler), or None."""
+def require_compiler() -> str:
+    """The C++ compiler AOTInductor will use, or exit 3 naming the fix."""
     try:
         compiler = cxx_compiler()
     except Exception as exc:  # InvalidCxxCompiler, or a search that found nothing runnable
-        return f"no working C++ compiler for AOTInductor ({type(exc).__name__}: {str(exc)[:160]})"
-    if not shutil.which(compiler):
-        return f"no working C++ compiler for AOTInductor ({compiler!r} is not on PATH)"
-    return None
+        problem = f"{type(exc).__name__}: {str(exc)[:160]}"
+    else:
+        if shutil.which(compiler):
+            return compiler
+        problem = f"{compiler!r} is not on PATH"
+    raise EnvironmentUnavailable(f"--aoti: no working C++ compiler for AOTInductor ({problem}); "
+                                 f"{NO_COMPILER_FIX}")
 
 
 def cxx_compiler() -> str:
@@ -240,10 +266,7 @@ def compile_aoti(program: "torch.export.ExportedProgram", path: Path, device: st
 
     from pipeline.bundle import atomic_path
 
-    problem = compiler_problem()
-    if problem:
-        raise EnvironmentUnavailable(f"export --aoti: {problem}; {NO_COMPILER_FIX}")
-    compiler = cxx_compiler()
+    compiler = require_compiler()
     started = time.perf_counter()
     with atomic_path(path) as tmp:
         tmp.unlink()  # the packager writes the file itself and wants the name free
@@ -272,14 +295,9 @@ ISA_PREFIXES = ("sse", "ssse", "avx", "amx", "fma", "f16c", "bmi", "popcnt", "mo
 def isa_flags() -> list[str]:
     """This CPU's instruction-set flags: Inductor compiles with -march=native, so a CPU package
     may use any of them."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(ISA_PREFIXES))
-    except OSError:
-        pass
-    return []
+    from pipeline.machine import cpu_flag_set
+
+    return sorted(flag for flag in cpu_flag_set() if flag.startswith(ISA_PREFIXES))
 
 
 def isa_problem(recorded: list[str] | None) -> str | None:
@@ -301,8 +319,12 @@ def load_aoti(path: Path, device: str) -> Any:
     """The compiled model of an AOTInductor package (native code: trusted bundles only)."""
     import torch
 
-    archive = read_archive(path)
-    if not archive.is_aoti:
+    try:  # the zip directory is enough to tell; the loader reads the rest itself
+        with zipfile.ZipFile(path) as archive:
+            aoti = is_aoti_records(_records(path, archive))
+    except (zipfile.BadZipFile, OSError):
+        aoti = False
+    if not aoti:
         raise InputError(f"{str(path)!r} is not an AOTInductor package (no data/aotinductor/); "
                          f"make one with python -m pipeline export --aoti")
     try:

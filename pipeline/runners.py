@@ -100,8 +100,7 @@ class TorchRunner(HostStep):
         self.precision = precision
         self.model_path = model_path
         self._metadata: dict[str, str] = {}
-        # An ExportedProgram's module has no train/eval modes to switch (it was exported in eval).
-        self.model = (model.eval() if not _is_exported_module(model) else model).to(device)
+        self.model = _in_eval_mode(model).to(device)
         if precision == "bf16":
             # autocast runs convolutions and matmuls in bf16 (oneDNN picks AMX/AVX512-BF16 where
             # present); channels_last is the layout those kernels want.
@@ -126,18 +125,18 @@ class TorchRunner(HostStep):
     @classmethod
     def from_program(cls, path: Path | str, *, device: str = "cpu") -> "TorchRunner":
         """``model.pt2`` (a torch.export ExportedProgram), loaded the safe way, run eagerly."""
-        from pipeline.pt2 import load_program, read_metadata
+        from pipeline.pt2 import open_program
 
         problem = cuda_problem() if device == "cuda" else None
         if problem:
             raise EnvironmentUnavailable(f"torch-export-cuda: {problem}")
-        program = load_program(path)
+        program, metadata = open_program(path)
         if device == "cuda":
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, "cuda")
         runner = cls(program.module(), device=device, name="torch-export", model_path=Path(path))
-        runner._metadata = read_metadata(path)
+        runner._metadata = metadata
         return runner
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -162,15 +161,20 @@ class TorchRunner(HostStep):
             self.torch.cuda.synchronize()
 
 
-def _is_exported_module(model: Any) -> bool:
-    return type(model).__name__ == "GraphModule" or hasattr(model, "_in_spec")
+def _in_eval_mode(model: "torch.nn.Module") -> "torch.nn.Module":
+    try:
+        return model.eval()
+    except NotImplementedError:  # an ExportedProgram's module: exported in eval, it has no modes
+        return model
 
 
-class AotiRunner(HostStep):
-    """An AOTInductor package: compiled kernels behind one call, no Python model code."""
+class AotiRunner(TorchRunner):
+    """An AOTInductor package: compiled kernels behind one call, no Python model code. It is
+    called like a module, so TorchRunner's infer, metadata and synchronize serve it."""
 
     def __init__(self, path: Path | str, *, device: str = "cpu",
                  isa_flags: list[str] | None = None) -> None:
+        # Not TorchRunner.__init__: there is no nn.Module to switch to eval or move.
         import torch
 
         from pipeline.pt2 import isa_problem, load_aoti
@@ -196,19 +200,8 @@ class AotiRunner(HostStep):
         self.provider = f"aoti:{device}"
         self.precision = "fp32"
         self.model_path = Path(path)
+        self._metadata = {}
         self.model = load_aoti(self.model_path, device)
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        with torch.inference_mode():
-            tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            out = self.model(tensor)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            return out.float().cpu().numpy()
-
-    def synchronize(self) -> None:
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
 
 
 def _provider_options(provider: str, precision: str, model_path: Path) -> dict[str, Any]:

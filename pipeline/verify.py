@@ -23,10 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.backends import BACKENDS, REDUCED_PRECISIONS, Backend, target_name
-from pipeline.bundle import (AOTI_FILES, CALIBRATION, ONNX, ONNX_SIMPLIFIED, PARITY,
-                             PRECISION_FILES, PT2, TORCHSCRIPT, WEIGHTS, Bundle, sha256_of,
-                             write_json_atomic)
+from pipeline.backends import BACKENDS, REDUCED_PRECISIONS, Backend, VariantMissing, target_name
+from pipeline.bundle import (CALIBRATION, ONNX, ONNX_SIMPLIFIED, PARITY, PRECISION_FILES,
+                             TORCHSCRIPT, WEIGHTS, Bundle, sha256_of, write_json_atomic)
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.runners import (OpenVinoRunner, OrtRunner, Runner, TorchRunner, cuda_problem,
                               openvino_problem, ort_provider_problem)
@@ -281,17 +280,19 @@ def parity_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[dict[str, Cal
                 skipped[key] = problem
             else:
                 factories[key] = lambda n=name: OrtRunner(bundle.path(n), provider="cuda")
-    # The PyTorch artifacts: model.pt2 wherever it was written, AOTInductor packages per device.
-    for device in ("cpu", "cuda") if with_cuda else ("cpu",):
-        for name, file in (("torch-export", PT2), ("aoti", AOTI_FILES[device])):
-            if not bundle.path(file).is_file():
-                continue
-            key = f"{name}-{device}"
-            problem = cuda_problem() if device == "cuda" else None
-            if problem:
-                skipped[key] = problem
-            else:
-                factories[key] = lambda k=key: BACKENDS[k].make(bundle)
+    # The PyTorch artifacts the bundle has: model.pt2, and AOTInductor packages per device.
+    for backend in BACKENDS.values():
+        if backend.runtime not in ("torch-export", "aoti") or (backend.device == "cuda" and not with_cuda):
+            continue
+        try:
+            backend.model_file(bundle, "fp32")
+        except VariantMissing:
+            continue
+        problem = _backend_problem(backend, with_cuda)
+        if problem:
+            skipped[backend.name] = problem
+        else:
+            factories[backend.name] = lambda b=backend: b.make(bundle)
     return factories, skipped
 
 

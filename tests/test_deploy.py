@@ -23,7 +23,10 @@ def _parse(path: Path):
 def _with_bench_sweep(bundle: Path, sizes: tuple[int, ...]) -> None:
     rows = [{"backend": "ort-cpu", "batch": n, "status": "ok"} for n in sizes]
     rows.append({"backend": "ort-cpu", "batch": 128, "status": "ok"})  # above max_batch_size
-    (bundle / "latency.json").write_text(json.dumps({"rows": rows}))
+    from pipeline.bench import SCHEMA_VERSION
+
+    (bundle / "latency.json").write_text(json.dumps({"kind": "pipeline.latency",
+                                                     "schema_version": SCHEMA_VERSION, "rows": rows}))
 
 
 def test_cpu_repository_matches_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
