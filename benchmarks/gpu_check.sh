@@ -51,7 +51,7 @@ if want install; then
     done
     "$PY" -m pip install --no-index --no-deps "${wheels[@]}" || status=1
   fi
-  if ! "$PY" -m pip install -q -e ".[dev,tensorrt]" 2>/dev/null; then
+  if ! "$PY" -m pip install -q --retries 0 --timeout 5 -e ".[dev,tensorrt]" 2>/dev/null; then
     echo "no package index: installing the project without its dependencies" >&2
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . || export PYTHONPATH=$PWD
   fi

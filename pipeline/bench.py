@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,10 @@ def run_worker(bundle: Path, target: str, config: BenchConfig, *, gmacs: float |
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(spec))
         try:
-            proc = subprocess.run([sys.executable, "-m", "pipeline.bench_worker", str(spec_path),
+            # -X faulthandler: a worker killed by a signal (a native crash) leaves the Python
+            # frame it died in, which becomes the rows' reason.
+            proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m",
+                                   "pipeline.bench_worker", str(spec_path),
                                    str(result_path)], capture_output=True, text=True, env=env,
                                   timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -162,9 +166,22 @@ def run_worker(bundle: Path, target: str, config: BenchConfig, *, gmacs: float |
                                         f"timed out after {timeout_s:g}s", "error")}
         if result_path.is_file():
             return json.loads(result_path.read_text())
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"rows": reason_rows(backend, precision, config.batch_sizes,
-                                    f"worker exited {proc.returncode}: {tail[0][:300]}", "error")}
+                                    worker_failure(proc.returncode, proc.stderr or proc.stdout),
+                                    "error")}
+
+
+def worker_failure(returncode: int, output: str) -> str:
+    """Why a worker left no result: its last line, or for a signal the frame it died in."""
+    lines = [line.strip() for line in (output or "").strip().splitlines() if line.strip()]
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        frames = [line for line in lines if line.startswith('File "')]
+        return f"worker killed by {name}" + (f" in {frames[0][:300]}" if frames else "")
+    return f"worker exited {returncode}: {(lines[-1:] or ['no output'])[0][:300]}"
 
 
 def run_bench(bundle: Path, config: BenchConfig, *, images: list[str] | None = None,

@@ -266,11 +266,48 @@ def _trt_version() -> str | None:
 
 
 def _load_failure_reason(log_text: str) -> str:
-    """The useful line from ORT's log when a provider failed to load (e.g. libcudnn missing)."""
+    """The useful line from ORT's log when a provider failed to load (e.g. libcudnn missing).
+
+    A provider library that cannot be loaded is reported as ``Failed to load library
+    .../libonnxruntime_providers_X.so with error: libY.so.N: cannot open shared object file``
+    after a long source-location prefix; only the library and the loader's error are kept.
+    """
     for line in log_text.splitlines():
+        failed = re.search(r"Failed to load library \S*?([^/\s]+\.so[.\d]*) with error: (.*)", line)
+        if failed:
+            return f"cannot load {failed.group(1)}: {failed.group(2).strip()[:200]}"
         if re.search(r"(\.so|Failed|failed|error|Error)", line):
             return re.sub(r"^.*?\] ", "", line).strip()[:300]
     return "the provider failed to initialise (no reason in ONNX Runtime's log)"
+
+
+# What onnxruntime-gpu 1.31's libonnxruntime_providers_tensorrt.so links (readelf -d).
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
+
+
+def tensorrt_problem() -> str | None:
+    """Why TensorRT's own libraries cannot be loaded, or None.
+
+    ORT's TensorRT provider links libnvinfer and libnvonnxparser, which the ``tensorrt`` extra installs under
+    site-packages/tensorrt_libs, off the loader's path: importing ``tensorrt_libs`` loads it
+    into the process first (as ``import tensorrt`` does), after which the provider finds it.
+    """
+    import ctypes
+
+    try:
+        import tensorrt_libs  # noqa: F401  loads libnvinfer and its siblings
+    except ImportError:
+        pass
+    missing = []
+    for name in TENSORRT_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            missing.append(name)
+    if not missing:
+        return None
+    return (f"TensorRT 10 is not installed ({', '.join(missing)} not found); install it with: "
+            f"pip install -e \".[tensorrt]\" (or put a system TensorRT 10 on the loader's path)")
 
 
 def ort_provider_problem(provider: str) -> str | None:
@@ -285,7 +322,7 @@ def ort_provider_problem(provider: str) -> str | None:
     if wanted not in ort.get_available_providers():
         return f"{wanted} is not in this onnxruntime build ({', '.join(installed) or 'unknown'})"
     if provider != "cpu":
-        problem = cuda_problem()
+        problem = cuda_problem() or (tensorrt_problem() if provider == "tensorrt" else None)
         if problem:
             return f"{wanted} is listed but cannot run: {problem}"
     return None

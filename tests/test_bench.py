@@ -258,3 +258,43 @@ def test_worker_crash_and_timeout_become_error_rows(tiny_bundle, monkeypatch, tm
     assert [r["batch"] for r in crashed["rows"]] == [1, 2]
     assert all(r["status"] == "error" and "worker exited 1" in r["reason"] for r in crashed["rows"])
     assert crashed["rows"][0]["precision"] == "fp32" and crashed["rows"][0]["p50_ms"] is None
+
+
+def test_a_worker_killed_by_a_signal_names_it_and_the_frame(tiny_bundle, monkeypatch, tmp_path):
+    """A native crash (the aoti-cuda loader's SIGSEGV on an H200) becomes error rows naming the
+    signal and the Python frame it happened in, from the worker's faulthandler dump."""
+    import importlib
+    import sys
+
+    bench = importlib.import_module("pipeline.bench")
+    crash = tmp_path / "crash.sh"
+    crash.write_text(f"#!/bin/sh\nexec {sys.executable} -X faulthandler -c '"
+                     "import os, signal\ndef load_package():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+                     "load_package()'\n")
+    crash.chmod(0o755)
+    monkeypatch.setattr(bench.sys, "executable", str(crash))
+    config = bench.BenchConfig(backends=("ort-cpu:fp32",), batch_sizes=(1,), iterations=1,
+                               seconds=0, warmup_s=0, threads=1)
+    rows = bench.run_worker(tiny_bundle, "ort-cpu:fp32", config, gmacs=None)["rows"]
+    assert rows[0]["status"] == "error"
+    assert rows[0]["reason"].startswith("worker killed by SIGSEGV in File ")
+    assert "in load_package" in rows[0]["reason"]
+
+
+def test_a_provider_that_cannot_load_is_named_with_the_missing_library():
+    """ORT's message when the TensorRT provider's libraries are missing (seen on an H200), cut
+    to the library and the loader's error; and the TensorRT check names the extra."""
+    from pipeline.runners import TENSORRT_LIBRARIES, _load_failure_reason, tensorrt_problem
+
+    log = ("2026-11-26 22:21:40 [E:onnxruntime:Default, provider_bridge_ort.cc:2043 Get] "
+           "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:2043 "
+           "onnxruntime::Provider& onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : "
+           "FAIL : Failed to load library /venv/lib/python3.12/site-packages/onnxruntime/capi/"
+           "libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: cannot open "
+           "shared object file: No such file or directory")
+    assert _load_failure_reason(log) == (
+        "cannot load libonnxruntime_providers_tensorrt.so: libnvinfer.so.10: cannot open shared "
+        "object file: No such file or directory")
+    problem = tensorrt_problem()
+    if problem is not None:  # no TensorRT here: the message names what is missing and the fix
+        assert TENSORRT_LIBRARIES[0] in problem and 'pip install -e ".[tensorrt]"' in problem
