@@ -269,15 +269,19 @@ def predict(model: str | Path, images: str | Path | Sequence[str | Path], *, top
 def serve(bundle: str | Path, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, max_batch_size: int = 32, queue_delay_us: int = 2000,
           instances: int = 1, threads: int | None = None, precision: str = "fp32",
+          max_request_mb: float | None = None,
           on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Serve the bundle with Triton (HTTP, gRPC, dynamic batching) until SIGTERM or Ctrl-C."""
+    """Serve the bundle with Triton (HTTP, gRPC, dynamic batching) until SIGTERM or Ctrl-C.
+    Request bodies over ``max_request_mb`` (default: the largest batch as binary tensors +
+    1 MiB) are refused unread."""
     from pipeline.serve import ServeOptions
     from pipeline.serve import serve as run_serve
 
     run_serve(Path(bundle), ServeOptions(host=host, port=port, grpc_port=grpc_port,
                                          metrics_port=metrics_port, max_batch_size=max_batch_size,
                                          queue_delay_us=queue_delay_us, instances=instances,
-                                         threads=threads, precision=precision), on_ready=on_ready)
+                                         threads=threads, precision=precision,
+                                         max_request_mb=max_request_mb), on_ready=on_ready)
 
 
 def run(arch: str | None = None, data: str | None = None, *,

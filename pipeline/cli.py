@@ -581,9 +581,12 @@ def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precis
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads per instance.")
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
               show_default=True, help="The bundle's variant to serve.")
+@click.option("--max-request-mb", type=float, default=None,
+              help="Refuse request bodies (HTTP) and messages (gRPC) larger than this, unread. "
+                   "Default: the largest batch as binary tensors plus 1 MiB.")
 def serve(bundle: Path, host: str, port: int, grpc_port: int, metrics_port: int,
           max_batch_size: int, queue_delay_us: int, instances: int, threads: int | None,
-          precision: str) -> None:
+          precision: str, max_request_mb: float | None) -> None:
     """Serve the bundle with NVIDIA Triton (through PyTriton): HTTP and gRPC, dynamic batching,
     health and readiness. Stops cleanly on SIGTERM or Ctrl-C. Needs the serving extra.
 
@@ -601,11 +604,14 @@ def serve(bundle: Path, host: str, port: int, grpc_port: int, metrics_port: int,
              f"[batch, {', '.join(map(str, info['input_shape']))}]")
         _log(f"  ready    GET  {info['ready']}")
         _log(f"  grpc     {info['grpc']}   metrics {info['metrics']}")
+        _log(f"  requests over {info['max_request_bytes'] / (1 << 20):.1f} MiB are refused "
+             f"(--max-request-mb)")
         _log("stop with Ctrl-C or SIGTERM")
 
     api_serve(bundle, host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
               max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, instances=instances,
-              threads=threads, precision=precision, on_ready=ready)
+              threads=threads, precision=precision, max_request_mb=max_request_mb,
+              on_ready=ready)
     _log("stopped")
 
 

@@ -6,9 +6,11 @@ every request against the model's declared input (name, float32, ``[batch, 3, H,
 model itself is the bundle's ONNX file in an ONNX Runtime session, called once per batch
 that Triton's dynamic batcher forms.
 
-Addresses are explicit: Triton would otherwise listen on every interface, so HTTP, gRPC and
-metrics all bind to ``--host`` (127.0.0.1 unless told otherwise). SIGTERM and Ctrl-C stop
-the server and free its ports.
+Addresses are explicit: Triton would otherwise listen on every interface. Triton itself
+binds to loopback ports of its own; what clients reach on ``--host`` (127.0.0.1 unless told
+otherwise) and ``--port``/``--grpc-port``/``--metrics-port`` are the size-bounded fronts of
+``pipeline.guard``, because this Triton (2.51) has no request-size limit. SIGTERM and Ctrl-C
+stop the server and free its ports.
 
 PyTriton's Python-backend stub links the system ``libpython``; where the interpreter is
 another build of the same version, model start-up fails (``'_thread.RLock' object has no
@@ -30,6 +32,7 @@ from pipeline.bundle import ONNX, Bundle
 from pipeline.errors import EnvironmentUnavailable, InputError
 
 INSTALL_HINT = 'pip install -e ".[serving]"'
+LOOPBACK = "127.0.0.1"
 DEFAULT_MAX_BATCH = 32
 DEFAULT_QUEUE_DELAY_US = 2000
 # On SIGTERM Triton lets in-flight requests finish, but not a client that stalls mid-upload
@@ -48,11 +51,18 @@ class ServeOptions:
     instances: int = 1
     threads: int | None = None
     precision: str = "fp32"
+    max_request_mb: float | None = None  # None: fits the largest batch (guard.default_limit)
+
+
+# Metrics requests carry no body.
+METRICS_LIMIT = 1 << 16
 
 
 def serving_problem() -> str | None:
     """Why this environment cannot serve, or None."""
     try:
+        import aiohttp  # noqa: F401
+        import grpc  # noqa: F401
         import pytriton  # noqa: F401
         import tritonclient.http  # noqa: F401
     except ImportError as exc:
@@ -70,6 +80,17 @@ def check_options(options: ServeOptions) -> None:
                          f"{options.grpc_port}, {options.metrics_port})")
     if options.max_batch_size < 1 or options.instances < 1 or options.queue_delay_us < 0:
         raise InputError("--max-batch-size and --instances must be >= 1 and --queue-delay-us >= 0")
+    if options.max_request_mb is not None and not options.max_request_mb > 0:
+        raise InputError(f"--max-request-mb {options.max_request_mb:g} must be > 0")
+
+
+def request_limit(model: "ServedModel", options: ServeOptions) -> int:
+    """The largest request body, in bytes, that the fronts accept."""
+    from pipeline.guard import default_limit
+
+    if options.max_request_mb is not None:
+        return int(options.max_request_mb * (1 << 20))
+    return default_limit(options.max_batch_size, model.input_shape)
 
 
 def check_ports_free(options: ServeOptions) -> None:
@@ -144,6 +165,7 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
     from pytriton.triton import Triton, TritonConfig
 
     from pipeline.deploy import preferred_batch_sizes
+    from pipeline.guard import GrpcGuard, HttpGuard
     from pipeline.runners import OrtRunner
 
     runners = [OrtRunner(model.model_file, provider="cpu", threads=options.threads,
@@ -155,11 +177,19 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
             return {model.output_name: runner.infer(inputs[model.input_name])}
         return infer
 
-    config = TritonConfig(http_address=options.host, http_port=options.port,
-                          grpc_address=options.host, grpc_port=options.grpc_port,
-                          metrics_address=options.host, metrics_port=options.metrics_port,
+    # Triton on loopback ports of its own; clients reach the guards on the user's ports.
+    inner = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    config = TritonConfig(http_address=LOOPBACK, http_port=inner["http"],
+                          grpc_address=LOOPBACK, grpc_port=inner["grpc"],
+                          metrics_address=LOOPBACK, metrics_port=inner["metrics"],
                           allow_sagemaker=False, allow_vertex_ai=False, exit_on_error=True,
                           exit_timeout_secs=EXIT_TIMEOUT_S)
+    limit = request_limit(model, options)
+    guards = [HttpGuard(options.host, options.port, f"http://{LOOPBACK}:{inner['http']}", limit),
+              GrpcGuard(options.host, options.grpc_port, f"{LOOPBACK}:{inner['grpc']}", limit),
+              HttpGuard(options.host, options.metrics_port, f"http://{LOOPBACK}:{inner['metrics']}",
+                        METRICS_LIMIT)]
+    started: list[Any] = []
     preferred = preferred_batch_sizes(bundle, options.max_batch_size) or None
     triton = Triton(config=config)
     _stop_on_sigterm()
@@ -173,12 +203,17 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
                                            preferred_batch_size=preferred)),
                     strict=True)
         triton.run()
+        for guard in guards:
+            guard.start()
+            started.append(guard)
         if on_ready:
-            on_ready(endpoints(model, options))
+            on_ready({**endpoints(model, options), "max_request_bytes": limit})
         triton.serve()
     except KeyboardInterrupt:
         pass
     finally:
+        for guard in started:  # no new requests first, then Triton finishes the ones in flight
+            guard.stop()
         triton.stop()
 
 

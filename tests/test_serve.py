@@ -56,7 +56,8 @@ def server(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_ready(port, process)
-        yield {"bundle": bundle, "port": port, "grpc_port": grpc_port, "process": process,
+        yield {"bundle": bundle, "port": port, "grpc_port": grpc_port,
+               "metrics_port": metrics_port, "process": process,
                "url": f"127.0.0.1:{port}"}
     finally:
         if process.poll() is None:
@@ -75,6 +76,8 @@ def test_health_and_metadata_answer(server) -> None:
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     config = client.get_model_config(MODEL)
     assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['metrics_port']}/metrics", timeout=10) as r:
+        assert r.status == 200 and b"nv_inference_request_success" in r.read()
 
 
 def test_good_requests_match_onnx_runtime(server) -> None:
@@ -113,18 +116,93 @@ def test_a_body_that_is_not_a_tensor_is_refused(server) -> None:
     assert _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits").shape == (1, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51 (bundled by PyTriton 0.7.0) has no request-size "
-                   "limit (--http-max-input-size came later) and waits for the whole body")
+# --max-batch-size 8 of [3, 32, 32] float32: the default limit is 98304 B + 1 MiB.
+LIMIT = 8 * 3 * 32 * 32 * 4 + (1 << 20)
+
+
+def _raw_post(port: int, head: str, body: bytes, wait_s: float = 3) -> str:
+    """Send a request's head and the first part of its body; the server's first answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(head.encode() + body)
+        conn.settimeout(wait_s)
+        return conn.recv(4096).decode(errors="replace")
+
+
 def test_an_oversized_body_is_refused_without_reading_it(server) -> None:
-    """Announce 2 GB and send a little: the server must answer (refuse) without waiting for it."""
-    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as conn:
-        conn.sendall((f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
-                      f"Content-Type: application/json\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n").encode()
-                     + b"{" + b" " * 65536)
-        conn.settimeout(3)
-        answer = conn.recv(4096).decode(errors="replace")
-    assert answer.startswith("HTTP/1.1 4"), answer[:200]
+    """Announce 2 GB and send a little: the answer (413) comes at once, from the head alone."""
+    started = time.monotonic()
+    answer = _raw_post(server["port"], f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n",
+                       b"{" + b" " * 65536)
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert time.monotonic() - started < 3
+    error = json.loads(answer.split("\r\n\r\n", 1)[1])["error"]
+    assert str(2 * 1024 ** 3) in error and str(LIMIT) in error and "--max-request-mb" in error
     assert _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits").shape == (1, 10)
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(server) -> None:
+    """No Content-Length to refuse by: the body is read up to the limit, then refused."""
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // len(chunk) + 2))
+    answer = _raw_post(server["port"], f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n", body, wait_s=10)
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+
+
+def test_a_compressed_bomb_is_refused_and_real_gzip_works(server) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (16 << 20))  # 16 MiB of zeros in about 16 KB
+    assert len(bomb) < LIMIT
+    request = urllib.request.Request(f"http://{server['url']}/v2/models/{MODEL}/infer", data=bomb,
+                                     method="POST", headers={"Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 413
+    request = urllib.request.Request(f"http://{server['url']}/v2/models/{MODEL}/infer",
+                                     data=b"not gzip at all", method="POST",
+                                     headers={"Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400 and "not valid gzip" in json.loads(caught.value.read())["error"]
+    # a compressed request within the limit is served as Triton's client sends it
+    batch = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    client = http.InferenceServerClient(server["url"])
+    data = http.InferInput("input", list(batch.shape), "FP32")
+    data.set_data_from_numpy(batch, binary_data=True)
+    zipped = client.infer(MODEL, [data], request_compression_algorithm="gzip",
+                          response_compression_algorithm="gzip").as_numpy("logits")
+    assert np.array_equal(zipped, _infer(server["url"], batch).as_numpy("logits"))
+
+
+def test_grpc_serves_and_refuses_an_oversized_message(server) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server['grpc_port']}")
+    assert client.is_server_ready() and client.is_model_ready(MODEL)
+
+    def infer(array: np.ndarray):
+        data = grpcclient.InferInput("input", list(array.shape), "FP32")
+        data.set_data_from_numpy(array)
+        return client.infer(MODEL, [data]).as_numpy("logits")
+
+    batch = np.random.default_rng(2).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    assert np.array_equal(infer(batch), _infer(server["url"], batch).as_numpy("logits"))
+    with pytest.raises(InferenceServerException) as caught:
+        infer(np.zeros((LIMIT // (3 * 32 * 32 * 4) + 1, 3, 32, 32), np.float32))
+    assert "RESOURCE_EXHAUSTED" in str(caught.value.status()) and str(LIMIT) in str(caught.value)
+    assert infer(batch).shape == (3, 10)
+    # Triton's one streaming method passes through too
+    answers: list = []
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    data = grpcclient.InferInput("input", list(batch.shape), "FP32")
+    data.set_data_from_numpy(batch)
+    client.async_stream_infer(MODEL, [data])
+    client.stop_stream()  # waits for the answers in flight
+    assert len(answers) == 1 and answers[0][1] is None
+    assert np.array_equal(answers[0][0].as_numpy("logits"), infer(batch))
 
 
 def test_a_client_that_hangs_up_mid_request_harms_no_one(server) -> None:
@@ -205,3 +283,9 @@ def test_server_scenario_bench(tiny_bundle: Path) -> None:
     assert doc["server"]["best"]["concurrency"] in (1, 4)
     report = (tiny_bundle / "report.md").read_text()
     assert "Server scenario" in report and "Recommended setting: concurrency" in report
+
+
+def test_a_request_limit_that_is_not_positive_exits_2(tiny_bundle: Path) -> None:
+    result = run_module("serve", tiny_bundle, "--max-request-mb", "0", timeout=60)
+    assert result.returncode == 2 and "--max-request-mb 0 must be > 0" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,250 @@
+"""Size-bounded front doors for the Triton that ``serve`` starts.
+
+The Triton that PyTriton 0.7.0 bundles (2.51) has no request-size limit on HTTP (it buffers a
+body announced as 2 GB until it has all of it) and accepts gRPC messages up to 2 GB. So Triton
+listens on loopback ports of its own, and what clients reach are these guards, on the ports
+and address the user chose:
+
+- ``HttpGuard`` (aiohttp): refuses a body whose ``Content-Length`` exceeds the limit at once
+  (413, connection closed, the body never read); a chunked body is read only up to the limit;
+  a gzip/deflate body is inflated only up to the limit, so a small compressed bomb is refused
+  too. Everything else (health, metadata, inference, Triton's own error answers, binary
+  tensors with ``Inference-Header-Content-Length``) passes through unchanged.
+- ``GrpcGuard`` (grpcio): a pass-through of every method of Triton's
+  ``inference.GRPCInferenceService`` with ``grpc.max_receive_message_length`` set to the limit;
+  gRPC refuses a larger message from its 5-byte length prefix (RESOURCE_EXHAUSTED), before
+  the message is buffered.
+
+The default limit is the largest valid binary request: the largest batch the model accepts as
+float32 tensors, plus 1 MiB for the JSON header; ``--max-request-mb`` changes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+from pipeline.errors import EnvironmentUnavailable
+
+# Headers that belong to one connection, not to the request (RFC 9110 7.6.1), plus the ones
+# aiohttp computes itself for the forwarded body.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+CHUNK = 1 << 16
+START_TIMEOUT_S = 30
+
+
+def default_limit(max_batch_size: int, input_shape: tuple[int, ...]) -> int:
+    """Bytes: the largest valid binary request, that is the largest accepted batch as float32
+    tensors, plus 1 MiB for the JSON header."""
+    return max_batch_size * math.prod(input_shape) * 4 + (1 << 20)
+
+
+def too_large_message(size: int | str, limit: int) -> str:
+    return (f"request body of {size} bytes exceeds this server's limit of {limit} bytes; send "
+            f"binary tensors or smaller batches, or start serve with a larger --max-request-mb")
+
+
+class HttpGuard:
+    """An HTTP/1.1 front for one upstream HTTP server, with a body-size limit."""
+
+    def __init__(self, host: str, port: int, upstream: str, limit: int) -> None:
+        self.host, self.port, self.upstream, self.limit = host, port, upstream.rstrip("/"), limit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        started = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as exc:  # the port taken, most often: reported by start()
+                self._error = exc
+                started.set()
+                loop.close()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._close())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name=f"http-guard-{self.port}", daemon=True)
+        self._thread.start()
+        if not started.wait(START_TIMEOUT_S):
+            raise EnvironmentUnavailable(f"the HTTP front on port {self.port} did not start")
+        if self._error is not None:
+            raise EnvironmentUnavailable(f"cannot listen on {self.host}:{self.port} "
+                                         f"({self._error}); choose another port") from None
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    async def _open(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        # No decompression and no Accept-Encoding of our own: bodies pass through as sent.
+        self._session = aiohttp.ClientSession(
+            auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # auto_decompress=False: aiohttp would inflate a gzip body before the limit sees it.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     auto_decompress=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+
+    async def _close(self) -> None:
+        await self._runner.cleanup()
+        await self._session.close()
+
+    # ------------------------------------------------------------------ requests
+    async def _handle(self, request: Any) -> Any:
+        import aiohttp
+        from aiohttp import web
+
+        if request.content_length is not None and request.content_length > self.limit:
+            return self._refuse(413, too_large_message(request.content_length, self.limit))
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", "deflate"):
+            return self._refuse(415, f"Content-Encoding {encoding!r} is not accepted; send the "
+                                     f"body plain, gzip or deflate")
+        try:
+            body = await self._read_bounded(request, inflate=encoding != "identity")
+        except zlib.error as exc:
+            return self._refuse(400, f"the body is not valid {encoding} ({exc})")
+        if body is None:
+            return self._refuse(413, too_large_message(f"more than {self.limit}", self.limit))
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"}
+        try:
+            async with self._session.request(request.method, self.upstream + request.rel_url.path_qs,
+                                             headers=headers, data=body or None) as answer:
+                payload = await answer.read()
+                kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+                return web.Response(status=answer.status, body=payload, headers=kept)
+        except aiohttp.ClientError as exc:
+            return self._refuse(502, f"the inference server behind this port did not answer "
+                                     f"({type(exc).__name__})")
+
+    async def _read_bounded(self, request: Any, *, inflate: bool) -> bytes | None:
+        """The body (inflated when compressed), or None once it passes the limit."""
+        inflater = zlib.decompressobj(32 + zlib.MAX_WBITS) if inflate else None  # gzip or zlib
+        parts: list[bytes] = []
+        size = received = 0
+        async for chunk in request.content.iter_chunked(CHUNK):
+            received += len(chunk)
+            if received > self.limit:
+                return None
+            if inflater is not None:
+                chunk = inflater.decompress(chunk, self.limit + 1 - size)
+                if inflater.unconsumed_tail:
+                    return None
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    @staticmethod
+    def _refuse(status: int, message: str) -> Any:
+        from aiohttp import web
+
+        answer = web.json_response({"error": message}, status=status)
+        answer.force_close()  # the rest of the body is never read: this connection is done
+        return answer
+
+
+class GrpcGuard:
+    """A gRPC pass-through to Triton's gRPC port that refuses messages over the limit."""
+
+    def __init__(self, host: str, port: int, upstream: str, limit: int) -> None:
+        self.host, self.port, self.upstream, self.limit = host, port, upstream, limit
+        self._server: Any = None
+        self._channel: Any = None
+
+    def start(self) -> None:
+        import grpc
+
+        unlimited = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        self._channel = grpc.insecure_channel(self.upstream, options=unlimited)
+        # SO_REUSEPORT (gRPC's default on Linux) would let a second server share a taken port.
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc-guard"),
+                                   options=[("grpc.max_receive_message_length", self.limit),
+                                            ("grpc.max_send_message_length", -1),
+                                            ("grpc.so_reuseport", 0)])
+        self._server.add_generic_rpc_handlers((_PassThrough(self._channel),))
+        try:
+            bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise EnvironmentUnavailable(f"cannot listen on {self.host}:{self.port} for gRPC; "
+                                         f"choose another with --grpc-port")
+        self._server.start()
+
+    def stop(self, grace_s: float = 5) -> None:
+        if self._server is not None:
+            self._server.stop(grace_s).wait(grace_s + 5)
+        if self._channel is not None:
+            self._channel.close()
+
+
+def _deadline(context: Any) -> float | None:
+    """The client's remaining time, or None where it set no deadline (gRPC then reports a
+    remaining time of centuries)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e6 else remaining
+
+
+def _forwarded_metadata(context: Any) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in context.invocation_metadata()
+            if not k.startswith((":", "grpc-")) and k != "user-agent"]
+
+
+class _PassThrough:
+    """A ``grpc.GenericRpcHandler`` (gRPC needs only its ``service``): every method forwarded
+    as raw bytes; ``ModelStreamInfer`` is Triton's one streaming method."""
+
+    def __init__(self, channel: Any) -> None:
+        import grpc
+
+        self._grpc = grpc
+        self._channel = channel
+
+    def service(self, details: Any) -> Any:
+        grpc = self._grpc
+        method = details.method
+        if method.endswith("/ModelStreamInfer"):
+            stream = self._channel.stream_stream(method)
+
+            def forward_stream(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+                try:
+                    yield from stream(requests, metadata=_forwarded_metadata(context),
+                                      timeout=_deadline(context))
+                except grpc.RpcError as exc:
+                    context.abort(exc.code(), exc.details())
+            return grpc.stream_stream_rpc_method_handler(forward_stream)
+
+        unary = self._channel.unary_unary(method)
+
+        def forward(request: bytes, context: Any) -> bytes:
+            try:
+                return unary(request, metadata=_forwarded_metadata(context),
+                             timeout=_deadline(context))
+            except grpc.RpcError as exc:
+                context.abort(exc.code(), exc.details())
+        return grpc.unary_unary_rpc_method_handler(forward)
+
