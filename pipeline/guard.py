@@ -52,8 +52,10 @@ def too_large_message(size: int | str, limit: int) -> str:
 class HttpGuard:
     """An HTTP/1.1 front for one upstream HTTP server, with a body-size limit."""
 
-    def __init__(self, host: str, port: int, upstream: str, limit: int) -> None:
+    def __init__(self, host: str, port: int, upstream: str, limit: int, *,
+                 flag: str = "--port") -> None:
         self.host, self.port, self.upstream, self.limit = host, port, upstream.rstrip("/"), limit
+        self.flag = flag
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -69,6 +71,7 @@ class HttpGuard:
                 loop.run_until_complete(self._open())
             except BaseException as exc:  # the port taken, most often: reported by start()
                 self._error = exc
+                loop.run_until_complete(self._close())
                 started.set()
                 loop.close()
                 return
@@ -83,7 +86,7 @@ class HttpGuard:
             raise EnvironmentUnavailable(f"the HTTP front on port {self.port} did not start")
         if self._error is not None:
             raise EnvironmentUnavailable(f"cannot listen on {self.host}:{self.port} "
-                                         f"({self._error}); choose another port") from None
+                                         f"({self._error}); choose another with {self.flag}") from None
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
@@ -107,8 +110,10 @@ class HttpGuard:
         await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
 
     async def _close(self) -> None:
-        await self._runner.cleanup()
-        await self._session.close()
+        if getattr(self, "_runner", None) is not None:
+            await self._runner.cleanup()
+        if getattr(self, "_session", None) is not None:
+            await self._session.close()
 
     # ------------------------------------------------------------------ requests
     async def _handle(self, request: Any) -> Any:

@@ -188,7 +188,7 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
     guards = [HttpGuard(options.host, options.port, f"http://{LOOPBACK}:{inner['http']}", limit),
               GrpcGuard(options.host, options.grpc_port, f"{LOOPBACK}:{inner['grpc']}", limit),
               HttpGuard(options.host, options.metrics_port, f"http://{LOOPBACK}:{inner['metrics']}",
-                        METRICS_LIMIT)]
+                        METRICS_LIMIT, flag="--metrics-port")]
     started: list[Any] = []
     preferred = preferred_batch_sizes(bundle, options.max_batch_size) or None
     triton = Triton(config=config)

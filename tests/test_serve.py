@@ -289,3 +289,32 @@ def test_a_request_limit_that_is_not_positive_exits_2(tiny_bundle: Path) -> None
     result = run_module("serve", tiny_bundle, "--max-request-mb", "0", timeout=60)
     assert result.returncode == 2 and "--max-request-mb 0 must be > 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_fronts_name_a_taken_port_and_a_missing_upstream() -> None:
+    """The guards alone: a port taken after serve's own check is named with its option, and
+    an HTTP front whose Triton is gone answers 502 in Triton's error format."""
+    from pipeline.errors import EnvironmentUnavailable
+    from pipeline.guard import GrpcGuard, HttpGuard
+    from pipeline.serve import free_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        with pytest.raises(EnvironmentUnavailable, match=f"{busy}.*--metrics-port"):
+            HttpGuard("127.0.0.1", busy, "http://127.0.0.1:1", 10, flag="--metrics-port").start()
+        with pytest.raises(EnvironmentUnavailable, match=f"{busy}.*--grpc-port"):
+            GrpcGuard("127.0.0.1", busy, "127.0.0.1:1", 10).start()
+    port = free_port()
+    guard = HttpGuard("127.0.0.1", port, f"http://127.0.0.1:{free_port()}", 1000)
+    guard.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30)
+        assert caught.value.code == 502 and "did not answer" in json.loads(caught.value.read())["error"]
+    finally:
+        guard.stop()
+    with socket.socket() as probe:  # stopped: the port is free again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
