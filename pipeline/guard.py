@@ -6,7 +6,8 @@ listens on loopback ports of its own, and what clients reach are these guards, o
 and address the user chose:
 
 - ``HttpGuard`` (aiohttp): refuses a body whose ``Content-Length`` exceeds the limit at once
-  (413, connection closed, the body never read); a chunked body is read only up to the limit;
+  (413, connection closed, the body never read; with ``Expect: 100-continue`` before the
+  client sends it); a chunked body is read only up to the limit;
   a gzip/deflate body is inflated only up to the limit, so a small compressed bomb is refused
   too. Everything else (health, metadata, inference, Triton's own error answers, binary
   tensors with ``Inference-Header-Content-Length``) passes through unchanged.
@@ -102,7 +103,7 @@ class HttpGuard:
             auto_decompress=False, skip_auto_headers=("Accept-Encoding", "User-Agent"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.router.add_route("*", "/{tail:.*}", self._handle, expect_handler=self._expect)
         # auto_decompress=False: aiohttp would inflate a gzip body before the limit sees it.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      auto_decompress=False)
@@ -116,6 +117,19 @@ class HttpGuard:
             await self._session.close()
 
     # ------------------------------------------------------------------ requests
+    async def _expect(self, request: Any) -> Any:
+        """``Expect: 100-continue`` (curl sends it before large bodies): refuse before the
+        client starts sending rather than invite the body (aiohttp's default handler would)."""
+        if request.content_length is not None and request.content_length > self.limit:
+            return self._refuse(413, too_large_message(request.content_length, self.limit))
+        expect = request.headers.get("Expect", "").strip().lower()
+        if request.version >= (1, 1):
+            if expect != "100-continue":
+                return self._refuse(417, f"Expect: {expect!r} is not supported")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's own handler: the answer starts after
+        return None
+
     async def _handle(self, request: Any) -> Any:
         import aiohttp
         from aiohttp import web

@@ -138,6 +138,21 @@ def test_an_oversized_body_is_refused_without_reading_it(server) -> None:
     assert time.monotonic() - started < 3
     error = json.loads(answer.split("\r\n\r\n", 1)[1])["error"]
     assert str(2 * 1024 ** 3) in error and str(LIMIT) in error and "--max-request-mb" in error
+    # a client that asks first (Expect: 100-continue, as curl does) is refused, not invited
+    answer = _raw_post(server["port"], f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                       f"Expect: 100-continue\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n", b"")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    # and one within the limit is invited, then served
+    body = np.zeros((1, 3, 32, 32), np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(body)}}]}).encode()
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as conn:
+        conn.sendall((f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                      f"Inference-Header-Content-Length: {len(header)}\r\n"
+                      f"Content-Length: {len(header) + len(body)}\r\n\r\n").encode())
+        assert conn.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        conn.sendall(header + body)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
     assert _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits").shape == (1, 10)
 
 
