@@ -37,6 +37,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
 CHUNK = 1 << 16
 START_TIMEOUT_S = 30
+STOP_GRACE_S = 5
 
 
 def default_limit(max_batch_size: int, input_shape: tuple[int, ...]) -> int:
@@ -67,6 +68,7 @@ class HttpGuard:
 
         def main() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)  # this thread's loop, for aiohttp and the clean-up
             self._loop = loop
             try:
                 loop.run_until_complete(self._open())
@@ -79,6 +81,11 @@ class HttpGuard:
             started.set()
             loop.run_forever()
             loop.run_until_complete(self._close())
+            # Connections still open (keep-alive, or cut off by a 413) end with the loop.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=main, name=f"http-guard-{self.port}", daemon=True)
@@ -90,9 +97,10 @@ class HttpGuard:
                                          f"({self._error}); choose another with {self.flag}") from None
 
     def stop(self) -> None:
+        """Stop listening and close the connections to Triton; idempotent."""
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=STOP_GRACE_S + 5)
 
     async def _open(self) -> None:
         import aiohttp
@@ -105,8 +113,9 @@ class HttpGuard:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle, expect_handler=self._expect)
         # auto_decompress=False: aiohttp would inflate a gzip body before the limit sees it.
+        # shutdown_timeout: requests in flight at stop get this long to finish (Triton is up).
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     auto_decompress=False)
+                                     auto_decompress=False, shutdown_timeout=STOP_GRACE_S)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
 
@@ -214,11 +223,13 @@ class GrpcGuard:
                                          f"choose another with --grpc-port")
         self._server.start()
 
-    def stop(self, grace_s: float = 5) -> None:
-        if self._server is not None:
-            self._server.stop(grace_s).wait(grace_s + 5)
-        if self._channel is not None:
-            self._channel.close()
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop (calls in flight get ``grace_s``), close the channel to Triton; idempotent."""
+        server, channel, self._server, self._channel = self._server, self._channel, None, None
+        if server is not None:
+            server.stop(grace_s).wait(grace_s + 5)
+        if channel is not None:
+            channel.close()
 
 
 def _deadline(context: Any) -> float | None:

@@ -189,10 +189,15 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
               GrpcGuard(options.host, options.grpc_port, f"{LOOPBACK}:{inner['grpc']}", limit),
               HttpGuard(options.host, options.metrics_port, f"http://{LOOPBACK}:{inner['metrics']}",
                         METRICS_LIMIT, flag="--metrics-port")]
-    started: list[Any] = []
     preferred = preferred_batch_sizes(bundle, options.max_batch_size) or None
     triton = Triton(config=config)
-    _stop_on_sigterm()
+    started: list[Any] = []
+
+    def stop_guards() -> None:
+        for guard in started:  # no new requests first, then Triton finishes the ones in flight
+            guard.stop()
+
+    _stop_on_signals(stop_guards)
     try:
         triton.bind(model_name=model.name, infer_func=[make_infer(r) for r in runners],
                     inputs=[Tensor(name=model.input_name, dtype=np.float32, shape=model.input_shape)],
@@ -212,8 +217,7 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
     except KeyboardInterrupt:
         pass
     finally:
-        for guard in started:  # no new requests first, then Triton finishes the ones in flight
-            guard.stop()
+        stop_guards()
         triton.stop()
 
 
@@ -227,12 +231,17 @@ def endpoints(model: ServedModel, options: ServeOptions) -> dict[str, Any]:
             "model_file": model.model_file.name}
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM stops the server the way Ctrl-C does (PyTriton's serve loop handles that)."""
+def _stop_on_signals(first: Callable[[], None]) -> None:
+    """SIGTERM and Ctrl-C run ``first`` (close the fronts), then stop the server the way Ctrl-C
+    does. PyTriton's serve loop catches the KeyboardInterrupt and stops Triton itself, before
+    any ``finally`` of ours, and Triton would wait out its exit timeout on the fronts' open
+    connections to it; so the fronts close here, first."""
     def handler(signum: int, frame: Any) -> None:
+        first()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 # ----------------------------------------------------------------------------- client
