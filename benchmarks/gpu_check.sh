@@ -9,7 +9,9 @@
 #   quantize  int8 (200 synthetic calibration images) and fp16;
 #   verify    the CUDA pairs (ORT, torch.export, AOTInductor) and the CUDA/TensorRT gates;
 #   bench     every CUDA and TensorRT row at batch 1, 8 and 32, ORT CPU fp32 beside them;
-#   write     benchmarks/results/backends-gpu.md naming the GPU (copied to $OUT if set).
+#   write     benchmarks/results/backends-gpu.md naming the GPU (copied to $OUT if set);
+#   probe     (only when named) loads aoti-cuda in fresh processes, alone and after another
+#             backend, to narrow down its SIGSEGV there (backends-gpu.md).
 #
 #   bash benchmarks/gpu_check.sh                         # every step
 #   GPU_CHECK_STEPS=install,test bash benchmarks/gpu_check.sh
@@ -99,6 +101,24 @@ if want bench; then
     --backends ort-cpu:fp32,torch-cuda,torchscript-cuda,torch-export-cuda,aoti-cuda,ort-cuda,ort-cuda-iobinding,ort-tensorrt \
     --batch-sizes 1,8,32 --iterations 100 --seconds 1 --warmup-seconds 0.5 || status=1
   save "$WORK/b/latency.json" "$WORK/b/report.md"
+fi
+if want probe; then  # not in the default steps: why aoti-cuda crashes in a fresh process
+  step "probe aoti-cuda loading in fresh processes"
+  for first in none aoti-cpu torch-export-cuda; do
+    timeout 150 "$PY" -X faulthandler - "$WORK/b" "$first" <<'PY' 2>&1 | grep -v Warning | tail -4
+import sys, time
+from pathlib import Path
+from pipeline.backends import get_backend
+from pipeline.bundle import Bundle
+bundle, first = Bundle.open(Path(sys.argv[1])), sys.argv[2]
+if first != "none":
+    get_backend(first).make(bundle, "fp32")
+started = time.perf_counter()
+runner = get_backend("aoti-cuda").make(bundle, "fp32")
+print(f"after {first}: aoti-cuda loaded in {time.perf_counter() - started:.1f}s", flush=True)
+PY
+    echo "after $first: exit ${PIPESTATUS[0]}"
+  done
 fi
 if want write; then
   step "write $RESULT"
