@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.bundle import LATENCY, ONNX, ONNX_INT8, Bundle, atomic_path, ensure_writable_dir
 from pipeline.errors import InputError
+from pipeline.guard import default_limit
 
 TARGETS = ("cpu", "gpu")
 GPU_PRECISIONS = ("fp32", "fp16", "int8")
@@ -163,13 +164,21 @@ def triton_repository(bundle_dir: Path | str, out: Path | str,
     text = config_text(name, spec, options, preferred, precision)
     with atomic_path(folder / "config.pbtxt") as tmp:  # last: a repository with a config is complete
         tmp.write_text(text, encoding="utf-8")
+    limit = default_limit(options.max_batch_size, tuple(spec["input_dims"]))
     readme = (f"# Triton model repository\n\nMade by `python -m pipeline deploy triton "
               f"{bundle.root} --out {root}` from {model.name} (sha256 "
               f"{manifest['artifacts'].get(model.name, {}).get('sha256', '?')}).\n\n"
               f"Start it with:\n\n    tritonserver --model-repository {root.resolve()}\n\n"
               f"or in a container: `docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v "
               f"{root.resolve()}:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
-              f"--model-repository=/models`.\n")
+              f"--model-repository=/models`.\n\n"
+              f"Bound the request size. The largest valid binary request for this model is "
+              f"{limit} bytes (max_batch_size {options.max_batch_size} x "
+              f"{' x '.join(map(str, spec['input_dims']))} float32, plus 1 MiB for the JSON "
+              f"header). Triton releases with `--http-max-input-size` (64 MiB by default) take "
+              f"`--http-max-input-size={limit}`; older ones (2.51, which PyTriton 0.7.0 bundles, "
+              f"has no such flag) read any body whole, so keep them behind a proxy with a body "
+              f"limit. `python -m pipeline serve` does this for you.\n")
     with atomic_path(root / "README.md") as tmp:
         tmp.write_text(readme, encoding="utf-8")
     return {"repository": str(root), "model": name, "config": str(folder / "config.pbtxt"),

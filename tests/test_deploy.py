@@ -63,7 +63,11 @@ def test_cpu_repository_matches_the_bundle(tiny_bundle: Path, tmp_path: Path) ->
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": np.zeros((5, 3, size, size), np.float32)})[0]
     assert logits.shape == (5, len(labels))  # the batch axis Triton will fill is really dynamic
-    assert "tritonserver --model-repository" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme
+    # the request bound for a standalone Triton: the largest valid binary request
+    limit = config.max_batch_size * 3 * size * size * 4 + (1 << 20)
+    assert f"--http-max-input-size={limit}" in readme
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
