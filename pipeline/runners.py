@@ -288,9 +288,10 @@ TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
 def tensorrt_problem() -> str | None:
     """Why TensorRT's own libraries cannot be loaded, or None.
 
-    ORT's TensorRT provider links libnvinfer and libnvonnxparser, which the ``tensorrt`` extra installs under
-    site-packages/tensorrt_libs, off the loader's path: importing ``tensorrt_libs`` loads it
-    into the process first (as ``import tensorrt`` does), after which the provider finds it.
+    ORT's TensorRT provider links libnvinfer and libnvonnxparser, which the ``tensorrt`` extra
+    installs under site-packages/tensorrt_libs, off the loader's path: importing
+    ``tensorrt_libs`` loads them into the process first (as ``import tensorrt`` does), after
+    which the provider finds them.
     """
     import ctypes
 

@@ -212,7 +212,7 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
             guard.start()
             started.append(guard)
         if on_ready:
-            on_ready({**endpoints(model, options), "max_request_bytes": limit})
+            on_ready(endpoints(model, options, limit))
         triton.serve()
     except KeyboardInterrupt:
         pass
@@ -221,14 +221,14 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
         triton.stop()
 
 
-def endpoints(model: ServedModel, options: ServeOptions) -> dict[str, Any]:
+def endpoints(model: ServedModel, options: ServeOptions, limit: int) -> dict[str, Any]:
     base = f"http://{options.host}:{options.port}"
     return {"model": model.name, "http": base, "grpc": f"{options.host}:{options.grpc_port}",
             "metrics": f"http://{options.host}:{options.metrics_port}/metrics",
             "model_url": f"{base}/v2/models/{model.name}", "ready": f"{base}/v2/health/ready",
             "infer": f"{base}/v2/models/{model.name}/infer", "input": model.input_name,
             "input_shape": list(model.input_shape), "output": model.output_name,
-            "model_file": model.model_file.name}
+            "model_file": model.model_file.name, "max_request_bytes": limit}
 
 
 def _stop_on_signals(first: Callable[[], None]) -> None:
