@@ -19,7 +19,6 @@ from typing import Any
 
 from pipeline.bundle import LATENCY, ONNX, ONNX_INT8, Bundle, atomic_path, ensure_writable_dir
 from pipeline.errors import InputError
-from pipeline.guard import default_limit
 
 TARGETS = ("cpu", "gpu")
 GPU_PRECISIONS = ("fp32", "fp16", "int8")
@@ -164,6 +163,8 @@ def triton_repository(bundle_dir: Path | str, out: Path | str,
     text = config_text(name, spec, options, preferred, precision)
     with atomic_path(folder / "config.pbtxt") as tmp:  # last: a repository with a config is complete
         tmp.write_text(text, encoding="utf-8")
+    from pipeline.guard import default_limit
+
     limit = default_limit(options.max_batch_size, tuple(spec["input_dims"]))
     readme = (f"# Triton model repository\n\nMade by `python -m pipeline deploy triton "
               f"{bundle.root} --out {root}` from {model.name} (sha256 "

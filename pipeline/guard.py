@@ -61,6 +61,8 @@ class HttpGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._runner: Any = None
+        self._session: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -120,9 +122,9 @@ class HttpGuard:
         await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
 
     async def _close(self) -> None:
-        if getattr(self, "_runner", None) is not None:
+        if self._runner is not None:
             await self._runner.cleanup()
-        if getattr(self, "_session", None) is not None:
+        if self._session is not None:
             await self._session.close()
 
     # ------------------------------------------------------------------ requests

@@ -120,6 +120,17 @@ def test_a_body_that_is_not_a_tensor_is_refused(server) -> None:
 LIMIT = 8 * 3 * 32 * 32 * 4 + (1 << 20)
 
 
+def _binary_request(extra_headers: str = "") -> tuple[bytes, bytes]:
+    """The head and body of a KServe binary-tensor request for one zero image, as raw HTTP."""
+    body = np.zeros((1, 3, 32, 32), np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(body)}}]}).encode()
+    head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n{extra_headers}"
+            f"Inference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(header) + len(body)}\r\n\r\n").encode()
+    return head, header + body
+
+
 def _raw_post(port: int, head: str, body: bytes, wait_s: float = 3) -> str:
     """Send a request's head and the first part of its body; the server's first answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
@@ -143,15 +154,11 @@ def test_an_oversized_body_is_refused_without_reading_it(server) -> None:
                        f"Expect: 100-continue\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n", b"")
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     # and one within the limit is invited, then served
-    body = np.zeros((1, 3, 32, 32), np.float32).tobytes()
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(body)}}]}).encode()
+    head, payload = _binary_request("Expect: 100-continue\r\n")
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as conn:
-        conn.sendall((f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                      f"Inference-Header-Content-Length: {len(header)}\r\n"
-                      f"Content-Length: {len(header) + len(body)}\r\n\r\n").encode())
+        conn.sendall(head)
         assert conn.recv(4096).startswith(b"HTTP/1.1 100 Continue")
-        conn.sendall(header + body)
+        conn.sendall(payload)
         assert conn.recv(4096).startswith(b"HTTP/1.1 200")
     assert _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits").shape == (1, 10)
 
@@ -221,13 +228,10 @@ def test_grpc_serves_and_refuses_an_oversized_message(server) -> None:
 
 
 def test_a_client_that_hangs_up_mid_request_harms_no_one(server) -> None:
-    body = np.zeros((1, 3, 32, 32), np.float32).tobytes()
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(body)}}]}).encode()
+    head, payload = _binary_request()
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as conn:
-        conn.sendall((f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
-                      f"Inference-Header-Content-Length: {len(header)}\r\n"
-                      f"Content-Length: {len(header) + len(body)}\r\n\r\n").encode() + header + body[:100])
+        image_bytes = 3 * 32 * 32 * 4
+        conn.sendall(head + payload[:len(payload) - image_bytes + 100])  # 100 B of the image
     results = []
 
     def one(seed: int) -> None:
