@@ -259,7 +259,8 @@ def attach_verification(rows: list[dict[str, Any]], parity: dict[str, Any] | Non
             continue
         gate = gates.get(target_name(backend.gate_as or backend.name, requested))
         if gate and gate.get("model_sha256") == row["model_sha256"]:
-            row["verified"] = "gate passed" if gate["passed"] else "gate failed"
+            row["verified"] = ("gate not meaningful" if gate.get("not_meaningful") else
+                               "gate passed" if gate["passed"] else "gate failed")
             row["top1_agreement"] = gate.get("top1_agreement")
             row["top1_drop_points"] = gate.get("top1_drop_points")
 

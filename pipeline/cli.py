@@ -200,6 +200,9 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
         emit_json({**(extra or {}), "parity": report.to_dict()})
     else:
         click.echo(format_table(report))
+    for gate in report.advisories:
+        _log(f"warning: accuracy gate failed for {gate.candidate}, a runtime-only precision: "
+             f"{gate.failed_on}; it does not decide the exit code and is never recommended")
     if not report:
         _log(f"error: {failure_summary(report)}")
         ctx.exit(EXIT_ENVIRONMENT if report.environment_only else EXIT_CHECK_FAILED)

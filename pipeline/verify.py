@@ -81,6 +81,16 @@ class GateResult:
     passed: bool = False
     failed_on: str | None = None
     error: str | None = None
+    # Does this gate decide verify's exit code? Variant files (int8, fp16) and precisions the
+    # user named do; runtime-only precisions (bf16 autocast, OpenVINO's auto) are advisory.
+    decides_exit: bool = True
+    # Why the gate's figures mean nothing (a random-weight model has no margins to keep).
+    not_meaningful: str | None = None
+
+
+NOT_MEANINGFUL_RANDOM = "not meaningful: random weights"
+GATE_VERDICT_RULE = ("gates of the variant files (int8, fp16) decide the exit code; runtime-only "
+                     "precisions (bf16, auto) are advisory; none on random weights")
 
 
 @dataclass
@@ -96,7 +106,12 @@ class ParityReport:
 
     def __bool__(self) -> bool:
         return self.has_cpu_onnx_pair and all(p.passed for p in self.pairs) \
-            and all(g.passed for g in self.gates)
+            and all(g.passed for g in self.binding_gates)
+
+    @property
+    def binding_gates(self) -> list[GateResult]:
+        """The gates that decide the exit code (see ``GateResult.decides_exit``)."""
+        return [g for g in self.gates if g.decides_exit and not g.not_meaningful]
 
     @property
     def has_cpu_onnx_pair(self) -> bool:
@@ -104,7 +119,13 @@ class ParityReport:
 
     @property
     def failures(self) -> list[PairResult | GateResult]:
-        return [p for p in self.pairs if not p.passed] + [g for g in self.gates if not g.passed]
+        return [p for p in self.pairs if not p.passed] + [g for g in self.binding_gates if not g.passed]
+
+    @property
+    def advisories(self) -> list[GateResult]:
+        """Gates that failed without deciding the exit code (kept out of recommendations)."""
+        return [g for g in self.gates if not g.passed and not g.not_meaningful
+                and not g.decides_exit]
 
     @property
     def environment_only(self) -> bool:
@@ -374,16 +395,17 @@ def _pair_rows(key: str, make: Callable[[], Runner], inputs: dict[str, np.ndarra
 
 def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluation,
           reference: np.ndarray, max_drop: float, min_agreement: float,
-          known: dict[str, str]) -> GateResult:
+          known: dict[str, str], not_meaningful: str | None = None) -> GateResult:
     gate = GateResult(target_name(backend.name, precision), backend.name, precision,
-                      images=len(evaluation.batch))
+                      images=len(evaluation.batch), decides_exit=precision in PRECISION_FILES,
+                      not_meaningful=not_meaningful)
     try:
         runner = backend.make(bundle, precision)
         logits = np.concatenate([runner.infer(evaluation.batch[i:i + 64])
                                  for i in range(0, len(evaluation.batch), 64)])
     except Exception as exc:  # a candidate that cannot run fails its gate, with the reason
         gate.error = f"{type(exc).__name__}: {str(exc)[:300]}"
-        gate.failed_on = "error"
+        gate.failed_on = None if gate.not_meaningful else "error"
         return gate
     gate.precision, gate.provider = runner.precision, runner.provider
     identity = _model_identity(runner, known)
@@ -403,6 +425,8 @@ def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluati
             failed.append(f"top-1 drop {gate.top1_drop_points:.2f} points > {max_drop:g}")
     if gate.top1_agreement < min_agreement:
         failed.append(f"top-1 agreement {100 * gate.top1_agreement:.2f}% < {100 * min_agreement:g}%")
+    if gate.not_meaningful:
+        return gate  # figures shown, no verdict: passed stays False, so never recommended
     gate.passed = not failed
     gate.failed_on = "; ".join(failed) or None
     return gate
@@ -432,7 +456,8 @@ def verify_bundle(path: Path | str, *, atol: float | None = None, rtol: float | 
                         "scale_term * max|fp64|"})
     report = ParityReport(rule=rule, integrity=integrity,
                           gate_rule={"max_top1_drop_points": max_top1_drop,
-                                     "min_top1_agreement": min_agreement})
+                                     "min_top1_agreement": min_agreement,
+                                     "decides_exit": GATE_VERDICT_RULE})
     model = load_model(checkpoint=bundle.path(WEIGHTS)).model.eval()
     inputs = random_inputs(int(manifest["model"]["input_size"]))
     evaluation, no_evaluation = evaluation_images(bundle, manifest, images)
@@ -455,8 +480,9 @@ def verify_bundle(path: Path | str, *, atol: float | None = None, rtol: float | 
     elif gates and evaluation is not None:
         report.evaluation = evaluation.describe(held_apart(bundle, evaluation))
         reference = _eager_logits(model, evaluation.batch)
+        random = (manifest["model"].get("weights") or {}).get("source") == "random"
         report.gates = [_gate(b, p, bundle, evaluation, reference, max_top1_drop, min_agreement,
-                              known) for b, p in gates]
+                              known, NOT_MEANINGFUL_RANDOM if random else None) for b, p in gates]
     write_json_atomic(bundle.path(PARITY), report.to_dict())
     return report
 
@@ -535,22 +561,31 @@ def gate_lines(report: ParityReport) -> list[str]:
                  f"{'fp32 acc':>8} {'acc':>7} {'drop':>6}  result")
     for gate in report.gates:
         if gate.error:
-            lines.append(f"{gate.candidate:<24} FAIL  {gate.error}")
+            lines.append(f"{gate.candidate:<24} {gate.not_meaningful or 'FAIL'}  {gate.error}")
             continue
         acc = (f"{100 * gate.fp32_top1:7.2f}% {100 * gate.candidate_top1:6.2f}% "
                f"{gate.top1_drop_points:6.2f}" if gate.fp32_top1 is not None else f"{'—':>8} {'—':>7} {'—':>6}")
         lines.append(f"{gate.candidate:<24} {gate.precision or '':<8} {100 * gate.top1_agreement:6.2f}% "
                      f"{100 * gate.top5_agreement:5.1f}% {gate.cosine_mean:8.5f} {acc}  "
-                     f"{'ok' if gate.passed else 'FAIL: ' + (gate.failed_on or '')}")
+                     f"{gate_verdict(gate)}")
     lines += [f"{key:<24} not verified: {reason}" for key, reason in report.not_verified.items()]
     return lines
+
+
+def gate_verdict(gate: GateResult) -> str:
+    if gate.not_meaningful:
+        return gate.not_meaningful
+    if gate.passed:
+        return "ok"
+    return ("FAIL: " if gate.decides_exit else "advisory FAIL (not recommended): ") + \
+        (gate.failed_on or "")
 
 
 def failure_summary(report: ParityReport) -> str:
     if not report.has_cpu_onnx_pair:
         return "parity FAILED: no CPU ONNX comparison ran, so nothing was verified"
     pairs = [p for p in report.pairs if not p.passed]
-    gates = [g for g in report.gates if not g.passed]
+    gates = [g for g in report.binding_gates if not g.passed]
     parts = []
     if pairs:
         worst = max(pairs, key=lambda p: p.max_abs_vs_fp64 if p.max_abs_vs_fp64 is not None

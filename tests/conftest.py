@@ -82,3 +82,15 @@ def requires_cuda():
 
 def copy_tree(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-units", "no-bf16-units"])
+def forced_bf16(request, monkeypatch) -> bool:
+    """Make this CPU look as if it has bf16 units (AMX or AVX512-BF16), or as if it has none,
+    for the code that decides which precisions to time and gate. The real runtime still runs:
+    forced on a CPU without the units, torch emulates bf16 (slowly, but correctly)."""
+    import pipeline.machine as machine
+
+    present = request.param
+    monkeypatch.setattr(machine, "cpu_has_fast_bf16", lambda flags=None: present)
+    return present

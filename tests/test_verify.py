@@ -129,6 +129,41 @@ def test_verify_on_real_images(tiny_bundle, tmp_path):
     assert image_rows and all(p["batch"] == 4 and p["passed"] for p in image_rows)
 
 
+def test_random_weight_gates_are_not_meaningful_on_every_cpu(tiny_bundle, tmp_path, forced_bf16):
+    """On a random-weight bundle a reduced-precision gate reports its figures but no verdict,
+    whether or not the CPU has bf16 units: verify's exit code is fp32 parity's alone."""
+    assert run_cli("quantize", tiny_bundle, "--calibration", "synthetic", "--count", "16",
+                   "--precision", "int8").exit_code == 0
+    write_images(tmp_path / "photos", count=4)
+    result = run_cli("verify", tiny_bundle, "--images", tmp_path / "photos", "--json")
+    assert result.exit_code == 0, result.output
+    parity = json.loads(result.stdout)["parity"]
+    gates = {g["candidate"]: g for g in parity["gates"]}
+    assert "ort-cpu:int8" in gates and parity["passed"] is True
+    for gate in gates.values():
+        assert gate["not_meaningful"] == "not meaningful: random weights" and not gate["passed"]
+        assert gate["top1_agreement"] is not None or gate["error"]
+    if forced_bf16:
+        assert gates["torch-cpu:bf16"]["decides_exit"] is False
+    else:
+        assert "torch-cpu:bf16" not in gates and "no bf16 units" in parity["skipped"]["torch-cpu:bf16"]
+    table = run_cli("verify", tiny_bundle, "--images", tmp_path / "photos")
+    assert table.exit_code == 0 and "not meaningful: random weights" in table.stdout
+
+
+def test_runtime_only_gates_are_advisory_and_variant_gates_decide():
+    from pipeline.verify import GateResult, PairResult, ParityReport
+
+    pair = PairResult("onnx-ort-cpu", "random-b1", 1, passed=True)
+    bf16 = GateResult("torch-cpu:bf16", "torch-cpu", "bf16", passed=False, failed_on="top-1",
+                      decides_exit=False)
+    report = ParityReport(rule={}, pairs=[pair], gates=[bf16])
+    assert report and report.advisories == [bf16] and report.failures == []
+    int8 = GateResult("ort-cpu:int8", "ort-cpu", "int8", passed=False, failed_on="top-1")
+    report.gates.append(int8)
+    assert not report and report.failures == [int8]
+
+
 def test_tolerance_zero_is_reported_as_failure(tiny_bundle):
     result = run_cli("verify", tiny_bundle, "--atol", "0", "--rtol", "0")
     # Different kernels are not bit-identical, so zero tolerance must fail somewhere.
