@@ -19,11 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import BenchConfig, run_bench
-from pipeline.console import StageTimer
-from pipeline.export import ExportOptions, export_bundle
-from pipeline.machine import cpu_summary, machine_block
-from pipeline.weights import load_model
+from pipeline.core.console import StageTimer
+from pipeline.core.machine import cpu_summary, machine_block
+from pipeline.models.weights import load_model
+from pipeline.options import BenchOptions, ExportOptions
+from pipeline.stages.bench.protocol import run_bench
+from pipeline.stages.export import export_bundle
 
 CPU_BACKENDS = ("torch-cpu", "torchscript-cpu", "ort-cpu")
 CUDA_BACKENDS = ("torch-cuda", "torchscript-cuda", "ort-cuda", "ort-cuda-iobinding", "ort-tensorrt")
@@ -91,7 +92,7 @@ def physical_cpu_peak(threads: int) -> dict[str, float | str]:
     figure is an upper bound where a core has one. The clock is the highest that
     /proc/cpuinfo reports now; turbo can go above it, which the label says.
     """
-    from pipeline.machine import cpu_flags
+    from pipeline.core.machine import cpu_flags
 
     flags = cpu_flags()
     lanes = 16 if flags.get("avx512f") else 8 if flags.get("avx2") else 4
@@ -160,13 +161,13 @@ def main() -> None:
     args = parser.parse_args()
 
     backends = CPU_BACKENDS + (CUDA_BACKENDS if args.cuda else ())
-    config = BenchConfig(backends=backends, batch_sizes=(1,), iterations=args.iterations,
+    config = BenchOptions(backends=backends, batch_sizes=(1,), iterations=args.iterations,
                          seconds=args.seconds, threads=args.threads)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
             bundle = export_for_bench(arch, Path(tmp))
-            results[arch] = run_bench(bundle, config, progress=True)["rows"]
+            results[arch] = run_bench(bundle, config, progress=True).to_dict()["rows"]
     gemms = {"cpu": cpu_gemm_peak(args.threads, seconds=args.seconds)}
     if args.cuda:
         gemms["cuda"] = cuda_gemm_peak(seconds=args.seconds)

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.machine import cpu_summary
+from pipeline.core.machine import cpu_summary
 
 TARGETS = {"resnet18": ("wall", 20.0), "resnet50": ("wall", 40.0), "resnet152": ("rss", 3.0)}
 HELP_TARGET_S = 1.0

@@ -1,7 +1,7 @@
 """What serve's size-bounded HTTP front costs per request, side by side in one run.
 
 An upstream that answers every POST with a fixed 40-byte body (standing in for Triton, so
-only the hop is measured) is called directly and through ``pipeline.guard.HttpGuard``, one
+only the hop is measured) is called directly and through ``pipeline.serving.guard.HttpGuard``, one
 keep-alive client, sequential requests, with bodies the size of one 32 px and one 224 px
 float32 image (12 KiB, 588 KiB). Reports p50/p90/p99 and the added median.
 
@@ -18,9 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.guard import HttpGuard
-from pipeline.machine import cpu_summary
-from pipeline.serve import free_port
+from pipeline.core.machine import cpu_summary
+from pipeline.serving.guard import HttpGuard
+from pipeline.serving.serve import free_port
 
 ANSWER = b'{"outputs":[{"name":"logits"}]}' + b" " * 8
 

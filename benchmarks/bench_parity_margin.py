@@ -1,7 +1,7 @@
 """The margin of verify's fp32 rule, per arch and input size: no false failure, and what drift it catches.
 
 For each arch and size (random weights, BN calibrated, as `export` makes them) and a seeded
-batch of 3, with verify's own rule (``pipeline.verify.compare_to_floor``):
+batch of 3, with verify's own rule (``pipeline.stages.verify.compare_to_floor``):
 
 - the model's fp32 noise floor, max |eager fp32 - eager fp64|, and the tolerance it earns;
 - the error against fp64 of ONNX Runtime CPU, OpenVINO f32 and TorchScript, and the margin
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.archs import ARCHS
-from pipeline.machine import cpu_summary
-from pipeline.tolerances import FLOOR_MULTIPLE, SCALE_TERM
-from pipeline.verify import compare, compare_to_floor
-from pipeline.weights import load_model
+from pipeline.core.machine import cpu_summary
+from pipeline.models.archs import ARCHS
+from pipeline.models.weights import load_model
+from pipeline.options import FLOOR_MULTIPLE, SCALE_TERM
+from pipeline.stages.verify import compare, compare_to_floor
 
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 OLD_ATOL, OLD_RTOL = 2e-3, 1e-3

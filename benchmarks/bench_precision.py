@@ -18,12 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import BenchConfig, percentile_stats, run_bench, timed_loop, warm_up
-from pipeline.console import StageTimer
-from pipeline.export import ExportOptions, export_bundle
-from pipeline.machine import cpu_has_fast_int8, cpu_summary, library_versions
-from pipeline.quantize import QuantizeOptions, quantize_bundle
-from pipeline.weights import load_model
+from pipeline.core.console import StageTimer
+from pipeline.core.machine import cpu_has_fast_int8, cpu_summary, library_versions
+from pipeline.models.weights import load_model
+from pipeline.options import BenchOptions, ExportOptions, QuantizeOptions
+from pipeline.stages.bench.protocol import run_bench
+from pipeline.stages.bench.timing import percentile_stats, timed_loop, warm_up
+from pipeline.stages.export import export_bundle
+from pipeline.stages.quantize import quantize_bundle
 
 TARGETS = ("ort-cpu:fp32", "ort-cpu:int8", "openvino-cpu:fp32", "openvino-cpu:auto",
            "openvino-cpu:int8", "torch-cpu:fp32", "torch-cpu:bf16")
@@ -35,10 +37,15 @@ TARGET_QUANTIZE_S = 60.0
 def s8s8_p50(bundle: Path, threads: int, seconds: float) -> float:
     """p50 of an S8S8 QDQ model made from the same calibration, timed in this process."""
     import numpy as np
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
-    from pipeline.runners import OrtRunner
+    from pipeline.runtimes.ort import OrtRunner
 
     size = 224
     batch = np.random.default_rng(0).standard_normal((32, 3, size, size), dtype=np.float32)
@@ -67,8 +74,9 @@ def measure(arch: str, root: Path, threads: int, seconds: float) -> dict:
     started = time.perf_counter()
     record = quantize_bundle(bundle.root, QuantizeOptions(calibration="synthetic", count=300))
     quantize_s = time.perf_counter() - started
-    doc = run_bench(bundle.root, BenchConfig(backends=TARGETS, batch_sizes=(1,), iterations=200,
-                                             seconds=seconds, threads=threads), progress=False)
+    doc = run_bench(bundle.root, BenchOptions(backends=TARGETS, batch_sizes=(1,), iterations=200,
+                                             seconds=seconds, threads=threads),
+                    progress=False).to_dict()
     return {"rows": doc["rows"], "quantize_s": quantize_s,
             "int8_s": record["int8"]["duration_s"], "reduce_range": record["int8"]["reduce_range"],
             "s8s8_p50": s8s8_p50(bundle.root, threads, seconds)}

@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import BenchConfig, run_bench
-from pipeline.machine import cpu_summary, library_versions
+from pipeline.core.machine import cpu_summary, library_versions
+from pipeline.options import BenchOptions
+from pipeline.stages.bench.protocol import run_bench
 
 TARGETS = ("ort-cpu:fp32", "torch-cpu:fp32", "torchscript-cpu:fp32", "torch-export-cpu:fp32",
            "aoti-cpu:fp32")
@@ -60,9 +61,9 @@ def main() -> None:
             bundle = Path(tmp) / arch
             wall, manifest = export(arch, bundle)
             aoti = manifest["export"]["aoti"]["cpu"]
-            doc = run_bench(bundle, BenchConfig(backends=TARGETS, batch_sizes=(1, 8), iterations=200,
+            doc = run_bench(bundle, BenchOptions(backends=TARGETS, batch_sizes=(1, 8), iterations=200,
                                                 seconds=args.seconds, threads=args.threads),
-                            progress=False)
+                            progress=False).to_dict()
             target = TARGET_AOTI_COMPILE_S.get(arch)
             verdict = (f"; target <= {target:.0f} s: {'met' if aoti['compile_s'] <= target else 'MISSED'}"
                        if target else "")

@@ -82,7 +82,7 @@ def main() -> None:
     walls = [run[0] for run in runs]
     accs = [run[1] for run in runs]
     history = runs[-1][2]
-    from pipeline.machine import cpu_summary
+    from pipeline.core.machine import cpu_summary
     lines = ["# `python -m pipeline run` with its defaults", "",
              f"Command: `python benchmarks/bench_run.py --repeats {args.repeats}`", "",
              f"Machine: {cpu_summary()}, {os.cpu_count()} cores, no GPU. Defaults: resnet18, "

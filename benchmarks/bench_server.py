@@ -12,15 +12,15 @@ CPU model and the target: concurrency 16 at >= 1.3x single-stream batch-1 images
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.machine import cpu_summary, library_versions
-from pipeline.report import server_lines
+from pipeline.core.machine import cpu_summary, library_versions
+from pipeline.core.records import LatencyDoc
+from pipeline.stages.report import server_lines
 
 TARGET_RATIO = 1.3
 
@@ -40,20 +40,22 @@ def main() -> None:
                    "--seconds", str(args.seconds)]
         subprocess.run([sys.executable, "-m", "pipeline", *command], check=True,
                        stdout=subprocess.DEVNULL)
-        server = json.loads((bundle / "latency.json").read_text())["server"]
+        section = LatencyDoc.load(bundle / "latency.json").server
+    server = section.to_dict()
     versions = library_versions()
     base = server["baseline"]["images_per_s"]
     top = max(server["rows"], key=lambda r: r["concurrency"])
     ratio = top["images_per_s"] / base
     met = ratio >= TARGET_RATIO and top["errors"] == 0
-    server["command"] = "python -m pipeline " + " ".join(command).replace(str(bundle), "BUNDLE")
+    section.command = server["command"] = ("python -m pipeline " +
+                                           " ".join(command).replace(str(bundle), "BUNDLE"))
     lines = [f"# Server scenario: {args.arch} at 224 px, Triton + ONNX Runtime on the CPU", "",
              f"Command: `python benchmarks/bench_server.py --arch {args.arch} --concurrency "
              f"{args.concurrency} --seconds {args.seconds:g}`", "",
              f"CPU: {cpu_summary()}. Versions: nvidia-pytriton {metadata.version('nvidia-pytriton')}, "
              f"onnxruntime {versions.get('onnxruntime-gpu') or versions.get('onnxruntime')}, "
              f"torch {versions.get('torch')}. Server, clients and baseline share the machine's cores.", "",
-             *server_lines(server)[2:],
+             *server_lines(section)[2:],
              f"**Target** (concurrency {top['concurrency']} >= {TARGET_RATIO}x single-stream batch-1 "
              f"images/s, no request failing): {ratio:.2f}x, {top['errors']} errors: "
              f"**{'met' if met else 'MISSED'}**.", ""]

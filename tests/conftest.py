@@ -89,7 +89,7 @@ def forced_bf16(request, monkeypatch) -> bool:
     """Make this CPU look as if it has bf16 units (AMX or AVX512-BF16), or as if it has none,
     for the code that decides which precisions to time and gate. The real runtime still runs:
     forced on a CPU without the units, torch emulates bf16 (slowly, but correctly)."""
-    import pipeline.machine as machine
+    import pipeline.core.machine as machine
 
     present = request.param
     monkeypatch.setattr(machine, "cpu_has_fast_bf16", lambda flags=None: present)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from conftest import TINY_ARCH, write_images
 from pipeline.errors import CheckFailed, EnvironmentUnavailable, InputError
+from tests.conftest import TINY_ARCH, write_images
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -43,9 +43,10 @@ def test_notebook_export_verify_bench_predict(tmp_path: Path) -> None:
 
     bench = pipeline.bench(result.bundle, backends=["ort-cpu:fp32", "torch-export-cpu"],
                            batch_sizes=[1], iterations=5, seconds=0, warmup_seconds=0)
-    assert {r["backend"] for r in bench.rows if r["status"] == "ok"} == {"ort-cpu", "torch-export-cpu"}
+    assert {r.backend for r in bench.rows if r.ok} == {"ort-cpu", "torch-export-cpu"}
     assert bench.recommendation["fastest_batch1"]["backend"] in {"ort-cpu", "torch-export-cpu"}
-    assert json.loads((result.bundle / "latency.json").read_text())["rows"] == bench.rows
+    assert json.loads((result.bundle / "latency.json").read_text())["rows"] == \
+        [row.to_dict() for row in bench.rows]
 
     images = write_images(tmp_path / "imgs", count=2)
     by_onnx = pipeline.predict(result.bundle, images, top_k=3)
@@ -58,7 +59,7 @@ def test_verify_report_is_falsy_when_a_pair_fails(tiny_bundle: Path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    from pipeline.bundle import Bundle
+    from pipeline.core.bundle import Bundle
 
     path = tiny_bundle / "model.sim.onnx"
     proto = onnx.load(str(path))
@@ -100,4 +101,4 @@ def test_train_and_resume_through_the_api(tmp_path: Path) -> None:
     assert first.epochs == 1 and first.classes and (first.bundle / "last.pt").is_file()
     resumed = pipeline.train(resume=first.bundle / "last.pt", epochs=2, log=lambda line: None)
     assert resumed.epochs == 2 and resumed.bundle == first.bundle
-    assert resumed.summary["arch"] == TINY_ARCH
+    assert resumed.record["arch"] == TINY_ARCH and TINY_ARCH in resumed.summary

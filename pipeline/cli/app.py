@@ -1,0 +1,683 @@
+"""``python -m pipeline``: one thin click command per stage.
+
+The library does the work; commands parse options, call it, print, and choose the exit code:
+0 ok, 1 a check failed, 2 usage or input error, 3 environment error. Nothing heavy (torch,
+onnx, onnxruntime) is imported at module load, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import api
+from pipeline.cli import render
+from pipeline.errors import EXIT_CHECK_FAILED, EXIT_ENVIRONMENT, EXIT_INTERNAL, PipelineError
+from pipeline.models.archs import ARCHS, describe
+from pipeline.options import (
+    CALIBRATION_METHODS,
+    DEFAULT_MAX_TOP1_DROP,
+    DEFAULT_MIN_AGREEMENT,
+    EXPORTERS,
+    FLOOR_MULTIPLE,
+    SCALE_TERM,
+    SCENARIOS,
+    TRITON_GPU_PRECISIONS,
+    TRITON_TARGETS,
+    BenchOptions,
+    ExportOptions,
+    QuantizeOptions,
+    RunOptions,
+    ScenarioOptions,
+    ServeOptions,
+    TrainOptions,
+    TritonOptions,
+    joined,
+)
+from pipeline.runtimes.registry import registry_help
+from pipeline.version import __version__
+
+# Every default the commands show comes from the option dataclasses, written once there.
+EXPORT, QUANTIZE, TRAIN, RUN = ExportOptions(), QuantizeOptions(), TrainOptions(), RunOptions()
+BENCH, SCENARIO, SERVE, TRITON = BenchOptions(), ScenarioOptions(), ServeOptions(), TritonOptions()
+
+
+class PipelineGroup(click.Group):
+    """Turns user-facing errors into one ``error:`` line and their exit code, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug, not a user error: its own exit code, with the trace
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (exit {EXIT_INTERNAL}; "
+                       f"please report it with the trace above)", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _command_line(command: str, *operands: Any) -> str:
+    """The command as the user typed it, for reports (argv when we were started that way)."""
+    import shlex
+
+    argv = sys.argv[1:]
+    if command in argv:
+        return "python -m pipeline " + shlex.join(argv[argv.index(command):])
+    return "python -m pipeline " + shlex.join([command, *map(str, operands)])
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pipeline")
+def cli() -> None:
+    """Train, export, verify, benchmark and serve ResNet image classifiers.
+
+    Stages share a bundle directory (default exported/<arch>) described by manifest.json.
+
+    \b
+    Example:
+      python -m pipeline export --arch resnet18
+      python -m pipeline verify exported/resnet18
+    """
+
+
+# ----------------------------------------------------------------------------- archs
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only on stdout.")
+def archs(as_json: bool) -> None:
+    """List every architecture: parameters, GMACs, input size and preprocessing.
+
+    \b
+    Example:
+      python -m pipeline archs
+      python -m pipeline archs --json
+    """
+    rows = [describe(spec) for spec in ARCHS.values()]
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(f"{'arch':<16} {'params':>8} {'GMACs':>7} {'input':>5}  preprocessing")
+    for row in rows:
+        prep = row["preprocessing"]
+        click.echo(f"{row['arch']:<16} {row['params'] / 1e6:7.2f}M {row['gmacs']:7.3f} "
+                   f"{row['input_size']:>5}  resize {prep['resize']}, crop {prep['crop']}, "
+                   f"mean {_triple(prep['mean'])}, std {_triple(prep['std'])}")
+
+
+def _triple(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+# ----------------------------------------------------------------------------- model options
+def _apply(options: list[Any], func: Any) -> Any:
+    """Decorate ``func`` with click options so they list in the order given."""
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(func: Any) -> Any:
+    """Options that choose an architecture and its weights (export, train)."""
+    options = [
+        click.option("--arch", default=None, help="Architecture (see `archs`). Default resnet18, "
+                     "or the checkpoint's arch."),
+        click.option("--num-classes", type=int, default=None,
+                     help="Output classes (default 1000 ImageNet archs, 10 CIFAR archs)."),
+        click.option("--weights", default="random", show_default=True,
+                     help="random (fixed seed) or imagenet (torchvision's pretrained weights)."),
+        click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                     help="A state dict or a training checkpoint to load."),
+        click.option("--class-names", default=None, help="Comma-separated class names."),
+        click.option("--input-size", type=int, default=None,
+                     help="Override the input size; preprocessing follows."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for random initialisation."),
+    ]
+    return _apply(options, func)
+
+
+def tolerance_options(func: Any) -> Any:
+    options = [
+        click.option("--atol", type=float, default=None,
+                     help=f"Absolute tolerance vs eager fp32 (numpy allclose). Default: the model's "
+                          f"own rule, |candidate - fp64| <= {FLOOR_MULTIPLE:g} x its fp32 noise "
+                          f"floor + {SCALE_TERM:g} x max|logit|."),
+        click.option("--rtol", type=float, default=None,
+                     help="Relative tolerance vs eager fp32 (with --atol; replaces the floor rule)."),
+        click.option("--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP, show_default=True,
+                     help="Accuracy gate for int8/fp16/bf16: most top-1 points lost (labelled images)."),
+        click.option("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, show_default=True,
+                     help="Accuracy gate: least share of images whose top-1 matches eager fp32."),
+    ]
+    return _apply(options, func)
+
+
+# ----------------------------------------------------------------------------- export
+@cli.command()
+@model_options
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Bundle directory (default exported/<arch>).")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default=EXPORT.exporter,
+              show_default=True, help="torch.onnx exporter: dynamo (torch.export) or legacy (TorchScript).")
+@click.option("--opset", type=int, default=EXPORT.opset, show_default=True, help="ONNX opset.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--no-pt2", is_flag=True, help="Skip model.pt2 (the torch.export ExportedProgram).")
+@click.option("--aoti", is_flag=True,
+              help="Also compile AOTInductor packages (model.aoti-cpu.pt2, and model.aoti-cuda.pt2 "
+                   "on a GPU machine); needs a C++ compiler.")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Also verify on these real images.")
+@tolerance_options
+@click.option("--verbose", "-v", is_flag=True, help="Show exporter output instead of capturing it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and parity as JSON.")
+@click.pass_context
+def export(ctx: click.Context, arch: str | None, num_classes: int | None, weights: str,
+           checkpoint: Path | None, class_names: str | None, input_size: int | None, seed: int,
+           out: Path | None, exporter: str, opset: int, no_simplify: bool, no_pt2: bool,
+           aoti: bool, images: Path | None, atol: float | None, rtol: float | None,
+           max_top1_drop: float, min_agreement: float, verbose: bool, as_json: bool) -> None:
+    """Export to ONNX (+ onnxsim), TorchScript and model.pt2, then verify parity.
+
+    \b
+    Example:
+      python -m pipeline export --arch resnet18
+      python -m pipeline export --arch resnet50 --aoti
+      python -m pipeline export --arch resnet50 --weights imagenet --opset 17 --exporter legacy
+      python -m pipeline export --checkpoint exported/resnet18/checkpoint.pt
+    """
+    result = api.export(arch, out=out, weights=weights, checkpoint=checkpoint,
+                        num_classes=num_classes, class_names=class_names, input_size=input_size,
+                        seed=seed, exporter=exporter, opset=opset, simplify=not no_simplify,
+                        pt2=not no_pt2, aoti=aoti, images=images, atol=atol, rtol=rtol,
+                        max_top1_drop=max_top1_drop, min_agreement=min_agreement,
+                        verbose=verbose, log=_log)
+    _finish_verify(ctx, result.parity, as_json, extra={"bundle": str(result.bundle),
+                                                       "manifest": result.manifest})
+
+
+def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
+                   extra: dict[str, Any] | None = None) -> None:
+    if as_json:
+        emit_json({**(extra or {}), "parity": report.to_dict()})
+    else:
+        click.echo(render.parity_table(report))
+    for gate in report.advisories:
+        _log(f"warning: accuracy gate failed for {gate.candidate}, a runtime-only precision: "
+             f"{gate.failed_on}; it does not decide the exit code and is never recommended")
+    if not report:
+        _log(f"error: {report.failure_summary()}")
+        ctx.exit(EXIT_ENVIRONMENT if report.environment_only else EXIT_CHECK_FAILED)
+
+
+# ----------------------------------------------------------------------------- verify
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Also compare on real images, preprocessed by the bundle's own spec.")
+@tolerance_options
+@click.option("--cpu-only", is_flag=True, help="Do not try the CUDA execution provider.")
+@click.option("--json", "as_json", is_flag=True, help="Print parity JSON only on stdout.")
+@click.pass_context
+def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | None,
+           rtol: float | None, max_top1_drop: float, min_agreement: float, cpu_only: bool,
+           as_json: bool) -> None:
+    """Check artifact hashes, fp32 parity vs PyTorch, and the accuracy gate for int8/fp16/bf16.
+
+    Exit 1 when a file changed, a pair exceeds its tolerance or a reduced-precision variant
+    fails the gate; exit 3 when a CPU comparison cannot run in this environment (a CI gate).
+    The gate evaluates on --images (labelled when its sub-folders are the model's classes),
+    or on the validation split of a bundle trained here.
+
+    \b
+    Example:
+      python -m pipeline verify exported/resnet18
+      python -m pipeline verify exported/resnet18 --images photos/ --max-top1-drop 0.5
+      python -m pipeline verify exported/resnet18 --atol 1e-4 --rtol 1e-3
+    """
+    report = api.verify(bundle, atol=atol, rtol=rtol, images=images, cuda=not cpu_only,
+                        max_top1_drop=max_top1_drop, min_agreement=min_agreement)
+    _finish_verify(ctx, report, as_json)
+
+
+# ----------------------------------------------------------------------------- quantize
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--precision", "precisions", default=joined(QUANTIZE.precisions), show_default=True,
+              help="Variants to write: int8 (static QDQ, for CPUs and TensorRT), fp16 (for GPUs).")
+@click.option("--calibration", default=None,
+              help="int8 calibration images: an image folder, 'train' (the split train recorded; "
+                   "the default for trained bundles) or 'synthetic' (offline demo).")
+@click.option("--count", type=int, default=QUANTIZE.count, show_default=True,
+              help="Calibration images to use.")
+@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default=QUANTIZE.method,
+              show_default=True, help="Calibration method.")
+@click.option("--seed", type=int, default=QUANTIZE.seed, show_default=True,
+              help="Seed for choosing images.")
+@click.option("--reduce-range/--full-range", default=None,
+              help="7-bit int8 weights, which cannot saturate ORT's AVX2 kernels. Default: "
+                   "7-bit on CPUs without VNNI, 8-bit with it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON only.")
+def quantize(bundle: Path, precisions: str, calibration: str | None, count: int, method: str,
+             seed: int, reduce_range: bool | None, as_json: bool) -> None:
+    """Write model.int8.onnx and model.fp16.onnx from the exported fp32 model.
+
+    Then `verify` gates them on accuracy and `bench` times them.
+
+    \b
+    Example:
+      python -m pipeline quantize exported/resnet18 --calibration photos/
+      python -m pipeline quantize exported/resnet18 --precision int8 --method entropy
+      python -m pipeline quantize exported/resnet18 --calibration synthetic --count 200
+    """
+    _log(f"quantizing {bundle}/")
+    record = api.quantize(bundle, precisions=precisions, calibration=calibration, count=count,
+                          method=method, seed=seed, reduce_range=reduce_range, log=_log)
+    if as_json:
+        emit_json(record)
+    else:
+        for precision, info in record.items():
+            calib = info.get("calibration")
+            extra = (f", calibrated on {calib['count']} images from {calib['source']} ({calib['method']})"
+                     if calib else "")
+            click.echo(f"{precision}: {bundle}/model.{precision}.onnx{extra}")
+        click.echo(f"next: python -m pipeline verify {bundle}")
+
+
+# ----------------------------------------------------------------------------- train
+def train_options(func: Any) -> Any:
+    options = [
+        click.option("--arch", default=None, help="Architecture (see `archs`). Default resnet18."),
+        click.option("--data", default=TRAIN.data, show_default=True,
+                     help="Image folder (train/ + val/, or class folders), cifar10:DIR, or synthetic."),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Bundle directory (default exported/<arch>)."),
+        click.option("--epochs", type=int, default=None, help=f"Epochs (default {TRAIN.epochs})."),
+        click.option("--batch-size", type=int, default=None,
+                     help=f"Batch size (default {TRAIN.batch_size}; run: {RUN.batch_size})."),
+        click.option("--lr", type=float, default=None, help="Learning rate (default 0.05 SGD, 1e-3 Adam/AdamW)."),
+        click.option("--optimizer", default=TRAIN.optimizer, show_default=True,
+                     help="sgd (momentum, nesterov), adam or adamw."),
+        click.option("--weight-decay", type=float, default=TRAIN.weight_decay, show_default=True),
+        click.option("--schedule", default=TRAIN.schedule, show_default=True,
+                     help="cosine, step, plateau or none."),
+        click.option("--label-smoothing", type=float, default=TRAIN.label_smoothing, show_default=True),
+        click.option("--weights", default="random", show_default=True,
+                     help="random (train from scratch) or imagenet (fine-tune torchvision's weights)."),
+        click.option("--freeze-backbone", is_flag=True, help="Train the classifier head only."),
+        click.option("--input-size", type=int, default=None,
+                     help="Override the input size (default: the arch's; 64 for synthetic data)."),
+        click.option("--val-split", type=float, default=TRAIN.val_split, show_default=True,
+                     help="Validation share when --data is one folder of classes."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--workers", type=int, default=TRAIN.workers, show_default=True,
+                     help="DataLoader worker processes."),
+        click.option("--device", default=TRAIN.device, show_default=True, help="auto, cpu or cuda."),
+        click.option("--synthetic-per-class", type=int, default=TRAIN.synthetic_per_class, show_default=True,
+                     help="Images per class for --data synthetic."),
+    ]
+    return _apply(options, func)
+
+
+def _given(ctx: click.Context, kwargs: dict[str, Any], resuming: bool) -> dict[str, Any]:
+    """Resuming, only the options typed on this command line override the interrupted run's."""
+    from click.core import ParameterSource
+
+    if not resuming:
+        return kwargs
+    return {key: value for key, value in kwargs.items()
+            if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE}
+
+
+@cli.command()
+@train_options
+@click.option("--resume", default=None, help="Continue from a last.pt written by train.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON only.")
+@click.pass_context
+def train(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
+    """Train or fine-tune a ResNet; writes checkpoint.pt, last.pt, history and metrics.
+
+    \b
+    Example:
+      python -m pipeline train --arch resnet18 --data path/to/folder --epochs 10
+      python -m pipeline train --arch resnet50 --data birds/ --weights imagenet --freeze-backbone
+      python -m pipeline train --arch resnet18_cifar --data cifar10:data/ --optimizer sgd --schedule plateau
+      torchrun --nproc_per_node=2 -m pipeline train --arch resnet50 --data photos/
+    """
+    resume = kwargs.pop("resume")
+    try:
+        result = api.train(resume=resume, log=_log, **_given(ctx, kwargs, bool(resume)))
+    except KeyboardInterrupt:
+        _log("error: interrupted")
+        ctx.exit(130)
+    if as_json:
+        emit_json(result.record)
+    elif result.record["rank"] == 0:
+        click.echo(f"best val accuracy {result.best_val_acc:.4f}; checkpoint "
+                   f"{result.bundle}/checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------- run
+@cli.command()
+@train_options
+@click.option("--backends", default=joined(RUN.backends), show_default=True,
+              help="Backends for the bench stage (every precision each runs).")
+@click.option("--batch-sizes", default=joined(RUN.batch_sizes), show_default=True,
+              help="Batch sizes for the bench stage.")
+@click.option("--bench-seconds", type=float, default=RUN.bench_seconds, show_default=True,
+              help="Minimum timed seconds per bench row.")
+@click.option("--bench-iterations", type=int, default=RUN.bench_iterations, show_default=True)
+@click.pass_context
+def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: float,
+        bench_iterations: int, **kwargs: Any) -> None:
+    """Train, export, verify, bench and report into one bundle.
+
+    With no options it trains resnet18 on the built-in synthetic shapes, offline.
+
+    \b
+    Example:
+      python -m pipeline run
+      python -m pipeline run --arch resnet50 --data path/to/folder --epochs 10
+    """
+    try:
+        result = api.run(backends=backends, batch_sizes=batch_sizes, bench_seconds=bench_seconds,
+                         bench_iterations=bench_iterations, command=_command_line("run"),
+                         log=_log, **kwargs)
+    except KeyboardInterrupt:
+        _log("error: interrupted")
+        ctx.exit(130)
+    click.echo(render.parity_table(result.parity))
+    click.echo(render.latency_table(result.latency.rows))
+    click.echo(f"bundle {result.bundle}: best val accuracy {result.training['best_val_acc']:.4f}, "
+               f"parity {'passed' if result.parity else 'FAILED'}; see {result.bundle}/report.md")
+    if not result.parity:
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+# ----------------------------------------------------------------------------- bench
+def _registry_help() -> str:
+    return registry_help()
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backends", default=None,
+              help="Comma-separated backends, or backend:precision (default all): " + _registry_help() + ".")
+@click.option("--precisions", default=None,
+              help="Only these precisions: fp32, int8, fp16, bf16, auto (OpenVINO's own choice).")
+@click.option("--batch-sizes", default=joined(BENCH.batch_sizes), show_default=True,
+              help="Batch sizes to sweep.")
+@click.option("--iterations", type=int, default=BENCH.iterations, show_default=True,
+              help="Minimum timed iterations.")
+@click.option("--seconds", type=float, default=BENCH.seconds, show_default=True,
+              help="Minimum timed seconds.")
+@click.option("--warmup-seconds", type=float, default=BENCH.warmup_s, show_default=True,
+              help="Minimum warm-up seconds (and always >= 10 iterations).")
+@click.option("--threads", type=int, default=None, help="Threads for every CPU backend (default: all cores).")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Also run the classic per-image loop over these files.")
+@click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
+@click.option("--scenario", type=click.Choice(SCENARIOS), default=SCENARIOS[0],
+              show_default=True, help="server: serve with Triton and drive it with concurrent "
+                                      "loopback clients (the serving extra).")
+@click.option("--concurrency", default=joined(SCENARIO.concurrency), show_default=True,
+              help="Concurrent clients per load level (--scenario server).")
+@click.option("--strict", is_flag=True, help="Exit 3 if any requested backend could not run.")
+@click.option("--verbose", "-v", is_flag=True, help="Print the per-image lines of the --images loop.")
+@click.option("--json", "as_json", is_flag=True, help="Print latency JSON only on stdout.")
+@click.pass_context
+def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: str | None,
+          batch_sizes: str, iterations: int,
+          seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
+          budget_ms: float | None, scenario: str, concurrency: str, strict: bool, verbose: bool,
+          as_json: bool) -> None:
+    """Per-image latency on every backend this machine has, each in its own process.
+
+    Writes latency.json, report.md and latency.png into the bundle.
+
+    \b
+    Example:
+      python -m pipeline bench exported/resnet18
+      python -m pipeline bench exported/resnet18 --backends ort-cpu,torch-cpu --batch-sizes 1,8
+      python -m pipeline bench exported/resnet18 --images photos/ --budget-ms 20 --verbose
+      python -m pipeline bench exported/resnet18 --scenario server --concurrency 1,4,16 --seconds 10
+    """
+    result = api.bench(bundle, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
+                       iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
+                       threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
+                       command=_command_line("bench", bundle), scenario=scenario,
+                       concurrency=concurrency, log=_log)
+    if as_json:
+        emit_json(result.doc.to_dict())
+    elif scenario == "server":
+        click.echo(render.server_table(result.doc.server))
+    else:
+        click.echo(render.latency_table(result.rows))
+        _print_image_loops(result.doc.images, verbose)
+        best = result.recommendation["fastest_batch1"]
+        if best:
+            click.echo(f"fastest verified at batch 1: {best['backend']} {best['precision']} "
+                       f"(p50 {best['p50_ms']:.2f} ms)")
+        for warning in result.warnings:
+            _log(f"warning: {warning}")
+        _log(f"wrote {result.bundle}/latency.json, report.md, latency.png")
+    if strict and result.unavailable:
+        names = sorted({row.backend for row in result.unavailable})
+        _log(f"error: --strict: backends could not run: {', '.join(names)}")
+        ctx.exit(EXIT_ENVIRONMENT)
+
+
+def _print_image_loops(loops: list[dict[str, Any]], verbose: bool) -> None:
+    for loop in loops:
+        sequential, pipelined = loop["sequential"], loop["pipelined"]
+        if verbose:
+            for line in sequential["lines"]:
+                click.echo(line)
+        for skipped in sequential["skipped"]:
+            _log(f"warning: skipped {skipped}")
+        click.echo(f"[{loop['backend']}] {loop['summary']}")
+        decode, infer = sequential["decode"] or {}, sequential["infer"] or {}
+        if decode:
+            click.echo(f"[{loop['backend']}] decode+preprocess p50 {decode['p50_ms']:.2f} ms, "
+                       f"inference p50 {infer['p50_ms']:.2f} ms; sequential "
+                       f"{sequential['images_per_s']:.1f} img/s, pipelined "
+                       f"({pipelined['workers']} workers) {pipelined['images_per_s']:.1f} img/s")
+
+
+# ----------------------------------------------------------------------------- report
+@cli.command()
+@click.argument("latency_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder for report.md and report.png.")
+@click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
+@click.option("--force", is_flag=True, help="Merge latency files of different archs or input sizes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
+def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, force: bool,
+           as_json: bool) -> None:
+    """Merge latency.json files from several machines into one comparison.
+
+    \b
+    Example:
+      python -m pipeline report cpu-box/latency.json gpu-box/latency.json --out compare/
+    """
+    advice, warnings = api.report(list(latency_files), out=out, budget_ms=budget_ms, force=force)
+    for warning in warnings:
+        _log(f"warning: {warning}")
+    if as_json:
+        emit_json(advice)
+    else:
+        best = advice["fastest_batch1"]
+        if best:
+            click.echo(f"fastest verified at batch 1: {best['backend']} {best['precision']} on "
+                       f"{best['machine']} (p50 {best['p50_ms']:.2f} ms)")
+        _log(f"wrote {out}/report.md and {out}/report.png")
+
+
+# ----------------------------------------------------------------------------- deploy
+@cli.group()
+def deploy() -> None:
+    """Package a bundle for a serving system.
+
+    \b
+    Example:
+      python -m pipeline deploy triton exported/resnet18 --out model_repository
+    """
+
+
+@deploy.command("triton")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The model repository folder to write (tritonserver --model-repository).")
+@click.option("--name", default=None, help="Model name in the repository (default: the arch).")
+@click.option("--target", type=click.Choice(TRITON_TARGETS), default=TRITON.target, show_default=True,
+              help="cpu: KIND_CPU instances, fp32. gpu: KIND_GPU with the TensorRT accelerator.")
+@click.option("--precision", type=click.Choice(TRITON_GPU_PRECISIONS), default=TRITON.precision,
+              help="TensorRT precision for --target gpu (default fp16; int8 serves model.int8.onnx).")
+@click.option("--max-batch-size", type=int, default=TRITON.max_batch_size, show_default=True,
+              help="Triton's max_batch_size (the ONNX batch axis is dynamic).")
+@click.option("--instances", type=int, default=TRITON.instances, show_default=True,
+              help="instance_group count.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON only.")
+def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precision: str | None,
+                  max_batch_size: int, instances: int, as_json: bool) -> None:
+    """Write a Triton model repository (ONNX Runtime backend) for the bundle.
+
+    Preferred batch sizes for dynamic batching come from the bundle's bench sweep, if any.
+
+    \b
+    Example:
+      python -m pipeline deploy triton exported/resnet18 --out model_repository
+      python -m pipeline deploy triton exported/resnet18 --out repo --target gpu --precision int8
+    """
+    written = api.deploy_triton(bundle, out, name=name, target=target, precision=precision,
+                                max_batch_size=max_batch_size, instances=instances)
+    if as_json:
+        emit_json(written)
+    else:
+        click.echo(f"wrote {written['config']} ({written['target']}, {written['onnx']}, "
+                   f"max_batch_size {written['max_batch_size']}, preferred batch sizes "
+                   f"{written['preferred_batch_size'] or 'none (run bench for them)'})")
+        click.echo(f"start it with: tritonserver --model-repository {written['repository']}")
+
+
+# ----------------------------------------------------------------------------- serve
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default=SERVE.host, show_default=True,
+              help="Address for HTTP, gRPC and metrics. 0.0.0.0 exposes the server to the network.")
+@click.option("--port", type=int, default=SERVE.port, show_default=True, help="HTTP port.")
+@click.option("--grpc-port", type=int, default=SERVE.grpc_port, show_default=True, help="gRPC port.")
+@click.option("--metrics-port", type=int, default=SERVE.metrics_port, show_default=True,
+              help="Prometheus metrics port.")
+@click.option("--max-batch-size", type=int, default=SERVE.max_batch_size, show_default=True,
+              help="Largest batch the dynamic batcher forms.")
+@click.option("--queue-delay-us", type=int, default=SERVE.queue_delay_us, show_default=True,
+              help="How long a request may wait for others to batch with.")
+@click.option("--instances", type=int, default=SERVE.instances, show_default=True,
+              help="Model instances.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads per instance.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default=SERVE.precision,
+              show_default=True, help="The bundle's variant to serve.")
+@click.option("--max-request-mb", type=float, default=None,
+              help="Refuse request bodies (HTTP) and messages (gRPC) larger than this, unread. "
+                   "Default: the largest batch as binary tensors plus 1 MiB.")
+def serve(bundle: Path, host: str, port: int, grpc_port: int, metrics_port: int,
+          max_batch_size: int, queue_delay_us: int, instances: int, threads: int | None,
+          precision: str, max_request_mb: float | None) -> None:
+    """Serve the bundle with NVIDIA Triton (through PyTriton): HTTP and gRPC, dynamic batching,
+    health and readiness. Stops cleanly on SIGTERM or Ctrl-C. Needs the serving extra.
+
+    \b
+    Example:
+      python -m pipeline serve exported/resnet18
+      python -m pipeline serve exported/resnet18 --port 9000 --max-batch-size 16
+      python -m pipeline predict exported/resnet18 photo.jpg --server http://127.0.0.1:8000
+    """
+
+    def ready(info: dict) -> None:
+        _log(f"serving {info['model']} ({info['model_file']}): {info['model_url']}")
+        _log(f"  infer    POST {info['infer']}  input {info['input']} FP32 "
+             f"[batch, {', '.join(map(str, info['input_shape']))}]")
+        _log(f"  ready    GET  {info['ready']}")
+        _log(f"  grpc     {info['grpc']}   metrics {info['metrics']}")
+        _log(f"  requests over {info['max_request_bytes'] / (1 << 20):.1f} MiB are refused "
+             f"(--max-request-mb)")
+        _log("stop with Ctrl-C or SIGTERM")
+
+    api.serve(bundle, host=host, port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+              max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, instances=instances,
+              threads=threads, precision=precision, max_request_mb=max_request_mb,
+              on_ready=ready)
+    _log("stopped")
+
+
+# ----------------------------------------------------------------------------- predict
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=int, default=5, show_default=True, help="How many classes to show.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider; cuda fails (exit 3) rather than fall back.")
+@click.option("--runtime", type=click.Choice(["ort", "openvino", "torch-export"]), default="ort",
+              show_default=True, help="ONNX Runtime, OpenVINO (the openvino extra), or PyTorch on "
+                                      "the bundle's model.pt2 (a .pt2 file always runs in PyTorch).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="A bundle's variant: fp32, int8, fp16 (quantize writes them), or auto (OpenVINO's choice).")
+@click.option("--server", default=None,
+              help="Classify through the Triton server at this URL (python -m pipeline serve BUNDLE), "
+                   "preprocessing and labelling with the bundle given.")
+@click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON only.")
+@click.pass_context
+def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: int, provider: str,
+            runtime: str, precision: str, server: str | None, as_json: bool) -> None:
+    """Classify images with an exported bundle, a bare .onnx or a bare model.pt2.
+
+    Exit 1 if any file could not be classified (the others still are).
+
+    \b
+    Example:
+      python -m pipeline predict exported/resnet18 photo.jpg more/ --top-k 5
+      python -m pipeline predict model.onnx photo.jpg --provider cuda --json
+      python -m pipeline predict exported/resnet18/model.pt2 photo.jpg
+      python -m pipeline predict exported/resnet18 photo.jpg --server http://127.0.0.1:8000
+      python -m pipeline predict exported/resnet18 photo.jpg --precision int8 --runtime openvino
+    """
+    from dataclasses import asdict
+
+    results = api.predict(model, list(images), top_k=top_k, provider=provider, runtime=runtime,
+                          precision=precision, server=server)
+    if as_json:
+        emit_json([asdict(result) for result in results])
+    for result in results:
+        if result.error:
+            _log(f"error: {result.error}")
+        elif not as_json:
+            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result.top)
+            click.echo(f"{result.file}: {best}")
+    if any(result.error for result in results):
+        ctx.exit(EXIT_CHECK_FAILED)
+
+
+def main() -> None:
+    cli(prog_name="python -m pipeline")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+    sys.exit(0)

@@ -1,0 +1,92 @@
+"""Every terminal table the CLI prints. The library returns records; this turns them into text.
+
+Files (report.md, the Triton repository's README) are written by the stages themselves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.core.records import LatencyRow, ServerSection
+from pipeline.stages.report import server_lines
+
+if TYPE_CHECKING:  # verify loads numpy and the data modules: off the --help path
+    from pipeline.stages.verify import GateResult, ParityReport
+
+
+def parity_table(report: "ParityReport") -> str:
+    rule = report.rule
+    title = (f"parity vs eager PyTorch fp64 (tolerance {rule['floor_multiple']:g} x the fp32 noise "
+             f"floor + {rule['scale_term']:g} x max|logit|)" if rule["kind"] == "fp32 noise floor"
+             else f"parity vs eager PyTorch fp32 (atol {rule['atol']:g}, rtol {rule['rtol']:g})")
+    header = (f"{'candidate':<24} {'inputs':<11} {'max abs':>9} {'floor':>9} {'tolerance':>9} "
+              f"{'margin':>7} {'top1':>5}  result")
+    lines = [title, header]
+    for pair in report.pairs:
+        if pair.max_abs is None:
+            lines.append(f"{pair.candidate:<24} {pair.inputs:<11} FAIL  {pair.error}")
+            continue
+        floor = f"{pair.fp32_floor:9.2e}" if pair.fp32_floor is not None else f"{'':>9}"
+        tol = f"{pair.tolerance:9.2e}" if pair.tolerance is not None else f"{'':>9}"
+        margin = f"{pair.margin:6.1f}x" if pair.margin is not None and pair.margin != float("inf") else f"{'':>7}"
+        shown = pair.max_abs_vs_fp64 if pair.max_abs_vs_fp64 is not None else pair.max_abs
+        lines.append(f"{pair.candidate:<24} {pair.inputs:<11} {shown:9.2e} {floor} {tol} {margin} "
+                     f"{pair.top1:5.2f}  {'ok' if pair.passed else 'FAIL'}")
+    lines += [f"{key:<24} skipped: {reason}" for key, reason in report.skipped.items()]
+    lines += gate_lines(report)
+    return "\n".join(lines)
+
+
+def gate_lines(report: "ParityReport") -> list[str]:
+    if not report.gates and not report.not_verified:
+        return []
+    rule = report.gate_rule
+    lines = ["", f"accuracy gate vs eager fp32 (top-1 drop <= {rule['max_top1_drop_points']:g} "
+                 f"points, agreement >= {100 * rule['min_top1_agreement']:g}%)"]
+    if report.evaluation:
+        ev = report.evaluation
+        lines.append(f"evaluation: {ev['images']} images from {ev['source']}; held apart from "
+                     f"calibration: {ev['held_apart_from_calibration']}")
+    lines.append(f"{'candidate':<24} {'ran as':<8} {'agree':>7} {'top5':>6} {'cosine':>8} "
+                 f"{'fp32 acc':>8} {'acc':>7} {'drop':>6}  result")
+    for gate in report.gates:
+        if gate.error:
+            lines.append(f"{gate.candidate:<24} {gate.not_meaningful or 'FAIL'}  {gate.error}")
+            continue
+        acc = (f"{100 * gate.fp32_top1:7.2f}% {100 * gate.candidate_top1:6.2f}% "
+               f"{gate.top1_drop_points:6.2f}" if gate.fp32_top1 is not None else f"{'—':>8} {'—':>7} {'—':>6}")
+        lines.append(f"{gate.candidate:<24} {gate.precision or '':<8} {100 * gate.top1_agreement:6.2f}% "
+                     f"{100 * gate.top5_agreement:5.1f}% {gate.cosine_mean:8.5f} {acc}  "
+                     f"{gate_verdict(gate)}")
+    lines += [f"{key:<24} not verified: {reason}" for key, reason in report.not_verified.items()]
+    return lines
+
+
+
+def latency_table(rows: list[LatencyRow]) -> str:
+    lines = [f"{'backend':<20} {'precision':<10} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'ms/img':>8} "
+             f"{'img/s':>9} {'GFLOP/s':>8}  {'verified':<14} provider"]
+    for row in rows:
+        precision = row.precision_label
+        if not row.ok:
+            lines.append(f"{row.backend:<20} {precision:<10} {row.batch:>5}  {row.status}: {row.reason}")
+            continue
+        gflops = f"{row.gflops:8.1f}" if row.gflops else f"{'':>8}"
+        lines.append(f"{row.backend:<20} {precision:<10} {row.batch:>5} {row.p50_ms:9.2f} "
+                     f"{row.p90_ms:9.2f} {row.ms_per_image:8.2f} {row.images_per_s:9.1f} "
+                     f"{gflops}  {row.verified:<14} {row.provider}")
+    return "\n".join(lines)
+
+
+def gate_verdict(gate: "GateResult") -> str:
+    if gate.not_meaningful:
+        return gate.not_meaningful
+    if gate.passed:
+        return "ok"
+    return ("FAIL: " if gate.decides_exit else "advisory FAIL (not recommended): ") + \
+        (gate.failed_on or "")
+
+
+def server_table(server: ServerSection | None) -> str:
+    """The server scenario as report.md shows it."""
+    return "\n".join(server_lines(server))

@@ -1,0 +1,550 @@
+"""The documents stages write and read: typed records with one schema version per document.
+
+Stages talk through files in the bundle, never through Python objects held across commands.
+Each file is read and written through a record here (as Polygraphy's ``RunResults`` encode and
+decode themselves), so a renamed or unknown key fails at load time, naming the file and the
+key, with exit 2 and the command that writes a fresh one.
+
+    latency.json      LatencyDoc: LatencyRow per (backend, precision, batch); ServerSection
+    parity.json       ParityReport: PairResult per (candidate, input); GateResult per variant
+    calibration.json  CalibrationRecord: where int8's calibration images came from
+    manifest.json     read by ``pipeline.core.bundle``; its ``model`` section is ModelSection
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pipeline.core.bundle import PARITY, write_json_atomic
+from pipeline.errors import InputError
+
+LATENCY_SCHEMA_VERSION = 2
+LATENCY_KIND = "pipeline.latency"
+PARITY_SCHEMA_VERSION = 2  # 1: parity.json before it carried a schema_version
+CALIBRATION_SCHEMA_VERSION = 1
+
+R = TypeVar("R", bound="Record")
+
+
+def target_name(backend: str, precision: str) -> str:
+    """A (backend, precision) pair as the command line and the reports write it."""
+    return f"{backend}:{precision}"
+
+
+def precision_label(ran: str | None, asked: str | None) -> str:
+    """``bf16``, or for a precision chosen at run time, ``auto=bf16``: what was asked and what
+    ran (a row or a recommendation written before the precision was recorded ran fp32)."""
+    ran, asked = ran or "fp32", asked or "fp32"
+    return ran if ran == asked else f"{asked}={ran}"
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """``ort-cpu:int8`` -> (ort-cpu, int8); a bare backend name means fp32."""
+    backend, _, precision = target.partition(":")
+    return backend, precision or "fp32"
+
+
+# ----------------------------------------------------------------------------- the base
+@dataclass
+class Record:
+    """A dataclass that encodes to and decodes from a JSON object, strictly.
+
+    ``OPTIONAL`` fields may be absent from a file (and are left out when None); every other
+    field must be present, and a key the record does not declare is an error. ``NESTED`` maps
+    a field to the record type of its value (or of each item, for a list).
+    """
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+    NESTED: ClassVar[dict[str, type["Record"]]] = {}
+
+    @classmethod
+    def from_dict(cls: type[R], data: Any, *, where: str) -> R:
+        if not isinstance(data, dict):
+            raise InputError(f"{where}: expected an object, found {type(data).__name__}")
+        names = [f.name for f in fields(cls) if f.init]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise InputError(f"{where}: unknown key {unknown[0]!r} (this version reads: "
+                             f"{', '.join(names)})")
+        missing = [n for n in names if n not in data and n not in cls.OPTIONAL]
+        if missing:
+            raise InputError(f"{where}: missing key {missing[0]!r}")
+        values = {}
+        for name in names:
+            if name not in data:
+                continue
+            value, nested = data[name], cls.NESTED.get(name)
+            if nested is not None and isinstance(value, list):
+                value = [nested.from_dict(item, where=f"{where}.{name}[{index}]")
+                         for index, item in enumerate(value)]
+            elif nested is not None and value is not None:
+                value = nested.from_dict(value, where=f"{where}.{name}")
+            values[name] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.OPTIONAL and value is None:
+                continue
+            if isinstance(value, Record):
+                value = value.to_dict()
+            elif isinstance(value, list):
+                value = [item.to_dict() if isinstance(item, Record) else item for item in value]
+            out[f.name] = value
+        return out
+
+
+def read_json(path: Path, *, remake: str) -> Any:
+    """A JSON file's content; a missing or unreadable file is exit 2 naming how to remake it."""
+    if not path.is_file():
+        raise InputError(f"{str(path)!r} does not exist; make it with {remake}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{str(path)!r} is not valid JSON ({exc}); make a new one with "
+                         f"{remake}") from None
+
+
+def check_version(data: dict[str, Any], path: Path, version: int, remake: str) -> None:
+    found = data.get("schema_version")
+    if found != version:
+        raise InputError(f"{str(path)!r} has schema_version {found!r}; this pipeline reads "
+                         f"{version}. Make a new one with {remake}")
+
+
+# ----------------------------------------------------------------------------- latency.json
+@dataclass
+class LatencyRow(Record):
+    """One (backend, precision, batch) of a single-stream sweep: numbers, or a reason."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"machine", "arch"})
+
+    backend: str
+    batch: int
+    precision: str | None = None  # what really ran (OpenVINO's auto reads back its choice)
+    precision_requested: str | None = None
+    status: str = "ok"  # ok | unavailable | error
+    reason: str | None = None
+    model_file: str | None = None
+    model_sha256: str | None = None
+    device: str | None = None
+    provider: str | None = None
+    threads: int | None = None
+    io: str | None = None
+    cold_create_ms: float | None = None
+    cold_first_infer_ms: float | None = None
+    warmup_iterations: int | None = None
+    n: int | None = None
+    mean_ms: float | None = None
+    std_ms: float | None = None
+    min_ms: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    p99_note: str | None = None
+    max_ms: float | None = None
+    ms_per_image: float | None = None
+    images_per_s: float | None = None
+    gflops: float | None = None
+    # What verify said of the very file this row timed (see stages.bench.recommend).
+    verified: str = "not verified"
+    top1_agreement: float | None = None
+    top1_drop_points: float | None = None
+    # Set only when rows of several machines share one table (report's comparison).
+    machine: str | None = None
+    arch: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def requested(self) -> str:
+        """The precision asked for (fp32 for rows written before it was recorded)."""
+        return self.precision_requested or self.precision or "fp32"
+
+    @property
+    def target(self) -> str:
+        return target_name(self.backend, self.requested)
+
+    @property
+    def precision_label(self) -> str:
+        return precision_label(self.precision, self.precision_requested)
+
+
+def reason_rows(backend: str, precision: str, batch_sizes: tuple[int, ...], reason: str,
+                status: str = "unavailable") -> list[LatencyRow]:
+    """Rows that say why a target has no numbers, one per batch size."""
+    return [LatencyRow(backend, batch, precision=precision, precision_requested=precision,
+                       status=status, reason=reason) for batch in batch_sizes]
+
+
+def ok_rows(rows: list[LatencyRow]) -> list[LatencyRow]:
+    return [row for row in rows if row.ok]
+
+
+def unavailable(rows: list[LatencyRow]) -> list[LatencyRow]:
+    return [row for row in rows if not row.ok]
+
+
+@dataclass
+class ServerRow(Record):
+    """One concurrency level of the server scenario (MLPerf's "server")."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"n", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "p99_note", "max_ms",
+         "max_batch_size", "queue_delay_us", "model_file"})
+
+    scenario: str
+    backend: str
+    batch: int
+    concurrency: int
+    requests: int
+    errors: int
+    first_error: str | None
+    seconds: float
+    images_per_s: float
+    status: str
+    n: int | None = None
+    mean_ms: float | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    p99_note: str | None = None
+    max_ms: float | None = None
+    max_batch_size: int | None = None
+    queue_delay_us: int | None = None
+    model_file: str | None = None
+
+
+@dataclass
+class ServerSection(Record):
+    """latency.json's ``server`` section: the levels, the single-stream baselines measured in
+    the same run, how the server stopped, and the recommended level."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": ServerRow, "baseline": LatencyRow,
+                                                 "batched_ceiling": LatencyRow, "best": ServerRow}
+
+    scenario: str
+    rows: list[ServerRow]
+    baseline: LatencyRow | None
+    batched_ceiling: LatencyRow | None
+    stop: dict[str, Any]
+    budget_ms: float | None
+    best: ServerRow | None
+    seconds: float
+    warmup_s: float
+    max_batch_size: int
+    queue_delay_us: int
+    threads: int
+    command: str
+    created: str
+
+
+@dataclass
+class LatencyDoc(Record):
+    """latency.json: what bench measured on one machine, and what it recommends."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"recommendation", "command", "server"})
+    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow, "server": ServerSection}
+
+    model: dict[str, Any]
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    rows: list[LatencyRow]
+    created: str
+    images: list[dict[str, Any]] = field(default_factory=list)
+    schema_version: int = LATENCY_SCHEMA_VERSION
+    kind: str = LATENCY_KIND
+    recommendation: dict[str, Any] | None = None
+    command: str | None = None
+    server: ServerSection | None = None
+
+    REMAKE: ClassVar[str] = "python -m pipeline bench BUNDLE"
+
+    @classmethod
+    def load(cls, path: Path | str) -> "LatencyDoc":
+        path = Path(path)
+        data = read_json(path, remake=cls.REMAKE)
+        if not isinstance(data, dict) or data.get("kind") != LATENCY_KIND:
+            raise InputError(f"{str(path)!r} is not a latency.json written by python -m pipeline "
+                             f"bench")
+        check_version(data, path, LATENCY_SCHEMA_VERSION, cls.REMAKE)
+        return cls.from_dict(data, where=str(path))
+
+    def dump(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @property
+    def machine_label(self) -> str:
+        gpu = self.machine.get("gpu")
+        label = f"{self.machine.get('hostname', '?')}: {self.machine.get('cpu', '?')}"
+        return f"{label} + {gpu['name']}" if gpu else label
+
+
+# ----------------------------------------------------------------------------- parity.json
+@dataclass
+class PairResult(Record):
+    """One fp32 candidate on one input, against eager PyTorch (float64 under the floor rule)."""
+
+    candidate: str  # the file's label and the backend: onnx-sim-ort-cpu, torch-export-cpu ...
+    inputs: str
+    batch: int
+    provider: str | None = None
+    model_file: str | None = None
+    model_sha256: str | None = None
+    max_abs: float | None = None  # against eager fp32
+    max_rel: float | None = None
+    max_abs_vs_fp64: float | None = None
+    fp32_floor: float | None = None  # max |eager fp32 - eager fp64| on this input
+    tolerance: float | None = None  # the effective absolute tolerance (floor rule)
+    margin: float | None = None  # tolerance / error: > 1 passes
+    top1: float | None = None
+    top5: float | None = None
+    passed: bool = False
+    error: str | None = None
+    environment: bool = False  # failed because the environment cannot run it
+    reference: str = "torch-cpu"
+    backend: str | None = None  # the registry's name for what ran it
+
+
+@dataclass
+class GateResult(Record):
+    """A reduced-precision candidate judged on predictions against eager fp32."""
+
+    candidate: str  # backend:precision, as bench rows name it
+    backend: str
+    precision_requested: str
+    precision: str | None = None  # what really ran (OpenVINO reads its choice back)
+    provider: str | None = None
+    model_file: str | None = None
+    model_sha256: str | None = None
+    images: int = 0
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    max_abs: float | None = None
+    fp32_top1: float | None = None
+    candidate_top1: float | None = None
+    top1_drop_points: float | None = None
+    passed: bool = False
+    failed_on: str | None = None
+    error: str | None = None
+    # Does this gate decide verify's exit code? Variant files (int8, fp16) and precisions the
+    # user named do; runtime-only precisions (bf16 autocast, OpenVINO's auto) are advisory.
+    decides_exit: bool = True
+    # Why the gate's figures mean nothing (a random-weight model has no margins to keep).
+    not_meaningful: str | None = None
+
+
+@dataclass
+class ParityReport(Record):
+    """parity.json: verify's verdict. Truthy only when every pair and every gate that decides
+    the exit code passed, and at least one CPU ONNX comparison ran."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"pairs": PairResult, "gates": GateResult}
+    REMAKE: ClassVar[str] = "python -m pipeline verify BUNDLE"
+
+    rule: dict[str, Any]
+    pairs: list[PairResult] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)
+    gate_rule: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    not_verified: dict[str, str] = field(default_factory=dict)
+    integrity_checked: list[str] = field(default_factory=list)
+    schema_version: int = PARITY_SCHEMA_VERSION
+    reference: str = "eager PyTorch on the CPU: float64 for parity, fp32 for the gate"
+    passed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.passed = bool(self)
+
+    def __bool__(self) -> bool:
+        return self.has_cpu_onnx_pair and all(p.passed for p in self.pairs) \
+            and all(g.passed for g in self.binding_gates)
+
+    @property
+    def has_cpu_onnx_pair(self) -> bool:
+        return any(p.backend == "ort-cpu" for p in self.pairs)
+
+    @property
+    def binding_gates(self) -> list[GateResult]:
+        """The gates that decide the exit code (see ``GateResult.decides_exit``)."""
+        return [g for g in self.gates if g.decides_exit and not g.not_meaningful]
+
+    @property
+    def failures(self) -> list[PairResult | GateResult]:
+        return [p for p in self.pairs if not p.passed] + [g for g in self.binding_gates if not g.passed]
+
+    @property
+    def advisories(self) -> list[GateResult]:
+        """Gates that failed without deciding the exit code (kept out of recommendations)."""
+        return [g for g in self.gates if not g.passed and not g.not_meaningful
+                and not g.decides_exit]
+
+    @property
+    def environment_only(self) -> bool:
+        """Every failure is an environment that cannot run a CPU pair (exit 3, not 1)."""
+        failures = self.failures
+        return bool(failures) and all(isinstance(f, PairResult) and f.environment for f in failures)
+
+    def failure_summary(self) -> str:
+        """One line naming what failed and its worst figure (the CLI's ``error:`` line)."""
+        if not self.has_cpu_onnx_pair:
+            return "parity FAILED: no CPU ONNX comparison ran, so nothing was verified"
+        pairs = [p for p in self.pairs if not p.passed]
+        gates = [g for g in self.binding_gates if not g.passed]
+        parts = []
+        if pairs:
+            worst = max(pairs, key=lambda p: p.max_abs_vs_fp64 if p.max_abs_vs_fp64 is not None
+                        else (p.max_abs if p.max_abs is not None else float("inf")))
+            if worst.max_abs is None:
+                detail = worst.error or "no result"
+            elif worst.tolerance is not None:
+                detail = (f"max abs error vs fp64 {worst.max_abs_vs_fp64:.3e} > tolerance "
+                          f"{worst.tolerance:.3e} (fp32 floor {worst.fp32_floor:.2e})")
+            else:
+                detail = (f"max abs error {worst.max_abs:.3e} (atol {self.rule['atol']:g}, "
+                          f"rtol {self.rule['rtol']:g})")
+            parts.append(f"parity FAILED for {len(pairs)} pair(s); worst: {worst.candidate} on "
+                         f"{worst.inputs}: {detail}")
+        for gate in gates:
+            parts.append(f"accuracy gate FAILED for {gate.candidate}: {gate.failed_on}"
+                         + (f" ({gate.error})" if gate.error else ""))
+        return "; ".join(parts)
+
+    @property
+    def integrity(self) -> list[str]:
+        return self.integrity_checked
+
+    # The common shape of a stage's result: what it wrote, one line, the record itself.
+    path: ClassVar[Path | None] = None  # set per instance by ``dump``
+
+    @property
+    def record(self) -> "ParityReport":
+        return self
+
+    @property
+    def summary(self) -> str:
+        checked = f"{len(self.pairs)} comparisons, {len(self.gates)} gates"
+        return f"verify passed ({checked})" if self else f"verify FAILED ({checked}): " \
+            f"{self.failure_summary()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        self.passed = bool(self)
+        data = super().to_dict()
+        return {"schema_version": data.pop("schema_version"), "passed": data.pop("passed"), **data}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str) -> "ParityReport":
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "passed"}  # derived, not stored state
+        return super().from_dict(data, where=where)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "ParityReport":
+        path = Path(path)
+        data = read_json(path, remake=cls.REMAKE)
+        if isinstance(data, dict) and "schema_version" not in data:
+            data = _parity_v1_to_v2(data)
+        if not isinstance(data, dict):
+            raise InputError(f"{str(path)!r} is not a parity.json written by python -m pipeline verify")
+        check_version(data, path, PARITY_SCHEMA_VERSION, cls.REMAKE)
+        return cls.from_dict(data, where=str(path))
+
+    def dump(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+        self.path = path
+
+
+def _parity_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """parity.json as the version before this one wrote it (no schema_version; pairs without
+    ``backend``; gates without ``decides_exit``/``not_meaningful``): read, not rejected."""
+    upgraded = {**data, "schema_version": PARITY_SCHEMA_VERSION}
+    upgraded["pairs"] = [{"backend": _backend_of(p.get("candidate", "")), **p}
+                         for p in data.get("pairs", [])]
+    upgraded["gates"] = [{"decides_exit": g.get("precision_requested") in ("int8", "fp16"),
+                          "not_meaningful": None, **g} for g in data.get("gates", [])]
+    return upgraded
+
+
+def _backend_of(candidate: str) -> str:
+    for prefix in ("onnx-sim-", "onnx-"):
+        if candidate.startswith(prefix):
+            return candidate[len(prefix):]
+    return candidate
+
+
+def read_parity(bundle: Any) -> ParityReport | None:
+    """The bundle's parity.json, or None when verify has not run (or wrote something this
+    version cannot read: then nothing timed counts as verified)."""
+    path = bundle.path(PARITY)
+    if not path.is_file():
+        return None
+    try:
+        return ParityReport.load(path)
+    except InputError:
+        return None
+
+
+# ----------------------------------------------------------------------------- calibration.json
+@dataclass
+class CalibrationRecord(Record):
+    """Where int8's calibration images came from, with the sha256 of each file, so verify can
+    refuse to evaluate on them."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"schema_version"})
+    REMAKE: ClassVar[str] = "python -m pipeline quantize BUNDLE --precision int8"
+
+    source: str
+    split: str | None
+    count: int
+    requested: int
+    method: str
+    files_sha256: list[str] | None
+    schema_version: int | None = CALIBRATION_SCHEMA_VERSION
+
+    @classmethod
+    def load(cls, path: Path | str) -> "CalibrationRecord":
+        path = Path(path)
+        return cls.from_dict(read_json(path, remake=cls.REMAKE), where=str(path))
+
+    def dump(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+
+# ----------------------------------------------------------------------------- manifest sections
+@dataclass
+class ModelSection(Record):
+    """manifest.json's ``model``: what the bundle's models are and how to feed them."""
+
+    arch: str
+    num_classes: int
+    class_names: list[str]
+    input_size: int
+    preprocessing: dict[str, Any]
+    weights: dict[str, Any]
+
+    @classmethod
+    def read(cls, bundle: Any) -> "ModelSection":
+        """The ``model`` section of a bundle's manifest."""
+        return cls.of(bundle.read_manifest(), str(bundle.manifest_path))
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any], where: str) -> "ModelSection":
+        if "model" not in manifest:
+            raise InputError(f"{where} has no model section; run: python -m pipeline export")
+        return cls.from_dict(manifest["model"], where=f"{where}: model")
+
+    @property
+    def random_weights(self) -> bool:
+        return (self.weights or {}).get("source") == "random"

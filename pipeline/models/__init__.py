@@ -1,0 +1,1 @@
+"""Architectures (torchvision ResNet, CIFAR ResNet, ResNet-V2), weights and checkpoints."""

@@ -1,0 +1,319 @@
+"""Every option of every stage: one dataclass each, every default written once, every value
+checked once (``check()``). The CLI takes its option defaults from here and the Python API its
+keyword defaults, so the two cannot drift (as Ultralytics keeps one default config that
+overrides replace). What a value needs from the machine (a compiler, a GPU, an extra) is
+checked by the stage that uses it; here only the values themselves.
+
+The fp32 parity rule: the tolerance is a property of the model being checked, not a constant
+measured on one machine. At verify time eager PyTorch runs the same input in float64 as well;
+the model's own fp32 noise floor on that input is ``floor = max |eager fp32 - eager fp64|``. A
+candidate passes when, element-wise,
+
+    |candidate - eager fp64| <= FLOOR_MULTIPLE * floor + SCALE_TERM * max |eager fp64|
+
+An export that computes the same function lands within about one floor of float64 (ONNX
+Runtime, OpenVINO and TorchScript on all 13 archs at 32, 64 and 224 px: at most 1.8 floors,
+benchmarks/results/parity-margin.md), so 8 floors leave a margin of 4 or more while a drift
+a few floors large fails. Each machine measures its own floor, so the rule moves with the CPU.
+The scale term keeps a model whose floor happens to be tiny from demanding more than fp32 can
+promise relative to its logits. ``--atol``/``--rtol`` replace the rule with numpy's
+``allclose`` against eager fp32. Reduced precision (int8, fp16, bf16, OpenVINO's own choice)
+is not an allclose question: it is gated on predictions, against eager fp32 on evaluation
+images.
+
+Nothing here imports numpy or torch: ``--help`` reads these defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pipeline.errors import InputError
+
+# ----------------------------------------------------------------------------- verify
+FLOOR_MULTIPLE = 8.0
+SCALE_TERM = 1e-5
+DEFAULT_MAX_TOP1_DROP = 1.0  # points of top-1 accuracy, when the images carry labels
+DEFAULT_MIN_AGREEMENT = 0.99  # share of images whose top-1 class equals eager fp32's
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    atol: float | None = None  # with rtol: numpy allclose against eager fp32 instead of the floor rule
+    rtol: float | None = None
+    max_top1_drop: float = DEFAULT_MAX_TOP1_DROP
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    cuda: bool = True  # try the GPU pairs (skipped with a reason where there is no GPU)
+
+    def check(self) -> None:
+        if (self.atol is not None and self.atol < 0) or (self.rtol is not None and self.rtol < 0):
+            raise InputError(f"tolerances must be >= 0 (got --atol {self.atol}, --rtol {self.rtol})")
+        if self.max_top1_drop < 0:
+            raise InputError(f"--max-top1-drop {self.max_top1_drop} must be >= 0 points")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise InputError(f"--min-agreement {self.min_agreement} must be a share between 0 "
+                             f"and 1, e.g. 0.99")
+
+    @property
+    def tolerances(self) -> tuple[float, float] | None:
+        """(atol, rtol) when the user replaced the floor rule, else None."""
+        if self.atol is None and self.rtol is None:
+            return None
+        return (self.atol or 0.0, self.rtol or 0.0)
+
+
+# ----------------------------------------------------------------------------- export
+EXPORTERS = ("dynamo", "legacy")
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    exporter: str = "dynamo"
+    opset: int = DEFAULT_OPSET
+    simplify: bool = True
+    pt2: bool = True  # model.pt2, the torch.export ExportedProgram
+    aoti: bool = False  # AOTInductor packages: the CPU's, and CUDA's when a GPU is present
+    verbose: bool = False
+
+    def check(self) -> None:
+        """The values alone; the opset range each exporter supports is read from torch by
+        the export stage."""
+        if self.aoti and not self.pt2:
+            raise InputError("--aoti compiles the torch.export program: drop --no-pt2, or drop --aoti")
+        if self.exporter not in EXPORTERS:
+            raise InputError(f"unknown --exporter {self.exporter!r}; choose from: "
+                             f"{', '.join(EXPORTERS)}")
+
+
+# ----------------------------------------------------------------------------- quantize
+QUANT_PRECISIONS = ("int8", "fp16")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIBRATION_COUNT = 300
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    precisions: tuple[str, ...] = QUANT_PRECISIONS
+    calibration: str | None = None  # a folder, "train" or "synthetic"; None: train when recorded
+    count: int = DEFAULT_CALIBRATION_COUNT
+    method: str = "minmax"
+    seed: int = 0
+    reduce_range: bool | None = None  # None: 7-bit weights exactly when this CPU lacks VNNI
+
+    def check(self) -> None:
+        unknown = [p for p in self.precisions if p not in QUANT_PRECISIONS]
+        if unknown or not self.precisions:
+            raise InputError(f"unknown precision {', '.join(unknown) or '(none)'!r} for quantize; "
+                             f"choose from: {', '.join(QUANT_PRECISIONS)} (bf16 needs no file: it "
+                             f"is a runtime setting that bench and verify apply)")
+        if self.method not in CALIBRATION_METHODS:
+            raise InputError(f"unknown --method {self.method!r}; choose from: "
+                             f"{', '.join(CALIBRATION_METHODS)}")
+        if self.count < 1:
+            raise InputError(f"--count {self.count} must be at least 1 (default "
+                             f"{DEFAULT_CALIBRATION_COUNT})")
+
+
+# ----------------------------------------------------------------------------- bench
+SCENARIOS = ("single-stream", "server")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """``backends`` holds targets, ``backend:precision`` (see ``pipeline.runtimes.registry``);
+    empty means every target the registry knows."""
+
+    backends: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    iterations: int = 200
+    seconds: float = 5.0
+    warmup_s: float = 1.0
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def check(self) -> None:
+        if self.iterations < 1 or self.seconds < 0 or self.warmup_s < 0:
+            raise InputError("--iterations must be >= 1 and --seconds/--warmup-seconds >= 0")
+        if self.threads < 1:
+            raise InputError(f"--threads {self.threads} must be at least 1")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise InputError(f"--batch-sizes {self.batch_sizes} must be positive integers")
+
+
+# The largest batch Triton's dynamic batcher forms, for serve and the server scenario alike.
+SERVER_MAX_BATCH = 32
+SERVER_QUEUE_DELAY_US = 2000
+
+
+@dataclass(frozen=True)
+class ScenarioOptions:
+    """The server scenario (MLPerf's "server"): load levels against ``python -m pipeline serve``."""
+
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    seconds: float = 10.0
+    warmup_s: float = 2.0
+    threads: int | None = None
+    max_batch_size: int = SERVER_MAX_BATCH
+    queue_delay_us: int = SERVER_QUEUE_DELAY_US
+
+    def check(self) -> None:
+        if not self.concurrency or any(c < 1 or c > 256 for c in self.concurrency):
+            raise InputError(f"--concurrency {','.join(map(str, self.concurrency))} must be "
+                             f"integers from 1 to 256, e.g. 1,4,16")
+        if self.seconds <= 0 or self.seconds > 600:
+            raise InputError(f"--seconds {self.seconds} must be in (0, 600] for the server scenario")
+
+
+# ----------------------------------------------------------------------------- serving
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000  # HTTP
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = SERVER_MAX_BATCH
+    queue_delay_us: int = SERVER_QUEUE_DELAY_US
+    instances: int = 1
+    threads: int | None = None
+    precision: str = "fp32"
+    max_request_mb: float | None = None  # None: fits the largest batch (serving.guard.default_limit)
+
+    def check(self) -> None:
+        for flag, port in (("--port", self.port), ("--grpc-port", self.grpc_port),
+                           ("--metrics-port", self.metrics_port)):
+            if not 1 <= port <= 65535:
+                raise InputError(f"{flag} {port} is not a TCP port (1..65535)")
+        if len({self.port, self.grpc_port, self.metrics_port}) != 3:
+            raise InputError(f"--port, --grpc-port and --metrics-port must differ (got {self.port}, "
+                             f"{self.grpc_port}, {self.metrics_port})")
+        if self.max_batch_size < 1 or self.instances < 1 or self.queue_delay_us < 0:
+            raise InputError("--max-batch-size and --instances must be >= 1 and --queue-delay-us >= 0")
+        if self.max_request_mb is not None and not self.max_request_mb > 0:
+            raise InputError(f"--max-request-mb {self.max_request_mb:g} must be > 0")
+
+
+TRITON_TARGETS = ("cpu", "gpu")
+TRITON_GPU_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """``deploy triton``: the model repository for a standalone Triton."""
+
+    name: str | None = None
+    target: str = "cpu"  # cpu: KIND_CPU instances; gpu: KIND_GPU + the TensorRT accelerator
+    precision: str | None = None  # gpu: fp32, fp16 or int8 (default fp16)
+    max_batch_size: int = 64
+    instances: int = 1
+    queue_delay_us: int = SERVER_QUEUE_DELAY_US
+
+    def check(self) -> None:
+        if self.target not in TRITON_TARGETS:
+            raise InputError(f"unknown --target {self.target!r}; choose from: "
+                             f"{', '.join(TRITON_TARGETS)}")
+        if self.precision is not None and self.precision not in TRITON_GPU_PRECISIONS:
+            raise InputError(f"--precision {self.precision!r} is not one of "
+                             f"{', '.join(TRITON_GPU_PRECISIONS)}")
+        if self.precision not in (None, "fp32") and self.target != "gpu":
+            raise InputError(f"--precision {self.precision} picks the TensorRT precision of a GPU "
+                             f"target; add --target gpu (CPU instances run the fp32 model)")
+        if self.max_batch_size < 1:
+            raise InputError(f"--max-batch-size {self.max_batch_size} must be at least 1")
+        if self.instances < 1:
+            raise InputError(f"--instances {self.instances} must be at least 1")
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise InputError(f"--name {self.name!r} must use letters, digits, '_', '.' and '-' only")
+
+
+# ----------------------------------------------------------------------------- train and run
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "plateau", "none")
+
+
+@dataclass
+class TrainOptions:
+    arch: str = "resnet18"
+    data: str = "synthetic"
+    out: str | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None  # None: 0.05 for SGD, 1e-3 for Adam and AdamW
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    weights: str = "random"
+    freeze_backbone: bool = False
+    input_size: int | None = None
+    val_split: float = 0.2
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    resume: str | None = None
+    synthetic_per_class: int = 500
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise InputError(f"--epochs {self.epochs} must be at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; choose from: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; choose from: {', '.join(SCHEDULES)}")
+        if not 0.0 < self.val_split < 1.0:
+            raise InputError(f"--val-split {self.val_split} must be between 0 and 1 (exclusive), e.g. 0.2")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise InputError(f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
+        if self.lr is not None and self.lr <= 0:
+            raise InputError(f"--lr {self.lr} must be positive")
+        if self.workers < 0:
+            raise InputError(f"--workers {self.workers} must be >= 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``run`` does differently from the stages' own defaults: a smaller training batch,
+    and a shorter bench over the backends a first look needs."""
+
+    batch_size: int = 16
+    backends: tuple[str, ...] = ("torch-cpu", "torchscript-cpu", "ort-cpu", "openvino-cpu",
+                                 "torch-cuda", "ort-cuda")
+    batch_sizes: tuple[int, ...] = (1, 8)
+    bench_seconds: float = 2.0
+    bench_iterations: int = 100
+
+
+# ----------------------------------------------------------------------------- parsing
+def int_list(value: str | Iterable[int], option: str) -> tuple[int, ...]:
+    """``"1,8,32"`` or ``[1, 8, 32]`` as positive integers, else an InputError naming ``option``."""
+    try:
+        values = (tuple(int(v) for v in value.split(",") if v.strip()) if isinstance(value, str)
+                  else tuple(int(v) for v in value))
+    except (TypeError, ValueError):
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"{option} {value!r} must be positive integers separated by commas, "
+                         f"e.g. 1,8,32")
+    return values
+
+
+def names(value: str | Iterable[str] | None) -> str | None:
+    """``"a,b"`` or ``["a", "b"]`` -> ``"a,b"`` (the CLI's spelling, parsed in one place)."""
+    if value is None or isinstance(value, str):
+        return value
+    return ",".join(str(v) for v in value)
+
+
+def joined(values: Iterable[object]) -> str:
+    """A tuple default as the CLI shows and parses it: (1, 8, 32) -> "1,8,32"."""
+    return ",".join(str(v) for v in values)

@@ -1,0 +1,2 @@
+"""One module per runtime behind one Runner interface; ``registry`` names every backend and
+is the only place that constructs a runner."""

@@ -1,0 +1,124 @@
+"""PyTorch runners: eager modules, TorchScript files and ``model.pt2`` programs, on the CPU
+(fp32, or bf16 autocast) or a CUDA GPU (fp32, TF32 off)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import EnvironmentUnavailable, InputError
+from pipeline.formats.pt2 import open_program
+from pipeline.models.weights import load_model
+from pipeline.runtimes.base import Runner, cuda_problem, use_strict_fp32
+
+if TYPE_CHECKING:
+    import torch
+
+
+def require_device(name: str, device: str) -> None:
+    """Refuse a CUDA runner where torch has no GPU; turn TF32 off where it has one."""
+    if device == "cuda":
+        problem = cuda_problem()
+        if problem:
+            raise EnvironmentUnavailable(f"{name}-cuda: {problem}")
+        use_strict_fp32()
+
+
+class TorchCallRunner(Runner):
+    """A callable that takes and returns tensors (a module, or a compiled package)."""
+
+    def __init__(self, call: Any, *, name: str, device: str, precision: str,
+                 model_path: Path | None, metadata: dict[str, str] | None = None) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = call
+        self.name = f"{name}-{device}"
+        self.device = device
+        self.provider = f"{'aoti' if name == 'aoti' else 'torch'}:{device}"
+        self.precision = precision
+        self.model_path = model_path
+        self._metadata = metadata or {}
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            if self.precision == "bf16":
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device, dtype=torch.bfloat16):
+                    return self.model(tensor).float().cpu().numpy()
+            return self.model(tensor).float().cpu().numpy()
+
+    def infer_tensor(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        with self.torch.inference_mode():
+            return self.model(tensor)
+
+    def metadata(self) -> dict[str, str]:
+        return self._metadata
+
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def close(self) -> None:
+        self.model = None
+
+
+class TorchRunner(TorchCallRunner):
+    """Eager PyTorch or a TorchScript file, on ``cpu`` or ``cuda``; fp32, or bf16 autocast."""
+
+    def __init__(self, model: "torch.nn.Module", *, device: str = "cpu", name: str = "torch",
+                 precision: str = "fp32", model_path: Path | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise InputError(f"{name}-{device} runs fp32 or bf16, not {precision!r}")
+        require_device(name, device)
+        super().__init__(_in_eval_mode(model).to(device), name=name, device=device,
+                         precision=precision, model_path=model_path, metadata=metadata)
+        if precision == "bf16":
+            # autocast runs convolutions and matmuls in bf16 (oneDNN picks AMX/AVX512-BF16 where
+            # present); channels_last is the layout those kernels want.
+            self.model = self.model.to(memory_format=self.torch.channels_last)
+
+    @classmethod
+    def from_torchscript(cls, path: Path | str, *, device: str = "cpu") -> "TorchRunner":
+        import warnings
+
+        import torch
+
+        require_device("torchscript", device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's own deprecation notice
+            # map_location moves the constants that freezing folded into the graph as well;
+            # a later .to(device) would move only parameters, and a frozen module has none.
+            module = torch.jit.load(str(path), map_location=device)
+        return cls(module, device=device, name="torchscript", model_path=Path(path))
+
+    @classmethod
+    def from_program(cls, path: Path | str, *, device: str = "cpu") -> "TorchRunner":
+        """``model.pt2`` (a torch.export ExportedProgram), loaded the safe way, run eagerly."""
+        require_device("torch-export", device)
+        program, metadata = open_program(path)
+        if device == "cuda":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, "cuda")
+        return cls(program.module(), device=device, name="torch-export", model_path=Path(path),
+                   metadata=metadata)
+
+    @classmethod
+    def from_weights(cls, path: Path | str, *, device: str = "cpu",
+                     precision: str = "fp32") -> "TorchRunner":
+        """Eager PyTorch rebuilt from a bundle's ``weights.pt`` (a training checkpoint form)."""
+        return cls(load_model(checkpoint=Path(path)).model, device=device, precision=precision,
+                   model_path=Path(path))
+
+
+def _in_eval_mode(model: "torch.nn.Module") -> "torch.nn.Module":
+    try:
+        return model.eval()
+    except NotImplementedError:  # an ExportedProgram's module: exported in eval, it has no modes
+        return model

@@ -1,0 +1,131 @@
+"""``deploy triton``: a standard Triton model repository for the ONNX Runtime backend.
+
+    DIR/<name>/config.pbtxt     platform onnxruntime_onnx, batching, dynamic batching, instances
+    DIR/<name>/1/model.onnx     the bundle's simplified model (or the variant the target needs)
+    DIR/<name>/labels.txt       one class name per line (label_filename of the output)
+    DIR/README.md               how to start tritonserver on it
+
+The config is written in protobuf text format and reads back with Triton's own
+``ModelConfig`` message (tests parse it with ``tritonclient``'s ``model_config_pb2``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.bundle import LATENCY, ONNX, ONNX_INT8, Bundle, atomic_path, ensure_writable_dir
+from pipeline.core.records import LatencyDoc, ModelSection
+from pipeline.errors import InputError
+from pipeline.formats.onnx import io_spec
+from pipeline.options import TritonOptions
+from pipeline.serving.guard import default_limit
+
+
+def preferred_batch_sizes(bundle: Bundle, max_batch: int) -> list[int]:
+    """Batch sizes the bench sweep measured on this machine (above 1, within max_batch)."""
+    try:
+        rows = LatencyDoc.load(bundle.path(LATENCY)).rows
+    except InputError:  # no sweep yet, or one this version cannot read
+        return []
+    sizes = {r.batch for r in rows if r.ok and r.backend.startswith("ort-")}
+    return sorted(size for size in sizes if 1 < size <= max_batch)
+
+
+def _model_for(bundle: Bundle, options: TritonOptions) -> tuple[Path, str]:
+    """The ONNX file to serve and the TensorRT precision (GPU target) it is meant for."""
+    if options.target == "cpu":
+        return bundle.path(bundle.fp32_onnx()), "fp32"
+    precision = options.precision
+    if precision is None:  # the best variant the bundle has, for the GPU
+        precision = "fp16"
+    if precision == "int8":
+        if not bundle.path(ONNX_INT8).is_file():
+            raise InputError(f"{bundle.root} has no {ONNX_INT8} for a TensorRT int8 target; make it "
+                             f"with: python -m pipeline quantize {bundle.root} --precision int8")
+        return bundle.path(ONNX_INT8), "int8"
+    # TensorRT builds its fp16 engine from the fp32 graph (an fp16 ONNX would add casts).
+    return bundle.path(bundle.fp32_onnx()), precision
+
+
+def config_text(name: str, spec: dict[str, Any], options: TritonOptions, preferred: list[int],
+                precision: str) -> str:
+    """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
+    def dims(values: list[Any]) -> str:
+        return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"',
+             f"max_batch_size: {options.max_batch_size}",
+             "input [", "  {", f'    name: "{spec["input"]}"', "    data_type: TYPE_FP32",
+             f"    dims: {dims(spec['input_dims'])}", "  }", "]",
+             "output [", "  {", f'    name: "{spec["output"]}"', "    data_type: TYPE_FP32",
+             f"    dims: {dims(spec['output_dims'])}", '    label_filename: "labels.txt"', "  }", "]",
+             "dynamic_batching {"]
+    if preferred:
+        lines.append(f"  preferred_batch_size: {dims(preferred)}")
+    lines += [f"  max_queue_delay_microseconds: {options.queue_delay_us}", "}",
+              "instance_group [", "  {", f"    count: {options.instances}",
+              f"    kind: {'KIND_GPU' if options.target == 'gpu' else 'KIND_CPU'}", "  }", "]"]
+    if options.target == "gpu":
+        lines += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator [",
+                  "      {", '        name: "tensorrt"',
+                  f'        parameters {{ key: "precision_mode" value: "{precision.upper()}" }}',
+                  '        parameters { key: "max_workspace_size_bytes" value: "1073741824" }',
+                  '        parameters { key: "trt_engine_cache_enable" value: "1" }',
+                  "      }", "    ]", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def triton_repository(bundle_dir: Path | str, out: Path | str,
+                      options: TritonOptions = TritonOptions()) -> dict[str, Any]:
+    """Write the model repository; returns what was written."""
+    options.check()
+    bundle = Bundle.open(Path(bundle_dir))
+    manifest = bundle.read_manifest()
+    if ONNX not in manifest.get("artifacts", {}):
+        raise InputError(f"{bundle.root} has no exported ONNX model; run: python -m pipeline "
+                         f"export --out {bundle.root}")
+    section = ModelSection.of(manifest, str(bundle.manifest_path))
+    model, precision = _model_for(bundle, options)
+    bundle.check_integrity([model.name])  # never ship a file that changed since export
+    spec = io_spec(model)
+    name = options.name or re.sub(r"[^A-Za-z0-9_.-]", "_", section.arch)
+    preferred = preferred_batch_sizes(bundle, options.max_batch_size)
+    class_names = section.class_names
+    if len(class_names) != (spec["output_dims"] or [0])[-1]:
+        raise InputError(f"{bundle.root}: {len(class_names)} class names for "
+                         f"{spec['output_dims']} outputs; re-export the bundle")
+    root = ensure_writable_dir(Path(out))
+    folder = root / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "1" / "model.onnx") as tmp:
+        shutil.copyfile(model, tmp)
+    with atomic_path(folder / "labels.txt") as tmp:
+        tmp.write_text("".join(f"{label}\n" for label in class_names), encoding="utf-8")
+    text = config_text(name, spec, options, preferred, precision)
+    with atomic_path(folder / "config.pbtxt") as tmp:  # last: a repository with a config is complete
+        tmp.write_text(text, encoding="utf-8")
+
+    limit = default_limit(options.max_batch_size, tuple(spec["input_dims"]))
+    readme = (f"# Triton model repository\n\nMade by `python -m pipeline deploy triton "
+              f"{bundle.root} --out {root}` from {model.name} (sha256 "
+              f"{manifest['artifacts'].get(model.name, {}).get('sha256', '?')}).\n\n"
+              f"Start it with:\n\n    tritonserver --model-repository {root.resolve()}\n\n"
+              f"or in a container: `docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v "
+              f"{root.resolve()}:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
+              f"--model-repository=/models`.\n\n"
+              f"Bound the request size. The largest valid binary request for this model is "
+              f"{limit} bytes (max_batch_size {options.max_batch_size} x "
+              f"{' x '.join(map(str, spec['input_dims']))} float32, plus 1 MiB for the JSON "
+              f"header). Triton releases with `--http-max-input-size` (64 MiB by default) take "
+              f"`--http-max-input-size={limit}`; older ones (2.51, which PyTriton 0.7.0 bundles, "
+              f"has no such flag) read any body whole, so keep them behind a proxy with a body "
+              f"limit. `python -m pipeline serve` does this for you.\n")
+    with atomic_path(root / "README.md") as tmp:
+        tmp.write_text(readme, encoding="utf-8")
+    return {"repository": str(root), "model": name, "config": str(folder / "config.pbtxt"),
+            "onnx": model.name, "precision": precision, "target": options.target,
+            "max_batch_size": options.max_batch_size, "preferred_batch_size": preferred}
+

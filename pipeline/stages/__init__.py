@@ -1,0 +1,1 @@
+"""One module per stage (bench is a package); stages talk through bundle files."""

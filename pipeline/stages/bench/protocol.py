@@ -1,0 +1,136 @@
+"""The latency protocol, in the spirit of ONNX Runtime's perf_test, trtexec and MLPerf single-stream.
+
+- Each backend runs in its own subprocess (``pipeline.stages.bench.worker``), so one runtime's thread
+  pool never slows another's; every CPU backend gets the same explicit thread count.
+- Cold start is timed apart: model or session creation, then the first inference.
+- Warm-up: at least 10 iterations and at least ``warmup_s`` seconds.
+- Timed run: until both ``iterations`` and ``seconds`` are reached, each iteration timed with
+  ``perf_counter_ns``; on CUDA the runner synchronises before each stop.
+- Results are flat rows: one per backend x batch size. A backend that cannot run is a row with
+  a reason and no numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.core.bundle import Bundle
+from pipeline.core.machine import machine_block
+from pipeline.core.records import (
+    LatencyDoc,
+    LatencyRow,
+    ModelSection,
+    Record,
+    read_parity,
+    reason_rows,
+)
+from pipeline.errors import InputError
+from pipeline.models.archs import describe, get_arch
+from pipeline.options import BenchOptions
+from pipeline.runtimes.registry import parse_targets, split_target, target_name
+from pipeline.stages.bench.timing import MIN_WARMUP_ITERATIONS
+from pipeline.stages.recommend import attach_verification
+
+WORKER_TIMEOUT_S = 1800
+
+
+WORKER_TIMEOUT_S = 1800
+
+
+def all_targets() -> tuple[str, ...]:
+    """Every target the registry times by default (``bench`` without ``--backends``)."""
+    return tuple(target_name(b, p) for b, p in parse_targets(None))
+
+
+@dataclass
+class WorkerResult(Record):
+    """What one worker process hands back (as JSON in a file): its rows, and the per-image
+    loops when ``--images`` was given."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow}
+
+    rows: list[LatencyRow]
+    images: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float | None,
+               images: list[str] | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> WorkerResult:
+    """Run one target in a fresh interpreter; a crash or a hang becomes error rows."""
+    backend, precision = split_target(target)
+    spec = {"bundle": str(bundle), "backend": backend, "precision": precision,
+            "config": asdict(config), "gmacs": gmacs, "images": images}
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),
+           "MKL_NUM_THREADS": str(config.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
+        spec_path.write_text(json.dumps(spec))
+        try:
+            # -X faulthandler: a worker killed by a signal (a native crash) leaves the Python
+            # frame it died in, which becomes the rows' reason.
+            proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m",
+                                   "pipeline.stages.bench.worker", str(spec_path),
+                                   str(result_path)], capture_output=True, text=True, env=env,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return WorkerResult(reason_rows(backend, precision, config.batch_sizes,
+                                            f"timed out after {timeout_s:g}s", "error"))
+        if result_path.is_file():
+            return WorkerResult.from_dict(json.loads(result_path.read_text()),
+                                          where=f"bench worker for {target}")
+        return WorkerResult(reason_rows(backend, precision, config.batch_sizes,
+                                        worker_failure(proc.returncode, proc.stderr or proc.stdout),
+                                        "error"))
+
+
+def worker_failure(returncode: int, output: str) -> str:
+    """Why a worker left no result: its last line, or for a signal the frame it died in."""
+    lines = [line.strip() for line in (output or "").strip().splitlines() if line.strip()]
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        frames = [line for line in lines if line.startswith('File "')]
+        return f"worker killed by {name}" + (f" in {frames[0][:300]}" if frames else "")
+    return f"worker exited {returncode}: {(lines[-1:] or ['no output'])[0][:300]}"
+
+
+def run_bench(bundle: Path, config: BenchOptions, *, images: list[str] | None = None,
+              progress: bool = True) -> LatencyDoc:
+    """Every selected backend, each in its own subprocess; returns the latency document."""
+    from tqdm import tqdm
+
+    opened = Bundle.open(bundle)
+    manifest = opened.read_manifest()
+    if "model" not in manifest or "model.onnx" not in manifest.get("artifacts", {}):
+        raise InputError(f"bundle {str(bundle)!r} has no exported model to time; run "
+                         f"python -m pipeline export --out {bundle} first")
+    model = ModelSection.of(manifest, str(opened.manifest_path))
+    gmacs = describe(get_arch(model.arch), num_classes=model.num_classes,
+                     input_size=model.input_size)["gmacs"]
+    rows: list[LatencyRow] = []
+    loops: list[dict[str, Any]] = []
+    for target in tqdm(config.backends or all_targets(), desc="bench", unit="target", disable=None if progress else True,
+                       file=sys.stderr):
+        result = run_worker(bundle, target, config, gmacs=gmacs, images=images)
+        rows += result.rows
+        loops += result.images
+    attach_verification(rows, read_parity(opened))
+    return LatencyDoc(
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        model={"arch": model.arch, "input_size": model.input_size,
+               "num_classes": model.num_classes, "gmacs_per_image": gmacs,
+               "onnx_file": opened.fp32_onnx()},
+        config={**asdict(config), "backends": list(config.backends),
+                "batch_sizes": list(config.batch_sizes),
+                "min_warmup_iterations": MIN_WARMUP_ITERATIONS},
+        machine=machine_block(), rows=rows, images=loops)

@@ -1,0 +1,125 @@
+"""One backend's benchmark, run in its own interpreter by ``pipeline.stages.bench.protocol.run_worker``.
+
+Usage (internal): ``python -m pipeline.stages.bench.worker SPEC.json RESULT.json``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.bundle import Bundle, sha256_of
+from pipeline.core.machine import cpu_model, gpu_info
+from pipeline.core.records import LatencyRow, ModelSection, reason_rows
+from pipeline.data.images import BadImage
+from pipeline.errors import EnvironmentUnavailable, PipelineError
+from pipeline.options import BenchOptions
+from pipeline.runtimes.registry import VariantMissing, get_backend
+from pipeline.stages.bench.image_loop import image_loops
+from pipeline.stages.bench.protocol import WorkerResult
+from pipeline.stages.bench.timing import percentile_stats, throughput_fields, timed_loop, warm_up
+
+
+def device_label(runner: Any) -> str:
+    if runner.device == "cuda":
+        gpu = gpu_info() or {}
+        return f"cuda:0 ({gpu.get('name', 'unknown GPU')})"
+    return f"cpu ({cpu_model()})"
+
+
+def bench_batches(runner: Any, backend: str, requested: str, config: BenchOptions, size: int,
+                  gmacs: float | None, cold: dict[str, float]) -> list[LatencyRow]:
+    rows = []
+    model = {"model_file": runner.model_path.name, "model_sha256": sha256_of(runner.model_path)}
+    for batch_size in config.batch_sizes:
+        batch = np.random.default_rng(batch_size).standard_normal((batch_size, 3, size, size),
+                                                                  dtype=np.float32)
+        row = LatencyRow(backend, batch_size, precision=runner.precision, precision_requested=requested,
+                  device=runner.device, provider=runner.provider, threads=config.threads,
+                  **model, **cold)
+        try:
+            # A warm-up per batch size: cuDNN's algorithm search and TensorRT's profiles
+            # re-tune for every new shape.
+            step, row.io = runner.timed_step(batch)
+            row.warmup_iterations = warm_up(step, seconds=config.warmup_s, sync=runner.synchronize)
+            samples = timed_loop(step, iterations=config.iterations, seconds=config.seconds,
+                                 sync=runner.synchronize)
+        except Exception as exc:  # e.g. out of memory at a large batch: a row, not a crash
+            rows.append(LatencyRow(backend, batch_size, precision=runner.precision,
+                                   precision_requested=requested, status="error",
+                                   device=runner.device, provider=runner.provider, **model,
+                                   reason=f"{type(exc).__name__}: {str(exc)[:300]}"))
+            continue
+        stats = percentile_stats(samples)
+        rows.append(replace(row, **stats, **throughput_fields(stats, batch_size, gmacs)))
+    return rows
+
+
+def cold_start(bundle: Bundle, backend: str, precision: str, config: BenchOptions,
+               size: int) -> tuple[Any, dict[str, float]]:
+    start = time.perf_counter_ns()
+    runner = get_backend(backend).make(bundle, precision, threads=config.threads)
+    created = time.perf_counter_ns()
+    runner.infer(np.zeros((1, 3, size, size), np.float32))
+    runner.synchronize()
+    first = time.perf_counter_ns()
+    return runner, {"cold_create_ms": (created - start) / 1e6,
+                    "cold_first_infer_ms": (first - created) / 1e6}
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+
+
+def bench_backend(spec: dict[str, Any]) -> WorkerResult:
+    config = BenchOptions(**{**spec["config"], "backends": tuple(spec["config"]["backends"]),
+                            "batch_sizes": tuple(spec["config"]["batch_sizes"])})
+    backend, precision = spec["backend"], spec["precision"]
+    bundle = Bundle.open(spec["bundle"])
+    size = ModelSection.read(bundle).input_size
+    set_threads(config.threads)
+    problem = get_backend(backend).precision_problem(precision)
+    if problem:
+        return WorkerResult(reason_rows(backend, precision, config.batch_sizes, problem))
+    try:
+        runner, cold = cold_start(bundle, backend, precision, config, size)
+    except (EnvironmentUnavailable, VariantMissing) as exc:
+        return WorkerResult(reason_rows(backend, precision, config.batch_sizes,
+                                        str(exc).split(": ", 1)[-1]
+                                        if isinstance(exc, EnvironmentUnavailable) else str(exc)))
+    with runner:
+        result = WorkerResult(bench_batches(runner, backend, precision, config, size,
+                                            spec.get("gmacs"), cold))
+        if spec.get("images"):
+            result.images = [image_loops(runner, backend, bundle, spec["images"], config,
+                                         device_label(runner))]
+    return result
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    try:
+        result = bench_backend(spec)
+    except (PipelineError, BadImage) as exc:
+        config = spec["config"]
+        result = WorkerResult(reason_rows(spec["backend"], spec["precision"],
+                                          tuple(config["batch_sizes"]), str(exc), "error"))
+    result_path.write_text(json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

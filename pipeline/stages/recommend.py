@@ -1,0 +1,96 @@
+"""Which timed row may be recommended, and the recommendation.
+
+A row is matched with verify's results (parity.json) on the very model file it timed: fp32 rows
+by their parity pairs, reduced precision by the accuracy gate of the same backend and precision.
+Only fp32 rows whose parity held and reduced-precision rows whose gate passed are eligible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.core.records import LatencyRow, ParityReport, ok_rows, target_name
+from pipeline.runtimes.registry import BACKENDS
+
+
+def attach_verification(rows: list[LatencyRow], parity: ParityReport | None) -> None:
+    """Say for each row whether verify vouched for the very model file it timed.
+
+    fp32 rows: the parity pairs on the same file (sha256); eager torch is the reference itself.
+    Reduced precision: the accuracy gate of the same backend and precision on the same file.
+    Anything else is ``not verified``, and ``recommend`` never picks a reduced precision that is.
+    """
+    pairs = parity.pairs if parity else []
+    gates = {g.candidate: g for g in parity.gates} if parity else {}
+    for row in rows:
+        backend = BACKENDS.get(row.backend)
+        row.verified, row.top1_agreement, row.top1_drop_points = "not verified", None, None
+        if backend is None or row.model_sha256 is None:
+            continue
+        if row.requested == "fp32":
+            if backend.runtime == "torch":
+                row.verified = "reference"
+                continue
+            same = [p for p in pairs if p.model_sha256 == row.model_sha256]
+            if same:
+                row.verified = "parity passed" if all(p.passed for p in same) else "parity failed"
+            continue
+        gate = gates.get(target_name(backend.gate_as or backend.name, row.requested))
+        if gate and gate.model_sha256 == row.model_sha256:
+            row.verified = ("gate not meaningful" if gate.not_meaningful else
+                            "gate passed" if gate.passed else "gate failed")
+            row.top1_agreement, row.top1_drop_points = gate.top1_agreement, gate.top1_drop_points
+
+
+def eligible(row: LatencyRow) -> bool:
+    """May this row be recommended? fp32 unless its parity failed; reduced precision only
+    with a passed accuracy gate."""
+    if row.requested == "fp32":
+        return row.verified != "parity failed"
+    return row.verified == "gate passed"
+
+
+ADVICE_FIELDS = ("machine", "backend", "precision", "precision_requested", "device", "batch",
+                 "p50_ms", "p90_ms", "verified", "top1_agreement", "top1_drop_points")
+
+
+def advice_of(row: LatencyRow) -> dict[str, Any]:
+    """The fields a recommendation quotes from a row."""
+    return {k: getattr(row, k) for k in ADVICE_FIELDS}
+
+
+def recommend(rows: list[LatencyRow], budget_ms: float | None = None) -> dict[str, Any]:
+    """The fastest verified (backend, precision) at batch 1 and its cost against the fastest
+    fp32; who meets a p90 budget; where the GPU overtakes the CPU; what was not verified."""
+    good = ok_rows(rows)
+    usable = [r for r in good if eligible(r)]
+    batch1 = sorted((r for r in usable if r.batch == 1), key=lambda r: r.p50_ms)
+    fp32 = [r for r in batch1 if r.requested == "fp32"]
+    answer: dict[str, Any] = {"fastest_batch1": None, "fastest_fp32_batch1": None,
+                              "speedup_vs_fp32": None, "budget_ms": budget_ms, "meets_budget": None,
+                              "gpu_overtakes_cpu_at_batch": None, "gpu_vs_cpu": None,
+                              "not_verified": sorted({r.target for r in good if not eligible(r)})}
+    if batch1:
+        answer["fastest_batch1"] = advice_of(batch1[0])
+    if fp32:
+        answer["fastest_fp32_batch1"] = advice_of(fp32[0])
+        answer["speedup_vs_fp32"] = fp32[0].p50_ms / batch1[0].p50_ms
+    if budget_ms is not None:
+        answer["meets_budget"] = [advice_of(r) for r in sorted(usable, key=lambda r: (r.batch, r.p90_ms))
+                                  if r.p90_ms <= budget_ms]
+    answer.update(_gpu_crossover(usable))
+    return answer
+
+
+def _gpu_crossover(good: list[LatencyRow]) -> dict[str, Any]:
+    best: dict[tuple[str, int], float] = {}
+    for row in good:
+        key = ("gpu" if row.device == "cuda" else "cpu", row.batch)
+        best[key] = max(best.get(key, 0.0), row.images_per_s)
+    batches = sorted({batch for kind, batch in best if (("cpu", batch) in best and ("gpu", batch) in best)})
+    if not batches:
+        return {"gpu_vs_cpu": "not measured: needs both a CPU and a GPU backend"}
+    table = {b: best[("gpu", b)] / best[("cpu", b)] for b in batches}
+    over = next((b for b in batches if table[b] > 1.0), None)
+    return {"gpu_overtakes_cpu_at_batch": over,
+            "gpu_vs_cpu": {str(b): round(ratio, 2) for b, ratio in table.items()}}

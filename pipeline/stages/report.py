@@ -1,0 +1,348 @@
+"""Markdown and PNG from latency documents; merging documents from several machines.
+
+report.md and latency.png are files a person reads; the terminal tables are the CLI's
+(``pipeline.cli.render``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.bundle import (
+    BENCH_FILES,
+    LATENCY,
+    LATENCY_PLOT,
+    MANIFEST,
+    REPORT,
+    Bundle,
+    save_atomic,
+    write_text_atomic,
+)
+from pipeline.core.records import (
+    LatencyDoc,
+    LatencyRow,
+    ServerSection,
+    ok_rows,
+    precision_label,
+    read_parity,
+)
+from pipeline.errors import InputError
+from pipeline.stages.recommend import recommend
+
+
+def labelled_rows(docs: list[LatencyDoc]) -> list[LatencyRow]:
+    """Every row tagged with its machine, so rows from several machines can share a table."""
+    return [replace(row, machine=doc.machine_label, arch=doc.model["arch"])
+            for doc in docs for row in doc.rows]
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def rows_table(rows: list[LatencyRow], *, with_machine: bool) -> list[str]:
+    head = ["machine"] if with_machine else []
+    head += ["backend", "precision", "batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ± std ms",
+             "n", "ms/image", "images/s", "GFLOP/s", "cold create ms", "first infer ms", "verified",
+             "provider"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.machine or ""] if with_machine else []
+        if not row.ok:
+            cells += [row.backend, row.precision_label, str(row.batch),
+                      f"**{row.status}**: {row.reason}"]
+            cells += [""] * (len(head) - len(cells))
+        else:
+            cells += [row.backend, row.precision_label, str(row.batch), _fmt(row.p50_ms),
+                      _fmt(row.p90_ms),
+                      _fmt(row.p95_ms), _fmt(row.p99_ms) if row.p99_ms is not None else "omitted (n<600)",
+                      f"{row.mean_ms:.2f} ± {row.std_ms:.2f}", str(row.n),
+                      _fmt(row.ms_per_image, ".3f"), _fmt(row.images_per_s, ".1f"),
+                      _fmt(row.gflops, ".1f"), _fmt(row.cold_create_ms, ".0f"),
+                      _fmt(row.cold_first_infer_ms, ".0f"), _verified(row), str(row.provider)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _verified(row: LatencyRow) -> str:
+    text = row.verified or "not verified"
+    if row.top1_agreement is not None:
+        text += f" (agreement {100 * row.top1_agreement:.1f}%"
+        if row.top1_drop_points is not None:
+            text += f", top-1 {0.0 - row.top1_drop_points + 0.0:+.2f} pts"
+        text += ")"
+    return text
+
+
+def accuracy_cost(choice: dict[str, Any]) -> str:
+    if choice.get("top1_agreement") is None:
+        fp32 = precision_label(None, choice.get("precision_requested")) == "fp32"
+        return "fp32: no accuracy cost" if fp32 else ""
+    cost = f"top-1 agreement with fp32 {100 * choice['top1_agreement']:.2f}%"
+    if choice.get("top1_drop_points") is not None:
+        cost += f", top-1 accuracy {0.0 - choice['top1_drop_points'] + 0.0:+.2f} points"
+    return cost
+
+
+def _named(choice: dict[str, Any]) -> str:
+    """A recommendation's pick as ``backend precision`` (``auto=bf16`` when they differ)."""
+    return f"{choice['backend']} {precision_label(choice.get('precision'), choice.get('precision_requested'))}"
+
+
+def _row_name(row: LatencyRow) -> str:
+    return f"{row.backend} {row.precision_label}"
+
+
+def recommendation_lines(advice: dict[str, Any]) -> list[str]:
+    lines = ["## Recommendation", ""]
+    best = advice["fastest_batch1"]
+    if best:
+        where = f" on {best['machine']}" if best.get("machine") else ""
+        lines.append(f"- Fastest verified model at batch 1: **{_named(best)}**{where} "
+                     f"(p50 {best['p50_ms']:.2f} ms, p90 {best['p90_ms']:.2f} ms; {accuracy_cost(best)}).")
+        fp32 = advice.get("fastest_fp32_batch1")
+        if fp32 and fp32 != best:
+            lines.append(f"- That is {advice['speedup_vs_fp32']:.2f}x the fastest fp32, "
+                         f"{_named(fp32)} (p50 {fp32['p50_ms']:.2f} ms).")
+    else:
+        lines.append("- No verified backend produced numbers.")
+    if advice.get("not_verified"):
+        lines.append(f"- Not verified, so never recommended: {', '.join(advice['not_verified'])} "
+                     f"(run `python -m pipeline verify` with evaluation images, then bench again).")
+    if advice["budget_ms"] is not None:
+        meets = advice["meets_budget"] or []
+        names = ", ".join(f"{_named(m)} @ batch {m['batch']} ({m['p90_ms']:.2f} ms)"
+                          + (f" [{m['machine']}]" if m.get("machine") else "") for m in meets)
+        lines.append(f"- Meets the {advice['budget_ms']:g} ms budget at p90: {names or 'none'}.")
+    crossover = advice["gpu_vs_cpu"]
+    if isinstance(crossover, dict):
+        at = advice["gpu_overtakes_cpu_at_batch"]
+        ratios = ", ".join(f"batch {b}: {r}x" for b, r in crossover.items())
+        lines.append(f"- GPU vs CPU throughput (best of each): {ratios}. "
+                     + (f"The GPU overtakes the CPU at batch {at}." if at else
+                        "The GPU did not overtake the CPU at the measured batch sizes."))
+    else:
+        lines.append(f"- GPU vs CPU: {crossover}.")
+    return lines + [""]
+
+
+def image_loop_lines(loops: list[dict[str, Any]]) -> list[str]:
+    if not loops:
+        return []
+    lines = ["## Per-image loop over real files", "",
+             "| backend | summary | decode p50 ms | infer p50 ms | sequential img/s | pipelined img/s |",
+             "|---|---|---|---|---|---|"]
+    for loop in loops:
+        seq, pipe = loop["sequential"], loop["pipelined"]
+        lines.append(f"| {loop['backend']} | `{loop['summary']}` | {_fmt((seq['decode'] or {}).get('p50_ms'))} | "
+                     f"{_fmt((seq['infer'] or {}).get('p50_ms'))} | {_fmt(seq['images_per_s'], '.1f')} | "
+                     f"{_fmt(pipe['images_per_s'], '.1f')} ({pipe['workers']} workers) |")
+    return lines + [""]
+
+
+def machine_lines(doc: LatencyDoc) -> list[str]:
+    machine, config = doc.machine, doc.config
+    gpu = machine.get("gpu")
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    flags = " ".join(f for f, present in (machine.get("cpu_flags") or {}).items() if present)
+    return [f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical cores; flags: {flags or 'none of note'})",
+            f"- GPU: {gpu['name']}, driver {gpu['driver']}, CUDA {gpu['cuda_runtime']}" if gpu else "- GPU: none",
+            f"- Threads for every CPU backend: {config['threads']}",
+            f"- Protocol: warm-up >= {config['min_warmup_iterations']} iterations and >= "
+            f"{config['warmup_s']} s; timed until >= {config['iterations']} iterations and >= "
+            f"{config['seconds']} s; TF32 off on GPU",
+            f"- Versions: {versions}", ""]
+
+
+def bench_markdown(doc: LatencyDoc, advice: dict[str, Any]) -> str:
+    model = doc.model
+    lines = [f"# Latency: {model['arch']} at {model['input_size']} px", "",
+             f"Command: `{doc.command or 'python -m pipeline bench'}`", "",
+             f"Created {doc.created}; {model['gmacs_per_image']:.3f} GMACs per image; "
+             f"ONNX file {model['onnx_file']}.", ""]
+    lines += machine_lines(doc)
+    lines += recommendation_lines(advice)
+    lines += ["## Results", ""] + rows_table(labelled_rows([doc]), with_machine=False) + [""]
+    lines += image_loop_lines(doc.images)
+    lines += server_lines(doc.server)
+    return "\n".join(lines)
+
+
+def server_lines(server: ServerSection | None) -> list[str]:
+    """The server scenario: throughput and latency per concurrency, against single-stream."""
+    if not server:
+        return []
+    base = server.baseline
+    base_ips = base.images_per_s if base else None
+    lines = ["## Server scenario (Triton, dynamic batching, loopback clients)", "",
+             f"Command: `{server.command}`; {server.seconds} s per level after "
+             f"{server.warmup_s} s of warm-up; batch-1 requests; dynamic batching up to "
+             f"{server.max_batch_size}, queue delay {server.queue_delay_us} us.",
+             "",
+             "| concurrency | images/s | vs single-stream ORT b1 | p50 ms | p90 ms | p99 ms | requests | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in server.rows:
+        ratio = f"{row.images_per_s / base_ips:.2f}x" if base_ips and row.images_per_s else "—"
+        lines.append(f"| {row.concurrency} | {row.images_per_s:.1f} | {ratio} | "
+                     f"{_fmt(row.p50_ms)} | {_fmt(row.p90_ms)} | {_fmt(row.p99_ms)} | "
+                     f"{row.requests} | {row.errors}" + (f" ({row.first_error})" if row.first_error else "")
+                     + " |")
+    if base and base_ips:
+        lines += ["", f"Single-stream baseline in the same run: ort-cpu fp32 at batch 1, "
+                      f"{base_ips:.1f} images/s (p50 {base.p50_ms:.2f} ms)."]
+    ceiling = server.batched_ceiling
+    if ceiling and base_ips:
+        lines.append(f"ort-cpu fp32 at batch {ceiling.batch} in the same run: "
+                     f"{ceiling.images_per_s:.1f} images/s ({ceiling.images_per_s / base_ips:.2f}x "
+                     f"batch 1), the most that batching requests together could give here.")
+    best, budget = server.best, server.budget_ms
+    if best:
+        lines.append(f"Recommended setting: concurrency {best.concurrency} with dynamic batching up to "
+                     f"{best.max_batch_size}: {best.images_per_s:.1f} images/s at p99 "
+                     f"{best.p99_ms:.1f} ms" + (f", within the {budget:g} ms budget." if budget else "."))
+    elif budget:
+        lines.append(f"No concurrency kept p99 within the {budget:g} ms budget.")
+    stop = server.stop or {}
+    lines += ["", f"Server stopped by SIGTERM: exit code {stop.get('exit_code')}, ports free again: "
+                  f"{stop.get('ports_free')}.", ""]
+    return lines
+
+
+def compare_markdown(docs: list[LatencyDoc], advice: dict[str, Any], command: str,
+                     warnings: list[str] | None = None) -> str:
+    lines = ["# Latency comparison across machines", "", f"Command: `{command}`", ""]
+    lines += [f"> warning: {w}" for w in warnings or []] + ([""] if warnings else [])
+    for doc in docs:
+        lines.append(f"## {doc.machine_label}")
+        lines.append(f"Model {doc.model['arch']} at {doc.model['input_size']} px, created {doc.created}")
+        lines += [""] + machine_lines(doc)
+    lines += recommendation_lines(advice)
+    lines += ["## All rows", ""] + rows_table(labelled_rows(docs), with_machine=True) + [""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[LatencyRow], path: Path, title: str) -> None:
+    """p50 bars with p90 whiskers per backend at batch 1; images/s against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = ok_rows(rows)
+    multi = len({row.machine for row in good}) > 1
+    label = ((lambda r: f"{_row_name(r)}\n{(r.machine or '')[:28]}") if multi else _row_name)
+    batch1 = sorted((r for r in good if r.batch == 1), key=lambda r: r.p50_ms)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    if batch1:
+        p50 = [r.p50_ms for r in batch1]
+        whisker = [[0] * len(batch1), [r.p90_ms - r.p50_ms for r in batch1]]
+        left.bar([label(r) for r in batch1], p50, yerr=whisker, capsize=4, color="tab:blue")
+        left.tick_params(axis="x", rotation=30, labelsize=8)
+    left.set_title("batch 1: p50 latency (whisker: p90)")
+    left.set_ylabel("ms per batch")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in good:
+        series.setdefault(label(row).replace("\n", " "), []).append((row.batch, row.images_per_s))
+    for name, points in sorted(series.items()):
+        points.sort()
+        right.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("batch size")
+    right.set_ylabel("images / s")
+    right.set_title("throughput against batch size")
+    if series:
+        right.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_bench_outputs(doc: LatencyDoc, folder: Path, budget_ms: float | None) -> dict[str, Any]:
+    """latency.json, report.md and latency.png into ``folder``; returns the recommendation."""
+    advice = recommend(doc.rows, budget_ms)
+    doc.recommendation = advice
+    doc.dump(folder / LATENCY)
+    write_text_atomic(folder / REPORT, bench_markdown(doc, advice))
+    plot(doc.rows, folder / LATENCY_PLOT, f"{doc.model['arch']} — {doc.machine_label}")
+    return advice
+
+
+def record_bench(folder: Path, duration_s: float) -> None:
+    """Put the bench files and the stage's duration into the bundle's manifest."""
+    Bundle(folder).record_stage("bench", files=BENCH_FILES,
+                                summary={"duration_s": round(duration_s, 3)})
+
+
+def save_bench(doc: LatencyDoc, folder: Path, budget_ms: float | None, *,
+               started: float) -> dict[str, Any]:
+    """The end of every bench (single-stream, server scenario, ``run``): latency.json,
+    report.md and latency.png written, the stage recorded in the manifest with its duration
+    since ``started`` (``time.perf_counter()``); returns the recommendation."""
+    advice = write_bench_outputs(doc, folder, budget_ms)
+    record_bench(folder, time.perf_counter() - started)
+    return advice
+
+
+def check_mergeable(docs: list[LatencyDoc], paths: list[Path], force: bool) -> list[str]:
+    """Latency files of different models are not one comparison; --force merges them anyway."""
+    models = {(d.model["arch"], d.model["input_size"]) for d in docs}
+    if len(models) <= 1:
+        return []
+    listing = "; ".join(f"{p}: {d.model['arch']} at {d.model['input_size']} px"
+                        for p, d in zip(paths, docs))
+    if not force:
+        raise InputError(f"these latency files measured different models ({listing}); a comparison "
+                         f"across machines needs the same arch and input size. Pass --force to "
+                         f"merge them anyway")
+    return [f"merged different models: {listing}"]
+
+
+def stale_rows(doc: LatencyDoc, path: Path) -> list[str]:
+    """Rows whose model file no longer matches the bundle the latency file sits in."""
+    folder = Path(path).parent
+    if not (folder / MANIFEST).is_file():
+        return []
+    try:
+        artifacts = Bundle(folder).read_manifest().get("artifacts", {})
+    except InputError:
+        return []
+    current = {name: entry["sha256"] for name, entry in artifacts.items()}
+    stale = sorted({f"{row.target} ({row.model_file})"
+                    for row in doc.rows if row.model_file
+                    and current.get(row.model_file) != row.model_sha256})
+    return [f"{path}: {', '.join(stale)} measured a model file that has since changed or gone; "
+            f"re-run bench"] if stale else []
+
+
+def stale_parity_warnings(bundle: Bundle) -> list[str]:
+    """bench's own check: does parity.json describe the models bench just timed?"""
+    parity = read_parity(bundle)
+    if parity is None:
+        return [f"{bundle.root} has no parity.json: nothing timed here was verified; run "
+                f"python -m pipeline verify {bundle.root}"]
+    artifacts = bundle.read_manifest().get("artifacts", {})
+    current = {entry["sha256"] for entry in artifacts.values()}
+    measured = {p.model_sha256 for p in [*parity.pairs, *parity.gates] if p.model_sha256}
+    if measured - current:
+        return [f"{bundle.root}/parity.json was made for models that have since changed; run "
+                f"python -m pipeline verify {bundle.root} again"]
+    return []
+
+
+def write_comparison(paths: list[Path], out: Path, budget_ms: float | None, command: str,
+                     *, force: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Merge latency files into report.md/report.png; returns (advice, warnings)."""
+    docs = [LatencyDoc.load(path) for path in paths]
+    warnings = check_mergeable(docs, paths, force)
+    for doc, path in zip(docs, paths):
+        warnings += stale_rows(doc, path)
+    rows = labelled_rows(docs)
+    advice = recommend(rows, budget_ms)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.md", compare_markdown(docs, advice, command, warnings))
+    plot(rows, out / "report.png", "latency comparison")
+    return advice, warnings

@@ -1,0 +1,430 @@
+"""Is every exported model still the model that was trained? The CI gate.
+
+Two kinds of check, one report (truthy only when all of them pass; the CLI maps a falsy report
+to exit 1, or 3 when only the environment is at fault):
+
+- **fp32 parity** for TorchScript, raw and simplified ONNX on ONNX Runtime (and CUDA when it
+  really runs), and OpenVINO at f32. The reference is eager PyTorch in float64; the tolerance is
+  the model's own fp32 noise floor on the same input (see ``pipeline.options``).
+  ``--atol/--rtol`` switch to numpy's ``allclose`` against eager fp32.
+- **An accuracy gate** for reduced precision (int8, fp16, bf16, OpenVINO's own choice): top-1
+  agreement with eager fp32, and with labelled images the top-1 accuracy drop in points, on
+  evaluation images held apart from the calibration images.
+
+CPU parity pairs can never be skipped: a CPU ONNX comparison that cannot run is a failed pair.
+Only GPU pairs, and optional extras that are not installed, are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.core.bundle import (
+    CALIBRATION,
+    ONNX,
+    ONNX_SIMPLIFIED,
+    PARITY,
+    PRECISION_FILES,
+    WEIGHTS,
+    Bundle,
+    sha256_of,
+)
+from pipeline.core.records import (
+    CalibrationRecord,
+    GateResult,
+    ModelSection,
+    PairResult,
+    ParityReport,
+)
+from pipeline.data.datasets import (
+    labelled_folder,
+    preprocess_samples,
+    recorded_data_missing,
+    recorded_split,
+)
+from pipeline.data.images import find_images
+from pipeline.errors import EnvironmentUnavailable, InputError
+from pipeline.models.archs import Preprocessing
+from pipeline.models.weights import load_model
+from pipeline.options import (
+    FLOOR_MULTIPLE,
+    SCALE_TERM,
+    VerifyOptions,
+)
+from pipeline.runtimes.base import Runner
+from pipeline.runtimes.registry import (
+    BACKENDS,
+    REDUCED_PRECISIONS,
+    Backend,
+    VariantMissing,
+    get_backend,
+    target_name,
+)
+
+RANDOM_BATCHES = (1, 3)
+MAX_EVAL_IMAGES = 2000
+
+
+NOT_MEANINGFUL_RANDOM = "not meaningful: random weights"
+GATE_VERDICT_RULE = ("gates of the variant files (int8, fp16) decide the exit code; runtime-only "
+                     "precisions (bf16, auto) are advisory; none on random weights")
+
+
+# ----------------------------------------------------------------------------- comparisons
+def topk_agreement(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Share of rows whose top-1 (argmax, as accuracy counts it: int8 logits can tie) and
+    whose top-5 set are the same."""
+    k = min(5, reference.shape[1])
+    top_c = np.argsort(-candidate, axis=1, kind="stable")[:, :k]
+    top_r = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    top5 = float(np.mean([set(a) == set(b) for a, b in zip(top_c, top_r)]))
+    return float(np.mean(candidate.argmax(1) == reference.argmax(1))), top5
+
+
+def compare(candidate: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> dict[str, Any]:
+    """numpy's allclose rule against ``reference``, with largest errors and top-k agreement."""
+    candidate = candidate.astype(np.float64)
+    reference = reference.astype(np.float64)
+    if candidate.shape != reference.shape:
+        return {"passed": False, "error": f"shape {candidate.shape} != reference {reference.shape}"}
+    diff = np.abs(candidate - reference)
+    # Relative error over |reference| floored at atol, so near-zero logits do not divide by zero.
+    rel = diff / np.maximum(np.abs(reference), max(atol, 1e-12))
+    top1, top5 = topk_agreement(candidate, reference)
+    finite = bool(np.isfinite(candidate).all())
+    return {"max_abs": float(diff.max()), "max_rel": float(rel.max()), "top1": top1, "top5": top5,
+            "passed": finite and bool(np.all(diff <= atol + rtol * np.abs(reference)))}
+
+
+def floor_tolerance(fp32: np.ndarray, fp64: np.ndarray) -> tuple[float, float]:
+    """(the model's fp32 noise floor on this input, the tolerance it earns)."""
+    floor = float(np.abs(fp32.astype(np.float64) - fp64).max())
+    return floor, FLOOR_MULTIPLE * floor + SCALE_TERM * float(np.abs(fp64).max())
+
+
+def compare_to_floor(candidate: np.ndarray, fp32: np.ndarray, fp64: np.ndarray) -> dict[str, Any]:
+    """The floor rule: ``|candidate - fp64| <= FLOOR_MULTIPLE * floor + SCALE_TERM * max|fp64|``."""
+    outcome = compare(candidate, fp32, atol=0.0, rtol=0.0)
+    if "error" in outcome:
+        return outcome
+    floor, tolerance = floor_tolerance(fp32, fp64)
+    error = float(np.abs(candidate.astype(np.float64) - fp64).max())
+    finite = bool(np.isfinite(candidate).all())
+    outcome.update(max_abs_vs_fp64=error, fp32_floor=floor, tolerance=tolerance,
+                   margin=tolerance / error if error > 0 else float("inf"),
+                   passed=finite and error <= tolerance)
+    return outcome
+
+
+def cosine_rows(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    a, b = candidate.astype(np.float64), reference.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)
+
+
+# ----------------------------------------------------------------------------- inputs
+def random_inputs(size: int) -> dict[str, np.ndarray]:
+    """Fixed-seed batches; more than one sample proves the dynamic batch axis."""
+    inputs = {}
+    for seed, batch in enumerate(RANDOM_BATCHES):
+        rng = np.random.default_rng(seed)
+        inputs[f"random-b{batch}"] = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
+    return inputs
+
+
+@dataclass
+class Evaluation:
+    """Images for the accuracy gate (and an extra parity input), with labels when known."""
+
+    batch: np.ndarray
+    labels: np.ndarray | None
+    source: str
+    files_sha256: list[str] | None = None
+
+    def describe(self, held_apart: str) -> dict[str, Any]:
+        return {"source": self.source, "images": int(len(self.batch)),
+                "labelled": self.labels is not None, "held_apart_from_calibration": held_apart}
+
+
+NO_EVALUATION = ("no evaluation images: give --images DIR (class folders named after the "
+                 "model's classes add accuracy)")
+
+
+def evaluation_images(bundle: Bundle, manifest: dict[str, Any], images: Path | None) -> tuple[Evaluation | None, str]:
+    """``--images`` (labelled when its sub-folders are the model's classes), else the recorded
+    validation split of a bundle that ``train`` made (when its data is here); else (None, why)."""
+    model = ModelSection.of(manifest, str(bundle.manifest_path))
+    prep, names = Preprocessing.from_dict(model.preprocessing), model.class_names
+    if images is not None:
+        labelled = labelled_folder(images, names)
+        samples = labelled if labelled else [(p, -1) for p in find_images([images])]
+        if not samples:
+            find_images([images])  # raises the "holds no image files" error
+        batch, labels, bad = preprocess_samples(samples, prep)
+        if bad:
+            raise InputError(f"--images {str(images)!r}: {len(bad)} file(s) are not usable "
+                             f"images, first: {bad[0]}")
+        return Evaluation(batch, labels if labelled else None,
+                          f"{images} ({'class folders: labelled' if labelled else 'unlabelled'})",
+                          [sha256_of(Path(p)) for p, _ in samples]), ""
+    missing = recorded_data_missing(manifest)
+    if missing:
+        return None, f"{NO_EVALUATION}; {missing}"
+    samples, _, source = recorded_split(manifest, "val")
+    if len(samples) > MAX_EVAL_IMAGES:
+        order = np.random.default_rng(0).permutation(len(samples))[:MAX_EVAL_IMAGES]
+        samples = [samples[i] for i in sorted(order)]
+        source += f", a seeded {MAX_EVAL_IMAGES}-image subset"
+    batch, labels, _ = preprocess_samples(samples, prep)
+    files = [sha256_of(Path(p)) for p, _ in samples if isinstance(p, (str, Path))]
+    return Evaluation(batch, labels, source, files or None), ""
+
+
+def held_apart(bundle: Bundle, evaluation: Evaluation) -> str:
+    """Refuse evaluation images that calibrated the int8 model; say how they are kept apart."""
+    path = bundle.path(CALIBRATION)
+    if not path.is_file():
+        return "no calibration record (no int8 model)"
+    record = CalibrationRecord.load(path)
+    shared = set(record.files_sha256 or []) & set(evaluation.files_sha256 or [])
+    if shared:
+        raise InputError(f"{len(shared)} evaluation image(s) were also calibration images "
+                         f"({record.source}); the accuracy gate needs images held apart: give "
+                         f"--images a folder not used for --calibration")
+    if record.split == "train" and "validation split" in evaluation.source:
+        return "yes: calibration used the training split, evaluation the validation split"
+    return f"yes: no evaluation image is among the {record.count} calibration images (sha256)"
+
+
+# ----------------------------------------------------------------------------- candidates
+Candidates = dict[str, tuple["Backend", Callable[[], Runner]]]
+
+
+def parity_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[Candidates, dict[str, str]]:
+    """fp32 exports to compare with the floor rule, and why any were skipped. Every runner
+    comes from the registry; a key names the file and the backend (``onnx-sim-ort-cpu``)."""
+    factories: Candidates = {}
+    skipped: dict[str, str] = {}
+
+    def offer(key: str, backend: Backend, make: Callable[[], Runner]) -> None:
+        # Only GPU backends and uninstalled extras have a problem here: a CPU ONNX Runtime
+        # session that cannot be made is a failed pair, never a skip (see _pair_rows).
+        problem = backend.availability_problem(with_cuda=with_cuda)
+        if problem:
+            skipped[key] = problem
+        else:
+            factories[key] = (backend, make)
+
+    torchscript = get_backend("torchscript-cpu")
+    offer(torchscript.name, torchscript, lambda: torchscript.make(bundle))
+    onnx_files = {"onnx": ONNX}
+    if bundle.path(ONNX_SIMPLIFIED).is_file():
+        onnx_files["onnx-sim"] = ONNX_SIMPLIFIED
+    ort_cpu = get_backend("ort-cpu")
+    for label, name in onnx_files.items():
+        offer(f"{label}-{ort_cpu.name}", ort_cpu, lambda n=name: ort_cpu.make_file(bundle.path(n)))
+    fp32 = bundle.fp32_onnx()
+    openvino = get_backend("openvino-cpu")
+    offer(f"{'onnx-sim' if fp32 == ONNX_SIMPLIFIED else 'onnx'}-{openvino.name}", openvino,
+          lambda: openvino.make_file(bundle.path(fp32)))
+    if with_cuda:
+        ort_cuda = get_backend("ort-cuda")
+        for label, name in onnx_files.items():
+            offer(f"{label}-{ort_cuda.name}", ort_cuda,
+                  lambda n=name: ort_cuda.make_file(bundle.path(n)))
+    # The PyTorch artifacts the bundle has: model.pt2, and AOTInductor packages per device.
+    for backend in BACKENDS.values():
+        if backend.runtime not in ("torch-export", "aoti") or (backend.device == "cuda" and not with_cuda):
+            continue
+        try:
+            backend.model_file(bundle, "fp32")
+        except VariantMissing:
+            continue
+        offer(backend.name, backend, lambda b=backend: b.make(bundle))
+    return factories, skipped
+
+
+def gate_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[list[tuple[Backend, str]], dict[str, str]]:
+    """Every (backend, reduced precision) the registry knows that this bundle has a model for."""
+    chosen: list[tuple[Backend, str]] = []
+    skipped: dict[str, str] = {}
+    for backend in BACKENDS.values():
+        if backend.gate_as:
+            continue
+        for precision in backend.precisions:
+            if precision not in REDUCED_PRECISIONS:
+                continue
+            name = PRECISION_FILES.get(precision)
+            if name and not bundle.path(name).is_file() and not (backend.provider == "tensorrt"
+                                                                 and precision == "fp16"):
+                continue  # no such variant: nothing to gate
+            key = target_name(backend.name, precision)
+            # A precision this CPU would only emulate is neither timed nor gated here.
+            reason = (backend.availability_problem(with_cuda=with_cuda)
+                      or backend.precision_problem(precision, timed=False))
+            if reason:
+                skipped[key] = reason
+            else:
+                chosen.append((backend, precision))
+    return chosen, skipped
+
+
+# ----------------------------------------------------------------------------- running
+def _model_identity(runner: Runner, known: dict[str, str]) -> dict[str, str | None]:
+    """The file a runner read and its sha256 (the manifest's, once integrity has matched it)."""
+    path = runner.model_path
+    if path is None:
+        return {"model_file": None, "model_sha256": None}
+    return {"model_file": path.name, "model_sha256": known.get(path.name) or sha256_of(path)}
+
+
+def _pair_rows(key: str, backend: Backend, make: Callable[[], Runner], inputs: dict[str, np.ndarray],
+               fp32: dict[str, np.ndarray], fp64: dict[str, np.ndarray],
+               tolerances: tuple[float, float] | None, known: dict[str, str]) -> list[PairResult]:
+    """One candidate on every input; any failure to create or run it is a failed row."""
+    try:
+        runner = make()
+    except InputError:
+        raise  # the file is not a model at all (exit 2), though its hash matches
+    except EnvironmentUnavailable as exc:
+        return [PairResult(key, label, len(batch), error=str(exc), environment=True,
+                           backend=backend.name) for label, batch in inputs.items()]
+    except Exception as exc:  # a runner that cannot be created is a failed pair, never a skip
+        return [PairResult(key, label, len(batch), error=f"{type(exc).__name__}: {str(exc)[:300]}",
+                           backend=backend.name) for label, batch in inputs.items()]
+    results = []
+    with runner:
+        model = _model_identity(runner, known)
+        for label, batch in inputs.items():
+            result = PairResult(key, label, len(batch), provider=runner.provider,
+                                backend=backend.name, **model)
+            try:
+                out = runner.infer(batch)
+                outcome = (compare(out, fp32[label], atol=tolerances[0], rtol=tolerances[1])
+                           if tolerances else compare_to_floor(out, fp32[label], fp64[label]))
+            except Exception as exc:  # a runtime error in one backend is a failed row, not a crash
+                outcome = {"passed": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            for name, value in outcome.items():
+                setattr(result, name, value)
+            results.append(result)
+    return results
+
+
+def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluation,
+          reference: np.ndarray, max_drop: float, min_agreement: float,
+          known: dict[str, str], not_meaningful: str | None = None) -> GateResult:
+    gate = GateResult(target_name(backend.name, precision), backend.name, precision,
+                      images=len(evaluation.batch), decides_exit=precision in PRECISION_FILES,
+                      not_meaningful=not_meaningful)
+    try:
+        with backend.make(bundle, precision) as runner:
+            logits = np.concatenate([runner.infer(evaluation.batch[i:i + 64])
+                                     for i in range(0, len(evaluation.batch), 64)])
+            gate.precision, gate.provider = runner.precision, runner.provider
+            identity = _model_identity(runner, known)
+    except Exception as exc:  # a candidate that cannot run fails its gate, with the reason
+        gate.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        gate.failed_on = None if gate.not_meaningful else "error"
+        return gate
+    gate.model_file, gate.model_sha256 = identity["model_file"], identity["model_sha256"]
+    gate.top1_agreement, gate.top5_agreement = topk_agreement(logits, reference)
+    cosines = cosine_rows(logits, reference)
+    gate.cosine_mean, gate.cosine_min = float(cosines.mean()), float(cosines.min())
+    gate.max_abs = float(np.abs(logits.astype(np.float64) - reference).max())
+    failed = []
+    if not np.isfinite(logits).all():
+        failed.append("non-finite logits")
+    if evaluation.labels is not None:
+        gate.fp32_top1 = float(np.mean(reference.argmax(1) == evaluation.labels))
+        gate.candidate_top1 = float(np.mean(logits.argmax(1) == evaluation.labels))
+        gate.top1_drop_points = 100.0 * (gate.fp32_top1 - gate.candidate_top1)
+        if gate.top1_drop_points > max_drop:
+            failed.append(f"top-1 drop {gate.top1_drop_points:.2f} points > {max_drop:g}")
+    if gate.top1_agreement < min_agreement:
+        failed.append(f"top-1 agreement {100 * gate.top1_agreement:.2f}% < {100 * min_agreement:g}%")
+    if gate.not_meaningful:
+        return gate  # figures shown, no verdict: passed stays False, so never recommended
+    gate.passed = not failed
+    gate.failed_on = "; ".join(failed) or None
+    return gate
+
+
+def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
+                  images: Path | None = None) -> ParityReport:
+    """Check integrity, fp32 parity and the reduced-precision gate; write parity.json."""
+    options.check()
+    tolerances, with_cuda = options.tolerances, options.cuda
+    max_top1_drop, min_agreement = options.max_top1_drop, options.min_agreement
+    bundle = Bundle.open(path)
+    manifest = bundle.read_manifest()
+    artifacts = manifest.get("artifacts", {})
+    exported = [name for name, entry in artifacts.items() if entry.get("stage") in ("export", "quantize")]
+    if ONNX not in exported:
+        raise InputError(f"{bundle.root} has no exported models in its manifest; "
+                         f"run: python -m pipeline export --out {bundle.root}")
+    integrity = bundle.check_integrity(exported)
+    known = {name: artifacts[name]["sha256"] for name in integrity}  # just matched on disk
+    rule = ({"kind": "allclose vs eager fp32", "atol": tolerances[0], "rtol": tolerances[1],
+             "formula": "|candidate - fp32| <= atol + rtol * |fp32|"} if tolerances else
+            {"kind": "fp32 noise floor", "floor_multiple": FLOOR_MULTIPLE, "scale_term": SCALE_TERM,
+             "formula": "|candidate - fp64| <= floor_multiple * max|fp32 - fp64| + "
+                        "scale_term * max|fp64|"})
+    report = ParityReport(rule=rule, integrity_checked=integrity,
+                          gate_rule={"max_top1_drop_points": max_top1_drop,
+                                     "min_top1_agreement": min_agreement,
+                                     "decides_exit": GATE_VERDICT_RULE})
+    model = load_model(checkpoint=bundle.path(WEIGHTS)).model.eval()
+    section = ModelSection.of(manifest, str(bundle.manifest_path))
+    inputs = random_inputs(section.input_size)
+    evaluation, no_evaluation = evaluation_images(bundle, manifest, images)
+    if evaluation is not None and len(evaluation.batch):
+        inputs["images"] = evaluation.batch[:16]
+    fp32, fp64 = _eager_references(model, inputs)
+
+    factories, report.skipped = parity_candidates(bundle, with_cuda=with_cuda)
+    for key, (backend, make) in factories.items():
+        rows = _pair_rows(key, backend, make, inputs, fp32, fp64, tolerances, known)
+        if backend.device == "cuda" and rows and all(r.environment for r in rows):
+            report.skipped[key] = rows[0].error or "unavailable"  # only GPU pairs may be skipped
+            continue
+        report.pairs += rows
+
+    gates, skipped = gate_candidates(bundle, with_cuda=with_cuda)
+    report.skipped.update(skipped)
+    if gates and evaluation is None:
+        report.not_verified = {target_name(b.name, p): no_evaluation for b, p in gates}
+    elif gates and evaluation is not None:
+        report.evaluation = evaluation.describe(held_apart(bundle, evaluation))
+        reference = _eager_logits(model, evaluation.batch)
+        report.gates = [_gate(b, p, bundle, evaluation, reference, max_top1_drop, min_agreement,
+                              known, NOT_MEANINGFUL_RANDOM if section.random_weights else None)
+                        for b, p in gates]
+    report.dump(bundle.path(PARITY))
+    return report
+
+
+def _eager_references(model: Any, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Eager fp32 and eager float64 logits for every input (float64 is the parity reference)."""
+    import copy
+
+    import torch
+
+    fp32 = {label: _eager_logits(model, batch) for label, batch in inputs.items()}
+    exact = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        fp64 = {label: exact(torch.from_numpy(batch).double()).numpy() for label, batch in inputs.items()}
+    del exact
+    return fp32, fp64
+
+
+def _eager_logits(model: Any, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([model(torch.from_numpy(batch[i:i + 64])).numpy()
+                               for i in range(0, len(batch), 64)]) if len(batch) else \
+            np.zeros((0, 0), np.float32)

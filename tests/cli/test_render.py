@@ -1,0 +1,65 @@
+"""The terminal tables: what a person reads after verify and bench."""
+
+from __future__ import annotations
+
+from pipeline.cli import render
+from pipeline.core.records import GateResult, LatencyRow, PairResult, ParityReport, ServerSection
+
+
+def _report() -> ParityReport:
+    rule = {"kind": "fp32 noise floor", "floor_multiple": 8.0, "scale_term": 1e-5}
+    pairs = [PairResult("onnx-sim-ort-cpu", "random-b1", 1, max_abs=1e-6, max_abs_vs_fp64=2e-6,
+                        fp32_floor=1e-6, tolerance=8e-6, margin=4.0, top1=1.0, passed=True,
+                        backend="ort-cpu"),
+             PairResult("onnx-ort-cuda", "random-b1", 1, error="no GPU", backend="ort-cuda")]
+    gates = [GateResult("ort-cpu:int8", "ort-cpu", "int8", precision="int8", top1_agreement=1.0,
+                        top5_agreement=1.0, cosine_mean=0.9999, passed=True),
+             GateResult("torch-cpu:bf16", "torch-cpu", "bf16", precision="bf16", top1_agreement=0.75,
+                        top5_agreement=1.0, cosine_mean=0.99, failed_on="top-1 agreement 75.00% < 99%",
+                        decides_exit=False),
+             GateResult("openvino-cpu:int8", "openvino-cpu", "int8", precision="int8",
+                         top1_agreement=0.5, top5_agreement=1.0, cosine_mean=0.9,
+                         not_meaningful="not meaningful: random weights")]
+    return ParityReport(rule=rule, pairs=pairs, gates=gates,
+                        gate_rule={"max_top1_drop_points": 1.0, "min_top1_agreement": 0.99},
+                        skipped={"aoti-cpu": "no compiler"})
+
+
+def test_parity_table_shows_each_pair_gate_and_verdict():
+    text = render.parity_table(_report())
+    assert "tolerance 8 x the fp32 noise floor + 1e-05 x max|logit|" in text
+    lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "4.0x" in lines["onnx-sim-ort-cpu"] and lines["onnx-sim-ort-cpu"].endswith("ok")
+    assert "FAIL  no GPU" in lines["onnx-ort-cuda"]
+    assert lines["aoti-cpu"].endswith("skipped: no compiler")
+    assert lines["ort-cpu:int8"].endswith("ok")
+    assert "advisory FAIL (not recommended): top-1 agreement 75.00%" in lines["torch-cpu:bf16"]
+    assert lines["openvino-cpu:int8"].endswith("not meaningful: random weights")
+
+
+def test_latency_table_shows_numbers_and_reasons():
+    rows = [LatencyRow("ort-cpu", 1, precision="fp32", precision_requested="fp32", p50_ms=1.25,
+                       p90_ms=1.5, ms_per_image=1.25, images_per_s=800.0, gflops=2.0,
+                       verified="parity passed", provider="CPUExecutionProvider"),
+            LatencyRow("openvino-cpu", 1, precision="bf16", precision_requested="auto",
+                       status="unavailable", reason="OpenVINO is not installed")]
+    text = render.latency_table(rows).splitlines()
+    assert text[1].split()[:5] == ["ort-cpu", "fp32", "1", "1.25", "1.50"]
+    assert "parity passed" in text[1] and text[1].endswith("CPUExecutionProvider")
+    assert "auto=bf16" in text[2] and "unavailable: OpenVINO is not installed" in text[2]
+
+
+def test_server_table_compares_with_single_stream():
+    baseline = LatencyRow("ort-cpu", 1, p50_ms=10.0, images_per_s=100.0)
+    from pipeline.core.records import ServerRow
+
+    section = ServerSection(scenario="server",
+                            rows=[ServerRow("server", "triton-ort-cpu", 1, 4, 500, 0, None, 2.0,
+                                            150.0, "ok", p50_ms=20.0, p90_ms=25.0, p99_ms=30.0)],
+                            baseline=baseline, batched_ceiling=None,
+                            stop={"exit_code": 0, "ports_free": True}, budget_ms=None, best=None,
+                            seconds=2.0, warmup_s=1.0, max_batch_size=32, queue_delay_us=2000,
+                            threads=2, command="bench b --scenario server", created="now")
+    text = render.server_table(section)
+    assert "| 4 | 150.0 | 1.50x | 20.00 | 25.00 | 30.00 | 500 | 0 |" in text
+    assert "exit code 0, ports free again: True" in text

@@ -1,0 +1,343 @@
+"""serve: a real Triton server (PyTriton) on the tiny bundle, on ephemeral loopback ports:
+good, bad and concurrent requests, a client that hangs up, SIGTERM, and the port free again."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli, run_module, write_images
+
+pytest.importorskip("pytriton", reason="the serving extra is not installed: pip install -e '.[serving]'")
+http = pytest.importorskip("tritonclient.http")
+
+MODEL = "resnet18_cifar"
+
+
+def _ports() -> list[int]:
+    from pipeline.serving.serve import free_port
+
+    return [free_port() for _ in range(3)]
+
+
+def _wait_ready(port: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server not ready in time")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory):
+    bundle = Path(shutil.copytree(tiny_bundle_master, tmp_path_factory.mktemp("serve") / "b"))
+    port, grpc_port, metrics_port = _ports()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", str(bundle), "--port", str(port),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--max-batch-size", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_ready(port, process)
+        yield {"bundle": bundle, "port": port, "grpc_port": grpc_port,
+               "metrics_port": metrics_port, "process": process,
+               "url": f"127.0.0.1:{port}"}
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _infer(url: str, array: np.ndarray, dtype: str = "FP32", name: str = "input"):
+    client = http.InferenceServerClient(url)
+    request = http.InferInput(name, list(array.shape), dtype)
+    request.set_data_from_numpy(array, binary_data=True)
+    return client.infer(MODEL, [request])
+
+
+def test_health_and_metadata_answer(server) -> None:
+    client = http.InferenceServerClient(server["url"])
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    config = client.get_model_config(MODEL)
+    assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['metrics_port']}/metrics", timeout=10) as r:
+        assert r.status == 200 and b"nv_inference_request_success" in r.read()
+
+
+def test_good_requests_match_onnx_runtime(server) -> None:
+    import onnxruntime as ort
+
+    batch = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    served = _infer(server["url"], batch).as_numpy("logits")
+    session = ort.InferenceSession(str(server["bundle"] / "model.sim.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    local = session.run(None, {"input": batch})[0]
+    assert served.shape == (3, 10) and np.allclose(served, local, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "name", "too-big-batch"])
+def test_bad_requests_get_an_error_and_the_server_goes_on(case: str, server) -> None:
+    arrays = {"shape": (np.zeros((1, 3, 31, 32), np.float32), "FP32", "input"),
+              "dtype": (np.zeros((1, 3, 32, 32), np.int32), "INT32", "input"),
+              "name": (np.zeros((1, 3, 32, 32), np.float32), "FP32", "image"),
+              "too-big-batch": (np.zeros((9, 3, 32, 32), np.float32), "FP32", "input")}
+    array, dtype, name = arrays[case]
+    with pytest.raises(Exception) as caught:
+        _infer(server["url"], array, dtype, name)
+    assert "InferenceServerException" in type(caught.value).__name__
+    ok = _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits")
+    assert ok.shape == (1, 10)
+
+
+def test_a_body_that_is_not_a_tensor_is_refused(server) -> None:
+    request = urllib.request.Request(f"http://{server['url']}/v2/models/{MODEL}/infer",
+                                     data=b"\x89PNG\r\n\x1a\n not json, not a tensor", method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    # Triton answers parse failures with an error document (500 in Triton 2.51), not a crash
+    assert caught.value.code >= 400 and "failed to parse" in json.loads(caught.value.read())["error"]
+    assert _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits").shape == (1, 10)
+
+
+# --max-batch-size 8 of [3, 32, 32] float32: the default limit is 98304 B + 1 MiB.
+LIMIT = 8 * 3 * 32 * 32 * 4 + (1 << 20)
+
+
+def _binary_request(extra_headers: str = "") -> tuple[bytes, bytes]:
+    """The head and body of a KServe binary-tensor request for one zero image, as raw HTTP."""
+    body = np.zeros((1, 3, 32, 32), np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(body)}}]}).encode()
+    head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n{extra_headers}"
+            f"Inference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(header) + len(body)}\r\n\r\n").encode()
+    return head, header + body
+
+
+def _raw_post(port: int, head: str, body: bytes, wait_s: float = 3) -> str:
+    """Send a request's head and the first part of its body; the server's first answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(head.encode() + body)
+        conn.settimeout(wait_s)
+        return conn.recv(4096).decode(errors="replace")
+
+
+def test_an_oversized_body_is_refused_without_reading_it(server) -> None:
+    """Announce 2 GB and send a little: the answer (413) comes at once, from the head alone."""
+    started = time.monotonic()
+    answer = _raw_post(server["port"], f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n",
+                       b"{" + b" " * 65536)
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert time.monotonic() - started < 3
+    error = json.loads(answer.split("\r\n\r\n", 1)[1])["error"]
+    assert str(2 * 1024 ** 3) in error and str(LIMIT) in error and "--max-request-mb" in error
+    # a client that asks first (Expect: 100-continue, as curl does) is refused, not invited
+    answer = _raw_post(server["port"], f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                       f"Expect: 100-continue\r\nContent-Length: {2 * 1024 ** 3}\r\n\r\n", b"")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    # and one within the limit is invited, then served
+    head, payload = _binary_request("Expect: 100-continue\r\n")
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as conn:
+        conn.sendall(head)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        conn.sendall(payload)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+    assert _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits").shape == (1, 10)
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(server) -> None:
+    """No Content-Length to refuse by: the body is read up to the limit, then refused."""
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(LIMIT // len(chunk) + 2))
+    answer = _raw_post(server["port"], f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n", body, wait_s=10)
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+
+
+def test_a_compressed_bomb_is_refused_and_real_gzip_works(server) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (16 << 20))  # 16 MiB of zeros in about 16 KB
+    assert len(bomb) < LIMIT
+    request = urllib.request.Request(f"http://{server['url']}/v2/models/{MODEL}/infer", data=bomb,
+                                     method="POST", headers={"Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 413
+    request = urllib.request.Request(f"http://{server['url']}/v2/models/{MODEL}/infer",
+                                     data=b"not gzip at all", method="POST",
+                                     headers={"Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400 and "not valid gzip" in json.loads(caught.value.read())["error"]
+    # a compressed request within the limit is served as Triton's client sends it
+    batch = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    client = http.InferenceServerClient(server["url"])
+    data = http.InferInput("input", list(batch.shape), "FP32")
+    data.set_data_from_numpy(batch, binary_data=True)
+    zipped = client.infer(MODEL, [data], request_compression_algorithm="gzip",
+                          response_compression_algorithm="gzip").as_numpy("logits")
+    assert np.array_equal(zipped, _infer(server["url"], batch).as_numpy("logits"))
+
+
+def test_grpc_serves_and_refuses_an_oversized_message(server) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server['grpc_port']}")
+    assert client.is_server_ready() and client.is_model_ready(MODEL)
+
+    def infer(array: np.ndarray):
+        data = grpcclient.InferInput("input", list(array.shape), "FP32")
+        data.set_data_from_numpy(array)
+        return client.infer(MODEL, [data]).as_numpy("logits")
+
+    batch = np.random.default_rng(2).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    assert np.array_equal(infer(batch), _infer(server["url"], batch).as_numpy("logits"))
+    with pytest.raises(InferenceServerException) as caught:
+        infer(np.zeros((LIMIT // (3 * 32 * 32 * 4) + 1, 3, 32, 32), np.float32))
+    assert "RESOURCE_EXHAUSTED" in str(caught.value.status()) and str(LIMIT) in str(caught.value)
+    assert infer(batch).shape == (3, 10)
+    # Triton's one streaming method passes through too
+    answers: list = []
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    data = grpcclient.InferInput("input", list(batch.shape), "FP32")
+    data.set_data_from_numpy(batch)
+    client.async_stream_infer(MODEL, [data])
+    client.stop_stream()  # waits for the answers in flight
+    assert len(answers) == 1 and answers[0][1] is None
+    assert np.array_equal(answers[0][0].as_numpy("logits"), infer(batch))
+
+
+def test_a_client_that_hangs_up_mid_request_harms_no_one(server) -> None:
+    head, payload = _binary_request()
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as conn:
+        image_bytes = 3 * 32 * 32 * 4
+        conn.sendall(head + payload[:len(payload) - image_bytes + 100])  # 100 B of the image
+    results = []
+
+    def one(seed: int) -> None:
+        batch = np.random.default_rng(seed).standard_normal((1, 3, 32, 32), dtype=np.float32)
+        results.append(_infer(server["url"], batch).as_numpy("logits").shape)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [(1, 10)] * 8
+
+
+def test_predict_through_the_server_matches_predict(server, tmp_path: Path) -> None:
+    images = write_images(tmp_path / "imgs", count=4)
+    local = run_cli("predict", server["bundle"], *images, "--json")
+    remote = run_cli("predict", server["bundle"], *images, "--json", "--server",
+                     f"http://{server['url']}")
+    assert local.exit_code == 0 and remote.exit_code == 0, remote.stderr
+    for a, b in zip(json.loads(local.stdout), json.loads(remote.stdout)):
+        assert a["file"] == b["file"]
+        assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
+        assert np.allclose([t["probability"] for t in a["top"]],
+                           [t["probability"] for t in b["top"]], atol=1e-6)
+
+
+def test_sigterm_stops_it_and_frees_the_port(server) -> None:
+    """Last in this module: it stops the shared server."""
+    process = server["process"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    # the fronts closed their connections to Triton first, so Triton stopped cleanly rather
+    # than waiting out its exit timeout on them
+    log = process.stderr.read().decode(errors="replace")
+    assert "stopped" in log and "exited with failure" not in log, log[-2000:]
+    with socket.socket() as probe:  # raises if anything still listens on it
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", server["port"]))
+
+
+def test_port_in_use_exits_3_naming_it(tiny_bundle: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = run_module("serve", tiny_bundle, "--port", busy, timeout=60)
+    assert result.returncode == 3 and str(busy) in result.stderr and "--port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bundle_without_an_export_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    result = run_module("serve", tmp_path / "b", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_server_scenario_bench(tiny_bundle: Path) -> None:
+    result = run_cli("bench", tiny_bundle, "--scenario", "server", "--concurrency", "1,4",
+                     "--seconds", "2", "--warmup-seconds", "1", "--iterations", "10",
+                     "--budget-ms", "1000")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads((tiny_bundle / "latency.json").read_text())
+    rows = doc["server"]["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    for row in rows:
+        assert row["scenario"] == "server" and row["errors"] == 0 and row["requests"] > 0
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert doc["server"]["baseline"]["backend"] == "ort-cpu"
+    assert doc["server"]["stop"] == {"exit_code": 0, "ports_free": True}
+    assert doc["server"]["best"]["concurrency"] in (1, 4)
+    report = (tiny_bundle / "report.md").read_text()
+    assert "Server scenario" in report and "Recommended setting: concurrency" in report
+
+
+def test_a_request_limit_that_is_not_positive_exits_2(tiny_bundle: Path) -> None:
+    result = run_module("serve", tiny_bundle, "--max-request-mb", "0", timeout=60)
+    assert result.returncode == 2 and "--max-request-mb 0 must be > 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_fronts_name_a_taken_port_and_a_missing_upstream() -> None:
+    """The guards alone: a port taken after serve's own check is named with its option, and
+    an HTTP front whose Triton is gone answers 502 in Triton's error format."""
+    from pipeline.errors import EnvironmentUnavailable
+    from pipeline.serving.guard import GrpcGuard, HttpGuard
+    from pipeline.serving.serve import free_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        with pytest.raises(EnvironmentUnavailable, match=f"{busy}.*--metrics-port"):
+            HttpGuard("127.0.0.1", busy, "http://127.0.0.1:1", 10, flag="--metrics-port").start()
+        with pytest.raises(EnvironmentUnavailable, match=f"{busy}.*--grpc-port"):
+            GrpcGuard("127.0.0.1", busy, "127.0.0.1:1", 10).start()
+    port = free_port()
+    guard = HttpGuard("127.0.0.1", port, f"http://127.0.0.1:{free_port()}", 1000)
+    guard.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30)
+        assert caught.value.code == 502 and "did not answer" in json.loads(caught.value.read())["error"]
+    finally:
+        guard.stop()
+    with socket.socket() as probe:  # stopped: the port is free again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))

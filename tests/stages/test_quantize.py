@@ -1,0 +1,356 @@
+"""Reduced precision for real: ORT static quantization, fp16 conversion, OpenVINO sessions, the
+accuracy gate on a model trained here (calibrated on its training split, evaluated on its
+validation split), and the gate failing on deliberately broken variants."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from pipeline.core.bundle import Bundle, sha256_of
+from pipeline.core.records import LatencyRow
+from pipeline.options import QuantizeOptions
+from pipeline.stages.quantize import quantize_bundle
+from pipeline.stages.recommend import recommend
+from tests.conftest import run_cli, write_images
+
+CLASSES = ("red", "green", "blue", "yellow")
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200), "yellow": (210, 200, 40)}
+
+
+def colour_folders(root, per_class: int = 60, seed: int = 0):
+    """Class folders of noisy, unevenly lit colour patches: a task a few epochs learn well.
+
+    The gate needs a model whose predictions have margins: a random-weight net's top-1 flips
+    under any int8 rounding, and so do half-trained ones (the synthetic shapes trained for a
+    minute reach ~78%, and int8 flipped 3 of 120). The accuracy figure for a real task is the
+    benchmark's (benchmarks/results/run.md), not this test's.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        folder = root / name
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            light = rng.uniform(0.6, 1.3)
+            patch = np.array(COLOURS[name], np.float64) * light + rng.normal(0, 35, (64, 64, 3))
+            Image.fromarray(np.clip(patch, 0, 255).astype(np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+TRAIN = ["--arch", "resnet18", "--input-size", "64", "--epochs", "3", "--batch-size", "16",
+         "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def trained_master(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "r18"
+    data = colour_folders(tmp_path_factory.mktemp("colours"))
+    trained = run_cli("train", "--out", out, "--data", data, *TRAIN)
+    assert trained.exit_code == 0, trained.output
+    exported = run_cli("export", "--checkpoint", out / "checkpoint.pt", "--out", out)
+    assert exported.exit_code == 0, exported.output
+    quantized = run_cli("quantize", out)  # int8 calibrated on the recorded training split, fp16
+    assert quantized.exit_code == 0, quantized.output
+    return out
+
+
+@pytest.fixture
+def trained(trained_master, tmp_path):
+    return shutil.copytree(trained_master, tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session")
+def trained_verified(trained_master, tmp_path_factory):
+    bundle = shutil.copytree(trained_master, tmp_path_factory.mktemp("verified") / "b")
+    result = run_cli("verify", bundle, "--cpu-only")
+    return bundle, result
+
+
+def _ops(path):
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _rehash(bundle_dir, name):
+    bundle = Bundle(bundle_dir)
+    bundle.update_manifest(lambda m: bundle.record_artifact(m, name, stage="quantize"))
+
+
+# ----------------------------------------------------------------------------- the variants
+def test_int8_is_static_qdq_per_channel_u8s8(trained_master):
+    model = onnx.load(str(trained_master / "model.int8.onnx"))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "QLinearConv" not in ops
+    inits = {t.name: t for t in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    zero_points = [inits[n.input[2]] for n in quantize if len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)
+    weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert weights  # conv weights stored as int8
+    per_channel = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] in {w.name for w in weights}]
+    assert all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in per_channel)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["precision"] == "int8" and json.loads(meta["class_names"]) == sorted(CLASSES)
+
+
+def test_fp16_keeps_fp32_inputs_and_outputs(trained_master):
+    model = onnx.load(str(trained_master / "model.fp16.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    conv_weights = [t for t in model.graph.initializer if len(t.dims) == 4]
+    assert conv_weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in conv_weights)
+
+
+def test_manifest_records_every_variant(trained_master):
+    manifest = json.loads((trained_master / "manifest.json").read_text())
+    source = manifest["artifacts"]["model.sim.onnx"]["sha256"]
+    for name in ("model.int8.onnx", "model.fp16.onnx", "calibration.json"):
+        entry = manifest["artifacts"][name]
+        assert entry["stage"] == "quantize" and entry["sha256"] == sha256_of(trained_master / name)
+    int8 = manifest["quantize"]["variants"]["model.int8.onnx"]
+    assert int8["source"] == "model.sim.onnx" and int8["source_sha256"] == source
+    assert (int8["activations"], int8["weights"], int8["format"]) == ("uint8", "int8", "QDQ")
+    assert "VNNI" in int8["why_u8s8"]
+    calibration = int8["calibration"]
+    # 60 per class x 4 classes, 192 in the training split: all of them (fewer than 300)
+    assert calibration["count"] == 192 and calibration["method"] == "minmax"
+    assert calibration["split"] == "train" and "training split of" in calibration["source"]
+    assert manifest["quantize"]["versions"]["onnxruntime-gpu"] or manifest["quantize"]["versions"]["onnxruntime"]
+
+
+# ----------------------------------------------------------------------------- the gate
+def test_gate_passes_int8_and_openvino_on_the_trained_model(trained_verified):
+    bundle, result = trained_verified
+    assert result.exit_code == 0, result.output
+    parity = json.loads((bundle / "parity.json").read_text())
+    evaluation = parity["evaluation"]
+    assert evaluation["labelled"] and "validation split" in evaluation["source"]
+    assert json.loads((bundle / "manifest.json").read_text())["stages"]["train"]["best_val_acc"] >= 0.95
+    assert evaluation["held_apart_from_calibration"].startswith("yes: calibration used the training split")
+    gates = {g["candidate"]: g for g in parity["gates"]}
+    assert {"ort-cpu:int8", "ort-cpu:fp16", "openvino-cpu:auto", "openvino-cpu:int8"} <= set(gates)
+    for gate in gates.values():
+        assert gate["passed"] and gate["top1_agreement"] >= 0.99 and gate["top1_drop_points"] <= 1.0
+        assert gate["images"] == 48 and gate["cosine_mean"] > 0.99
+        assert gate["model_sha256"] == sha256_of(bundle / gate["model_file"])
+    assert gates["openvino-cpu:auto"]["precision"] in ("fp32", "bf16")  # read back, not assumed
+    assert "accuracy gate vs eager fp32" in result.stdout and "ort-cpu:int8" in result.stdout
+
+
+def test_gate_fails_int8_calibrated_on_constant_images(trained, tmp_path):
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index in range(8):
+        Image.new("RGB", (64, 64), (index, index, index)).save(flat / f"{index}.png")
+    quantized = run_cli("quantize", trained, "--precision", "int8", "--calibration", flat)
+    assert quantized.exit_code == 0 and "fewer than 100" in quantized.stderr
+    result = run_cli("verify", trained, "--cpu-only")
+    assert result.exit_code == 1
+    assert "accuracy gate FAILED for ort-cpu:int8" in result.stderr
+    assert "top-1" in result.stderr  # the figure that failed is named
+
+
+def test_gate_fails_a_corrupted_weight_scale(trained):
+    path = trained / "model.int8.onnx"
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+                 and inits.get(n.input[0]) is not None and len(inits[n.input[0]].dims) == 4]
+    scale = inits[weight_dq[0].input[1]]  # the stem's: every feature downstream goes wrong
+    scale.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(scale) * 8, scale.name))
+    onnx.save(model, str(path))
+    _rehash(trained, "model.int8.onnx")
+    result = run_cli("verify", trained, "--cpu-only", "--json")
+    assert result.exit_code == 1
+    gates = {g["candidate"]: g for g in json.loads(result.stdout)["parity"]["gates"]}
+    assert not gates["ort-cpu:int8"]["passed"] and gates["ort-cpu:fp16"]["passed"]
+
+
+def test_gate_thresholds_are_options(trained_verified, tmp_path):
+    bundle, _ = trained_verified
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    strict = run_cli("verify", copy, "--cpu-only", "--min-agreement", "1.01")
+    assert strict.exit_code == 2 and "--min-agreement" in strict.stderr
+    result = run_cli("verify", copy, "--cpu-only", "--json", "--max-top1-drop", "0.5",
+                     "--min-agreement", "0.95")
+    rule = json.loads(result.stdout)["parity"]["gate_rule"]
+    assert {k: rule[k] for k in ("max_top1_drop_points", "min_top1_agreement")} == \
+        {"max_top1_drop_points": 0.5, "min_top1_agreement": 0.95}
+    assert "variant files (int8, fp16) decide the exit code" in rule["decides_exit"]
+
+
+def test_evaluation_images_that_calibrated_are_refused(trained, tmp_path):
+    photos = tmp_path / "photos"
+    write_images(photos, count=4, size=64)
+    assert run_cli("quantize", trained, "--precision", "int8", "--calibration", photos).exit_code == 0
+    result = run_cli("verify", trained, "--images", photos)
+    assert result.exit_code == 2 and "were also calibration images" in result.stderr
+
+
+def test_without_evaluation_images_reduced_precision_is_not_verified(tiny_bundle):
+    assert run_cli("quantize", tiny_bundle, "--calibration", "synthetic", "--count", "16",
+                   "--precision", "int8").exit_code == 0
+    result = run_cli("verify", tiny_bundle, "--json")
+    assert result.exit_code == 0  # fp32 parity passed; int8 is not claimed either way
+    parity = json.loads(result.stdout)["parity"]
+    assert parity["gates"] == [] and "ort-cpu:int8" in parity["not_verified"]
+
+
+# ----------------------------------------------------------------------------- bench and report
+def test_bench_times_precisions_and_recommends_only_verified(trained_verified, tmp_path):
+    bundle, _ = trained_verified
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    result = run_cli("bench", copy, "--backends", "ort-cpu,openvino-cpu,torch-cpu:bf16",
+                     "--batch-sizes", "1", "--iterations", "5", "--seconds", "0",
+                     "--warmup-seconds", "0", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    rows = {(r["backend"], r["precision_requested"]): r
+            for r in json.loads((copy / "latency.json").read_text())["rows"]}
+    assert set(rows) == {("ort-cpu", "fp32"), ("ort-cpu", "int8"), ("openvino-cpu", "fp32"),
+                         ("openvino-cpu", "auto"), ("openvino-cpu", "int8"), ("torch-cpu", "bf16")}
+    int8 = rows[("ort-cpu", "int8")]
+    assert int8["status"] == "ok" and int8["precision"] == "int8" and int8["model_file"] == "model.int8.onnx"
+    assert int8["verified"] == "gate passed" and int8["top1_agreement"] >= 0.99
+    auto = rows[("openvino-cpu", "auto")]
+    assert auto["precision"] in ("fp32", "bf16") and auto["provider"].startswith("openvino:CPU")
+    bf16 = rows[("torch-cpu", "bf16")]
+    flags = json.loads((copy / "latency.json").read_text())["machine"]["cpu_flags"]
+    if not (flags["amx_bf16"] or flags["avx512_bf16"]):
+        assert bf16["status"] == "unavailable" and "no bf16 units" in bf16["reason"]
+    report = (copy / "report.md").read_text()
+    assert "Fastest verified model at batch 1" in report and "| precision |" in report
+
+
+def test_recommendation_never_picks_an_unverified_precision():
+    def row(backend, precision, p50, verified):
+        return LatencyRow(backend, 1, precision=precision, precision_requested=precision,
+                          device="cpu", status="ok", p50_ms=p50, p90_ms=p50,
+                          images_per_s=1000 / p50, verified=verified, top1_agreement=0.995,
+                          top1_drop_points=0.25)
+    rows = [row("ort-cpu", "fp32", 10.0, "parity passed"),
+            row("openvino-cpu", "int8", 2.0, "not verified"),
+            row("openvino-cpu", "auto", 3.0, "gate failed"),
+            row("ort-cpu", "int8", 5.0, "gate passed")]
+    advice = recommend(rows, budget_ms=6.0)
+    assert advice["fastest_batch1"]["backend"] == "ort-cpu"
+    assert advice["fastest_batch1"]["precision"] == "int8"
+    assert advice["speedup_vs_fp32"] == pytest.approx(2.0)
+    assert advice["not_verified"] == ["openvino-cpu:auto", "openvino-cpu:int8"]
+    assert [(m["backend"], m["precision"]) for m in advice["meets_budget"]] == [("ort-cpu", "int8")]
+
+
+# ----------------------------------------------------------------------------- predict
+def test_predict_int8_and_openvino_agree_with_fp32(trained_master, tmp_path):
+    folder = tmp_path / "patches"
+    for path in colour_folders(tmp_path / "new", per_class=3, seed=4242).rglob("*.png"):
+        folder.mkdir(exist_ok=True)
+        path.rename(folder / f"{path.parent.name}-{path.name}")
+    answers = {}
+    for args in ([], ["--precision", "int8"], ["--runtime", "openvino"],
+                 ["--runtime", "openvino", "--precision", "int8"]):
+        result = run_cli("predict", trained_master, folder, "--json", "--top-k", "1", *args)
+        assert result.exit_code == 0, result.output
+        answers[" ".join(args)] = [p["top"][0]["label"] for p in json.loads(result.stdout)]
+    reference = answers[""]
+    assert len(reference) == 12
+    for labels in answers.values():
+        assert sum(a == b for a, b in zip(labels, reference)) >= 11
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_quantize_bad_input(tiny_bundle, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--calibration", empty], 2, "holds no image files"),
+        (["--calibration", tmp_path / "nope"], 2, "is not a folder"),
+        (["--precision", "int4"], 2, "unknown precision 'int4'"),
+        (["--method", "kl"], 2, "Invalid value for '--method'"),
+        ([], 2, "was not trained here"),  # no training split recorded: say what to give
+    ]
+    for args, code, needle in cases:
+        result = run_cli("quantize", tiny_bundle, *args)
+        assert result.exit_code == code, (args, result.output)
+        assert needle in result.stderr and "Traceback" not in result.output
+    assert not (tiny_bundle / "model.int8.onnx").exists()
+    assert "model.int8.onnx" not in Bundle(tiny_bundle).read_manifest()["artifacts"]
+
+
+def test_calibration_classes_must_match(trained, tmp_path):
+    folder = tmp_path / "other"
+    write_images(folder / "dog", count=2)
+    write_images(folder / "cat", count=2)
+    result = run_cli("quantize", trained, "--calibration", folder)
+    assert result.exit_code == 2 and "dog" in result.stderr and "not this model's classes" in result.stderr
+
+
+def test_quantize_without_export(tmp_path):
+    from pipeline.core.bundle import new_manifest
+
+    Bundle(tmp_path).write_manifest(new_manifest())
+    result = run_cli("quantize", tmp_path, "--calibration", "synthetic")
+    assert result.exit_code == 2 and "has no exported model to quantize" in result.stderr
+
+
+def test_predict_precision_without_variant(tiny_bundle, tmp_path):
+    paths = write_images(tmp_path / "p", count=1)
+    result = run_cli("predict", tiny_bundle, *paths, "--precision", "int8")
+    assert result.exit_code == 2 and "python -m pipeline quantize" in result.stderr
+    unknown = run_cli("predict", tiny_bundle, *paths, "--precision", "int3")
+    assert unknown.exit_code == 2 and "unknown precision 'int3'" in unknown.stderr
+
+
+def test_openvino_missing_is_exit_3_with_the_install_command(tiny_bundle, tmp_path):
+    paths = write_images(tmp_path / "p", count=1)
+    code = ("import sys; sys.modules['openvino'] = None; from pipeline.cli import main; "
+            "sys.argv[0] = 'pipeline'; main()")
+    result = subprocess.run([sys.executable, "-c", code, "predict", str(tiny_bundle), str(paths[0]),
+                             "--runtime", "openvino"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert 'pip install -e ".[openvino]"' in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_quantization_that_fails_midway_leaves_nothing(trained, monkeypatch):
+    import onnxruntime.quantization as quantization
+
+    before = Bundle(trained).read_manifest()["artifacts"]["model.int8.onnx"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure inside quantize_static")
+
+    monkeypatch.setattr(quantization, "quantize_static", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize_bundle(trained, QuantizeOptions(precisions=("int8",), count=16))
+    manifest = Bundle(trained).read_manifest()
+    assert before and "model.int8.onnx" not in manifest["artifacts"]
+    assert "model.int8.onnx" not in manifest["quantize"]["variants"]
+    assert not (trained / "model.int8.onnx").exists()
+    assert not [p for p in trained.iterdir() if p.name.startswith(".")]  # no temporary left
+    # verify still passes on what is left, and does not claim an int8 that is gone
+    result = run_cli("verify", trained, "--cpu-only", "--json")
+    gates = {g["candidate"] for g in json.loads(result.stdout)["parity"]["gates"]}
+    assert "ort-cpu:int8" not in gates and "ort-cpu:fp16" in gates
+
+
+def test_a_bundle_whose_training_data_is_elsewhere_is_not_verified_not_failed(trained):
+    """A trained bundle verified on another machine (its data folder not there): the gate
+    says why it could not run; fp32 parity still decides the exit code."""
+    bundle = Bundle(trained)
+
+    def moved(manifest):
+        manifest["stages"]["train"]["config"]["data"] = str(trained / "no-such-folder")
+    bundle.update_manifest(moved)
+    result = run_cli("verify", trained, "--cpu-only", "--json")
+    assert result.exit_code == 0, result.output
+    parity = json.loads(result.stdout)["parity"]
+    assert parity["gates"] == []
+    assert "is not on this machine" in parity["not_verified"]["ort-cpu:int8"]
