@@ -16,6 +16,7 @@ import click
 
 from pipeline import api
 from pipeline.cli import render
+from pipeline.core.records import ImageLoop
 from pipeline.errors import EXIT_CHECK_FAILED, EXIT_ENVIRONMENT, EXIT_INTERNAL, PipelineError
 from pipeline.models.archs import ARCHS, describe
 from pipeline.options import (
@@ -483,21 +484,12 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
         ctx.exit(EXIT_ENVIRONMENT)
 
 
-def _print_image_loops(loops: list[dict[str, Any]], verbose: bool) -> None:
+def _print_image_loops(loops: list[ImageLoop], verbose: bool) -> None:
     for loop in loops:
-        sequential, pipelined = loop["sequential"], loop["pipelined"]
-        if verbose:
-            for line in sequential["lines"]:
-                click.echo(line)
-        for skipped in sequential["skipped"]:
+        for skipped in loop.sequential.skipped:
             _log(f"warning: skipped {skipped}")
-        click.echo(f"[{loop['backend']}] {loop['summary']}")
-        decode, infer = sequential["decode"] or {}, sequential["infer"] or {}
-        if decode:
-            click.echo(f"[{loop['backend']}] decode+preprocess p50 {decode['p50_ms']:.2f} ms, "
-                       f"inference p50 {infer['p50_ms']:.2f} ms; sequential "
-                       f"{sequential['images_per_s']:.1f} img/s, pipelined "
-                       f"({pipelined['workers']} workers) {pipelined['images_per_s']:.1f} img/s")
+    for line in render.image_loops(loops, verbose=verbose):
+        click.echo(line)
 
 
 # ----------------------------------------------------------------------------- report

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.core.records import LatencyRow, ServerSection
+from pipeline.core.records import ImageLoop, LatencyRow, ServerSection
 from pipeline.stages.report import server_lines
 
 if TYPE_CHECKING:  # verify loads numpy and the data modules: off the --help path
@@ -90,3 +90,20 @@ def gate_verdict(gate: "GateResult") -> str:
 def server_table(server: ServerSection | None) -> str:
     """The server scenario as report.md shows it."""
     return "\n".join(server_lines(server))
+
+
+def image_loops(loops: list[ImageLoop], *, verbose: bool = False) -> list[str]:
+    """``bench --images``: the write-ups' own summary line per backend, the decode and
+    inference medians, both loops' images/s; with ``verbose`` every ``i/N: name`` line first."""
+    lines: list[str] = []
+    for loop in loops:
+        sequential, pipelined = loop.sequential, loop.pipelined
+        if verbose:
+            lines += sequential.lines
+        lines.append(f"[{loop.backend}] {loop.summary}")
+        if sequential.decode and sequential.infer:
+            lines.append(f"[{loop.backend}] decode+preprocess p50 {sequential.decode['p50_ms']:.2f} ms, "
+                         f"inference p50 {sequential.infer['p50_ms']:.2f} ms; sequential "
+                         f"{sequential.images_per_s:.1f} img/s, pipelined "
+                         f"({pipelined.workers} workers) {pipelined.images_per_s:.1f} img/s")
+    return lines

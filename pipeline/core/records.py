@@ -249,18 +249,58 @@ class ServerSection(Record):
 
 
 @dataclass
+class SequentialLoop(Record):
+    """The classic per-image loop: open, preprocess, infer, one file at a time."""
+
+    n: int
+    wall_s: float
+    images_per_s: float | None
+    decode: dict[str, Any] | None  # percentile statistics of decode + preprocess, ms
+    infer: dict[str, Any] | None  # percentile statistics of inference, ms
+    total_s: float
+    lines: list[str]  # `i/N: name 0.012s`, as the write-ups print them
+    skipped: list[str]
+
+
+@dataclass
+class PipelinedLoop(Record):
+    """The same files decoded in DataLoader workers while the model runs."""
+
+    n: int
+    workers: int
+    wall_s: float
+    images_per_s: float | None
+
+
+@dataclass
+class ImageLoop(Record):
+    """``bench --images``: one backend's per-image loops over real files."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"sequential": SequentialLoop,
+                                                 "pipelined": PipelinedLoop}
+
+    backend: str
+    device: str
+    files: int
+    summary: str  # `device:<device> total time:<t>s mean:<m>s`
+    sequential: SequentialLoop
+    pipelined: PipelinedLoop
+
+
+@dataclass
 class LatencyDoc(Record):
     """latency.json: what bench measured on one machine, and what it recommends."""
 
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"recommendation", "command", "server"})
-    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow, "server": ServerSection}
+    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow, "server": ServerSection,
+                                                 "images": ImageLoop}
 
     model: dict[str, Any]
     config: dict[str, Any]
     machine: dict[str, Any]
     rows: list[LatencyRow]
     created: str
-    images: list[dict[str, Any]] = field(default_factory=list)
+    images: list[ImageLoop] = field(default_factory=list)
     schema_version: int = LATENCY_SCHEMA_VERSION
     kind: str = LATENCY_KIND
     recommendation: dict[str, Any] | None = None

@@ -22,6 +22,7 @@ from pipeline.core.bundle import (
     write_text_atomic,
 )
 from pipeline.core.records import (
+    ImageLoop,
     LatencyDoc,
     LatencyRow,
     ServerSection,
@@ -129,17 +130,17 @@ def recommendation_lines(advice: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def image_loop_lines(loops: list[dict[str, Any]]) -> list[str]:
+def image_loop_lines(loops: list[ImageLoop]) -> list[str]:
     if not loops:
         return []
     lines = ["## Per-image loop over real files", "",
              "| backend | summary | decode p50 ms | infer p50 ms | sequential img/s | pipelined img/s |",
              "|---|---|---|---|---|---|"]
     for loop in loops:
-        seq, pipe = loop["sequential"], loop["pipelined"]
-        lines.append(f"| {loop['backend']} | `{loop['summary']}` | {_fmt((seq['decode'] or {}).get('p50_ms'))} | "
-                     f"{_fmt((seq['infer'] or {}).get('p50_ms'))} | {_fmt(seq['images_per_s'], '.1f')} | "
-                     f"{_fmt(pipe['images_per_s'], '.1f')} ({pipe['workers']} workers) |")
+        seq, pipe = loop.sequential, loop.pipelined
+        lines.append(f"| {loop.backend} | `{loop.summary}` | {_fmt((seq.decode or {}).get('p50_ms'))} | "
+                     f"{_fmt((seq.infer or {}).get('p50_ms'))} | {_fmt(seq.images_per_s, '.1f')} | "
+                     f"{_fmt(pipe.images_per_s, '.1f')} ({pipe.workers} workers) |")
     return lines + [""]
 
 

@@ -12,11 +12,14 @@ import pytest
 from pipeline.core.records import (
     CalibrationRecord,
     GateResult,
+    ImageLoop,
     LatencyDoc,
     LatencyRow,
     ModelSection,
     PairResult,
     ParityReport,
+    PipelinedLoop,
+    SequentialLoop,
     ServerRow,
     ServerSection,
 )
@@ -36,9 +39,15 @@ def _doc() -> LatencyDoc:
                            baseline=rows[0], batched_ceiling=None, stop={"exit_code": 0},
                            budget_ms=None, best=None, seconds=1.0, warmup_s=1.0, max_batch_size=8,
                            queue_delay_us=100, threads=2, command="bench", created="now")
+    loop = ImageLoop(backend="ort-cpu", device="cpu (x)", files=2, summary="device:cpu ...",
+                     sequential=SequentialLoop(n=2, wall_s=0.1, images_per_s=20.0,
+                                               decode={"p50_ms": 1.0}, infer={"p50_ms": 2.0},
+                                               total_s=0.006, lines=["1/2: a.png 0.003s"],
+                                               skipped=[]),
+                     pipelined=PipelinedLoop(n=2, workers=2, wall_s=0.05, images_per_s=40.0))
     return LatencyDoc(model={"arch": "resnet18"}, config={"threads": 2}, machine={"cpu": "x"},
                       rows=rows, created="2026-12-02", command="python -m pipeline bench b",
-                      server=server)
+                      server=server, images=[loop])
 
 
 def test_latency_doc_round_trips(tmp_path):
@@ -47,6 +56,7 @@ def test_latency_doc_round_trips(tmp_path):
     back = LatencyDoc.load(tmp_path / "latency.json")
     assert back == doc
     assert isinstance(back.rows[0], LatencyRow) and isinstance(back.server.rows[0], ServerRow)
+    assert isinstance(back.images[0].pipelined, PipelinedLoop)
     assert back.server.baseline == doc.rows[0]
     assert back.rows[1].precision_label == "auto=bf16" and not back.rows[1].ok
 

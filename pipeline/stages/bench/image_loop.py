@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.bundle import Bundle
-from pipeline.core.records import ModelSection
+from pipeline.core.records import ImageLoop, ModelSection, PipelinedLoop, SequentialLoop
 from pipeline.data.images import BadImage, eval_transform, open_rgb
 from pipeline.models.archs import Preprocessing
 from pipeline.options import BenchOptions
@@ -42,7 +42,7 @@ class _Decoded:
             return index, None
 
 
-def sequential_loop(runner: Any, paths: list[Path], prep: Preprocessing) -> dict[str, Any]:
+def sequential_loop(runner: Any, paths: list[Path], prep: Preprocessing) -> SequentialLoop:
     transform = eval_transform(prep)
     decode_ns, infer_ns, lines, skipped = [], [], [], []
     wall_start = time.perf_counter_ns()
@@ -62,14 +62,15 @@ def sequential_loop(runner: Any, paths: list[Path], prep: Preprocessing) -> dict
         lines.append(f"{index}/{len(paths)}: {path.name} {(done - start) / 1e9:.3f}s")
     wall_s = (time.perf_counter_ns() - wall_start) / 1e9
     count = len(infer_ns)
-    return {"n": count, "wall_s": wall_s, "images_per_s": count / wall_s if wall_s else None,
-            "decode": percentile_stats(decode_ns) if count else None,
-            "infer": percentile_stats(infer_ns) if count else None,
-            "total_s": (sum(decode_ns) + sum(infer_ns)) / 1e9, "lines": lines, "skipped": skipped}
+    return SequentialLoop(n=count, wall_s=wall_s, images_per_s=count / wall_s if wall_s else None,
+                          decode=percentile_stats(decode_ns) if count else None,
+                          infer=percentile_stats(infer_ns) if count else None,
+                          total_s=(sum(decode_ns) + sum(infer_ns)) / 1e9, lines=lines,
+                          skipped=skipped)
 
 
 def pipelined_loop(runner: Any, paths: list[Path], prep: Preprocessing,
-                   workers: int = PIPELINE_WORKERS) -> dict[str, Any]:
+                   workers: int = PIPELINE_WORKERS) -> PipelinedLoop:
     """Decode in DataLoader workers while the model runs; end-to-end images/s."""
     from torch.utils.data import DataLoader
 
@@ -84,8 +85,8 @@ def pipelined_loop(runner: Any, paths: list[Path], prep: Preprocessing,
         runner.synchronize()
         count += 1
     wall_s = (time.perf_counter_ns() - start) / 1e9
-    return {"n": count, "workers": workers, "wall_s": wall_s,
-            "images_per_s": count / wall_s if wall_s else None}
+    return PipelinedLoop(n=count, workers=workers, wall_s=wall_s,
+                         images_per_s=count / wall_s if wall_s else None)
 
 
 def _first_decodable(paths: list[Path], prep: Preprocessing) -> np.ndarray:
@@ -99,14 +100,14 @@ def _first_decodable(paths: list[Path], prep: Preprocessing) -> np.ndarray:
 
 
 def image_loops(runner: Any, backend: str, bundle: Bundle, images: list[str],
-                config: BenchOptions, device: str) -> dict[str, Any]:
+                config: BenchOptions, device: str) -> ImageLoop:
     prep = Preprocessing.from_dict(ModelSection.read(bundle).preprocessing)
     paths = [Path(p) for p in images]
     first = _first_decodable(paths, prep)
     warm_up(lambda: runner.infer(first), seconds=config.warmup_s, sync=runner.synchronize)
     sequential = sequential_loop(runner, paths, prep)
     pipelined = pipelined_loop(runner, paths, prep)
-    mean = sequential["total_s"] / sequential["n"] if sequential["n"] else float("nan")
-    return {"backend": backend, "device": device, "files": len(paths),
-            "summary": f"device:{device} total time:{sequential['total_s']:.3f}s mean:{mean:.4f}s",
-            "sequential": sequential, "pipelined": pipelined}
+    mean = sequential.total_s / sequential.n if sequential.n else float("nan")
+    return ImageLoop(backend=backend, device=device, files=len(paths),
+                     summary=f"device:{device} total time:{sequential.total_s:.3f}s mean:{mean:.4f}s",
+                     sequential=sequential, pipelined=pipelined)

@@ -21,11 +21,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pipeline.core.bundle import Bundle
 from pipeline.core.machine import machine_block
 from pipeline.core.records import (
+    ImageLoop,
     LatencyDoc,
     LatencyRow,
     ModelSection,
@@ -56,10 +57,10 @@ class WorkerResult(Record):
     """What one worker process hands back (as JSON in a file): its rows, and the per-image
     loops when ``--images`` was given."""
 
-    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow}
+    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow, "images": ImageLoop}
 
     rows: list[LatencyRow]
-    images: list[dict[str, Any]] = field(default_factory=list)
+    images: list[ImageLoop] = field(default_factory=list)
 
 
 def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float | None,
@@ -118,7 +119,7 @@ def run_bench(bundle: Path, config: BenchOptions, *, images: list[str] | None = 
     gmacs = describe(get_arch(model.arch), num_classes=model.num_classes,
                      input_size=model.input_size)["gmacs"]
     rows: list[LatencyRow] = []
-    loops: list[dict[str, Any]] = []
+    loops: list[ImageLoop] = []
     for target in tqdm(config.backends or all_targets(), desc="bench", unit="target", disable=None if progress else True,
                        file=sys.stderr):
         result = run_worker(bundle, target, config, gmacs=gmacs, images=images)
