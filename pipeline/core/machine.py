@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib import metadata
 from typing import Any
 
 from pipeline.version import __version__
@@ -14,6 +13,8 @@ ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 
 
 def _version(distribution: str) -> str | None:
+    from importlib import metadata  # 20 ms of imports: off the --help path
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:

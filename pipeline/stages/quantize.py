@@ -134,11 +134,13 @@ def _check_class_folders(folder: Path, class_names: list[str]) -> None:
 
 
 class _BatchReader:
-    """``CalibrationDataReader`` over a preprocessed batch, in chunks."""
+    """``CalibrationDataReader`` over a preprocessed batch, in chunks of one size: the
+    histogram calibrators (entropy, percentile) stack every chunk's activations into one
+    array, which a shorter last chunk made ragged (a ValueError inside onnxruntime)."""
 
     def __init__(self, batch: np.ndarray, input_name: str) -> None:
-        self.chunks = iter([{input_name: batch[i:i + CALIBRATION_BATCH]}
-                            for i in range(0, len(batch), CALIBRATION_BATCH)])
+        size = max(d for d in range(1, CALIBRATION_BATCH + 1) if len(batch) % d == 0)
+        self.chunks = iter([{input_name: batch[i:i + size]} for i in range(0, len(batch), size)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.chunks, None)

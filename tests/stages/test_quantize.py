@@ -266,6 +266,18 @@ def test_predict_int8_and_openvino_agree_with_fp32(trained_master, tmp_path):
         assert sum(a == b for a, b in zip(labels, reference)) >= 11
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_takes_a_count_that_batches_unevenly(tiny_bundle, method):
+    """README's `--method entropy --count 500`: 500 is not a multiple of the calibration
+    batch, and the histogram calibrators stack every batch's activations."""
+    result = run_cli("quantize", tiny_bundle, "--precision", "int8", "--calibration", "synthetic",
+                     "--method", method, "--count", "22")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    calibration = manifest["quantize"]["variants"]["model.int8.onnx"]["calibration"]
+    assert calibration["method"] == method and calibration["count"] == 22
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_quantize_bad_input(tiny_bundle, tmp_path):
     empty = tmp_path / "empty"
