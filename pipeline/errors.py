@@ -1,7 +1,8 @@
 """User-facing errors. Each carries the exit code the CLI maps it to.
 
 Exit codes: 0 ok, 1 a check failed, 2 usage or input error, 3 environment error,
-4 internal error (a bug: the trace is printed), 130 interrupted.
+4 internal error (a bug: the trace is printed), 130 interrupted, 141 the reader of stdout went
+away (a pipe into ``head``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
 EXIT_INTERNAL = 4
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a tool killed by it
 
 
 class PipelineError(Exception):

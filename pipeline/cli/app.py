@@ -8,6 +8,7 @@ onnx, onnxruntime) is imported at module load, so ``--help`` answers at once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ import click
 from pipeline import api
 from pipeline.cli import render
 from pipeline.core.records import ImageLoop
-from pipeline.errors import EXIT_CHECK_FAILED, EXIT_ENVIRONMENT, EXIT_INTERNAL, PipelineError
+from pipeline.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CHECK_FAILED,
+    EXIT_ENVIRONMENT,
+    EXIT_INTERNAL,
+    PipelineError,
+)
 from pipeline.models.archs import ARCHS, describe
 from pipeline.options import (
     CALIBRATION_METHODS,
@@ -58,6 +65,11 @@ class PipelineGroup(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # The reader went away (`... | head`): stop quietly, as Unix tools do, and point
+            # stdout at /dev/null so the interpreter's last flush cannot complain again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(EXIT_BROKEN_PIPE)
         except Exception as exc:  # a bug, not a user error: its own exit code, with the trace
             import traceback
 

@@ -173,3 +173,15 @@ def test_interrupted_export_leaves_nothing_verify_accepts(tiny_bundle):
     (tiny_bundle / "model.onnx").write_bytes((tiny_bundle / "model.onnx").read_bytes()[:-10])
     assert json.loads((tiny_bundle / "manifest.json").read_text()) == manifest
     assert run_cli("verify", tiny_bundle).exit_code == 1
+
+
+def test_a_reader_that_goes_away_ends_quietly():
+    """`python -m pipeline archs | head -1`: the reader closes the pipe before the table is
+    written; the command stops with 141 (SIGPIPE's shell code), no trace and no second
+    complaint from the interpreter's last flush."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "archs"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 141, stderr
+    assert b"Traceback" not in stderr and b"internal error" not in stderr
