@@ -126,16 +126,7 @@ def archs(as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    click.echo(f"{'arch':<16} {'params':>8} {'GMACs':>7} {'input':>5}  preprocessing")
-    for row in rows:
-        prep = row["preprocessing"]
-        click.echo(f"{row['arch']:<16} {row['params'] / 1e6:7.2f}M {row['gmacs']:7.3f} "
-                   f"{row['input_size']:>5}  resize {prep['resize']}, crop {prep['crop']}, "
-                   f"mean {_triple(prep['mean'])}, std {_triple(prep['std'])}")
-
-
-def _triple(values: list[float]) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    click.echo(render.archs_table(rows))
 
 
 # ----------------------------------------------------------------------------- model options

@@ -5,7 +5,7 @@ Files (report.md, the Triton repository's README) are written by the stages them
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.records import ImageLoop, LatencyRow, ServerSection
 from pipeline.stages.report import server_lines
@@ -107,3 +107,17 @@ def image_loops(loops: list[ImageLoop], *, verbose: bool = False) -> list[str]:
                          f"{sequential.images_per_s:.1f} img/s, pipelined "
                          f"({pipelined.workers} workers) {pipelined.images_per_s:.1f} img/s")
     return lines
+
+
+def archs_table(rows: list[dict[str, Any]]) -> str:
+    """``archs``: parameters, GMACs, input size and preprocessing of every architecture."""
+    def triple(values: list[float]) -> str:
+        return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+    lines = [f"{'arch':<16} {'params':>8} {'GMACs':>7} {'input':>5}  preprocessing"]
+    for row in rows:
+        prep = row["preprocessing"]
+        lines.append(f"{row['arch']:<16} {row['params'] / 1e6:7.2f}M {row['gmacs']:7.3f} "
+                     f"{row['input_size']:>5}  resize {prep['resize']}, crop {prep['crop']}, "
+                     f"mean {triple(prep['mean'])}, std {triple(prep['std'])}")
+    return "\n".join(lines)
