@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pipeline.core.console import log as stderr_log
-from pipeline.core.records import LatencyDoc, LatencyRow, ParityReport
+from pipeline.core.records import LatencyDoc, LatencyRow, ParityReport, unavailable
 from pipeline.errors import InputError
 from pipeline.options import (
     SCENARIOS,
@@ -131,7 +131,7 @@ class BenchResult:
 
     @property
     def unavailable(self) -> list[LatencyRow]:
-        return [row for row in self.rows if not row.ok]
+        return unavailable(self.rows)
 
     @property
     def path(self) -> Path:

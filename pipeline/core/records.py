@@ -462,10 +462,6 @@ class ParityReport(Record):
                          + (f" ({gate.error})" if gate.error else ""))
         return "; ".join(parts)
 
-    @property
-    def integrity(self) -> list[str]:
-        return self.integrity_checked
-
     # The common shape of a stage's result: what it wrote, one line, the record itself.
     path: ClassVar[Path | None] = None  # set per instance by ``dump``
 

@@ -259,7 +259,7 @@ def served_model(bundle: Bundle, precision: str) -> "ServedModel":
                          f"export --out {bundle.root}")
     path = get_backend("ort-cpu").model_file(bundle, precision)
     bundle.check_integrity([path.name])
-    return ServedModel.from_onnx(ModelSection.read(bundle).arch, path)
+    return ServedModel.from_onnx(ModelSection.of(manifest, str(bundle.manifest_path)).arch, path)
 
 
 def remote(url: str, model: "ServedModel") -> "Runner":

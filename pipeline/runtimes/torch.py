@@ -52,10 +52,6 @@ class TorchCallRunner(Runner):
                     return self.model(tensor).float().cpu().numpy()
             return self.model(tensor).float().cpu().numpy()
 
-    def infer_tensor(self, tensor: "torch.Tensor") -> "torch.Tensor":
-        with self.torch.inference_mode():
-            return self.model(tensor)
-
     def metadata(self) -> dict[str, str]:
         return self._metadata
 
