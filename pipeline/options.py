@@ -38,6 +38,7 @@ FLOOR_MULTIPLE = 8.0
 SCALE_TERM = 1e-5
 DEFAULT_MAX_TOP1_DROP = 1.0  # points of top-1 accuracy, when the images carry labels
 DEFAULT_MIN_AGREEMENT = 0.99  # share of images whose top-1 class equals eager fp32's
+GATED_PRECISIONS = ("int8", "fp16", "bf16", "auto")  # verify --precisions
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,16 @@ class VerifyOptions:
     max_top1_drop: float = DEFAULT_MAX_TOP1_DROP
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     cuda: bool = True  # try the GPU pairs (skipped with a reason where there is no GPU)
+    # Reduced precisions whose gates decide the exit code besides the variant files' (a
+    # runtime-only precision such as bf16 is otherwise advisory); gated on every CPU.
+    precisions: tuple[str, ...] = ()
+    localize: bool = False  # layer-by-layer comparison of every candidate, not only failed ones
 
     def check(self) -> None:
+        unknown = [p for p in self.precisions if p not in GATED_PRECISIONS]
+        if unknown:
+            raise InputError(f"--precisions {unknown[0]!r} is not a gated precision; choose from: "
+                             f"{', '.join(GATED_PRECISIONS)} (fp32 is always checked by parity)")
         if (self.atol is not None and self.atol < 0) or (self.rtol is not None and self.rtol < 0):
             raise InputError(f"tolerances must be >= 0 (got --atol {self.atol}, --rtol {self.rtol})")
         if self.max_top1_drop < 0:

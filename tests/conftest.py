@@ -94,3 +94,14 @@ def forced_bf16(request, monkeypatch) -> bool:
     present = request.param
     monkeypatch.setattr(machine, "cpu_has_fast_bf16", lambda flags=None: present)
     return present
+
+
+@pytest.fixture(params=[True, False], ids=["vnni", "no-vnni"])
+def forced_vnni(request, monkeypatch) -> bool:
+    """Make this CPU look as if it has int8 dot-product units (VNNI or AMX-INT8), or none, for
+    the code that picks quantize's weight range. ORT still runs with the CPU's real kernels."""
+    import pipeline.core.machine as machine
+
+    present = request.param
+    monkeypatch.setattr(machine, "cpu_has_fast_int8", lambda flags=None: present)
+    return present

@@ -32,6 +32,7 @@ from pipeline.options import (
     DEFAULT_MIN_AGREEMENT,
     EXPORTERS,
     FLOOR_MULTIPLE,
+    GATED_PRECISIONS,
     SCALE_TERM,
     SCENARIOS,
     TRITON_GPU_PRECISIONS,
@@ -237,26 +238,38 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
               help="Also compare on real images, preprocessed by the bundle's own spec.")
 @tolerance_options
 @click.option("--cpu-only", is_flag=True, help="Do not try the CUDA execution provider.")
+@click.option("--precisions", default=None,
+              help=f"Reduced precisions whose gates also decide the exit code "
+                   f"({', '.join(GATED_PRECISIONS)}); gated on every CPU, emulated where it "
+                   f"lacks the units. int8/fp16 files always decide it.")
+@click.option("--localize", is_flag=True,
+              help="Compare every candidate layer by layer against eager PyTorch and name the "
+                   "first layer that diverges (failed candidates always are).")
 @click.option("--json", "as_json", is_flag=True, help="Print parity JSON only on stdout.")
 @click.pass_context
 def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | None,
            rtol: float | None, max_top1_drop: float, min_agreement: float, cpu_only: bool,
-           as_json: bool) -> None:
+           precisions: str | None, localize: bool, as_json: bool) -> None:
     """Check artifact hashes, fp32 parity vs PyTorch, and the accuracy gate for int8/fp16/bf16.
 
-    Exit 1 when a file changed, a pair exceeds its tolerance or a reduced-precision variant
-    fails the gate; exit 3 when a CPU comparison cannot run in this environment (a CI gate).
+    Exit 1 when a file changed, a pair exceeds its tolerance, or a gate that decides the exit
+    code fails: the int8/fp16 files' and those named with --precisions (bf16 and OpenVINO's
+    auto otherwise only advise). Exit 3 when a CPU comparison cannot run in this environment.
     The gate evaluates on --images (labelled when its sub-folders are the model's classes),
-    or on the validation split of a bundle trained here.
+    or on the validation split of a bundle trained here. A failed ONNX or .pt2 pair, and a
+    failed int8 gate, is compared layer by layer: the table names the first divergent layer.
 
     \b
     Example:
       python -m pipeline verify exported/resnet18
       python -m pipeline verify exported/resnet18 --images photos/ --max-top1-drop 0.5
+      python -m pipeline verify exported/resnet18 --images photos/ --precisions bf16
+      python -m pipeline verify exported/resnet18 --localize
       python -m pipeline verify exported/resnet18 --atol 1e-4 --rtol 1e-3
     """
     report = api.verify(bundle, atol=atol, rtol=rtol, images=images, cuda=not cpu_only,
-                        max_top1_drop=max_top1_drop, min_agreement=min_agreement)
+                        max_top1_drop=max_top1_drop, min_agreement=min_agreement,
+                        precisions=precisions, localize=localize)
     _finish_verify(ctx, report, as_json)
 
 

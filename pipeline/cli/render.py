@@ -34,7 +34,38 @@ def parity_table(report: "ParityReport") -> str:
                      f"{pair.top1:5.2f}  {'ok' if pair.passed else 'FAIL'}")
     lines += [f"{key:<24} skipped: {reason}" for key, reason in report.skipped.items()]
     lines += gate_lines(report)
+    lines += localization_lines(report)
     return "\n".join(lines)
+
+
+def localization_lines(report: "ParityReport") -> list[str]:
+    """``verify --localize``: the first layer each candidate diverges at (fp32), or the
+    layers with the largest share of int8's logit error."""
+    lines: list[str] = []
+    for found in report.localized:
+        where = f"{found.candidate} on {found.inputs} ({found.batch} rows, {found.layers_compared} layers)"
+        lines.append("")
+        if found.first_divergent is not None:
+            layer = found.first_divergent
+            lines.append(f"localize {where}: first divergent layer #{layer.index} "
+                         f"{layer.pytorch} = {layer.op} {layer.artifact} (tensor {layer.tensor}): "
+                         f"max abs vs fp64 {layer.max_abs_vs_fp64:.3e} > tolerance "
+                         f"{layer.tolerance:.3e} (fp32 floor {layer.fp32_floor:.2e})")
+        elif found.logit_relative_error is not None:
+            lines.append(f"localize {where}: logit error {100 * found.logit_relative_error:.2f}% "
+                         f"(relative L2 vs eager fp32); largest shares, each layer quantized alone:")
+            lines.append(f"  {'layer (PyTorch)':<44} {'node':<22} {'rel err':>8} {'share':>7}")
+            for layer in found.largest:
+                share = (f"{100 * layer.logit_error_share:6.1f}%" if layer.logit_error_share
+                         is not None else f"{'—':>7}")
+                lines.append(f"  {layer.pytorch:<44} {layer.artifact:<22} "
+                             f"{100 * (layer.relative_error or 0.0):7.2f}% {share}")
+        else:
+            lines.append(f"localize {where}: {found.note}")
+            for layer in found.largest:
+                lines.append(f"  closest to its tolerance: {layer.pytorch} ({layer.artifact}) "
+                             f"{layer.max_abs_vs_fp64:.2e} of {layer.tolerance:.2e}")
+    return lines
 
 
 def gate_lines(report: "ParityReport") -> list[str]:

@@ -23,7 +23,7 @@ from pipeline.errors import InputError
 
 LATENCY_SCHEMA_VERSION = 2
 LATENCY_KIND = "pipeline.latency"
-PARITY_SCHEMA_VERSION = 2  # 1: parity.json before it carried a schema_version
+PARITY_SCHEMA_VERSION = 3  # 1: no schema_version yet; 2: no "localized" section
 CALIBRATION_SCHEMA_VERSION = 1
 
 R = TypeVar("R", bound="Record")
@@ -386,11 +386,53 @@ class GateResult(Record):
 
 
 @dataclass
+class LayerError(Record):
+    """One layer of a candidate against eager PyTorch (``verify --localize``)."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"max_abs_vs_fp64", "fp32_floor", "tolerance", "relative_error", "logit_error_share"})
+
+    pytorch: str  # the layer in PyTorch terms: layer3.1.conv2 (folded with layer3.1.bn2)
+    artifact: str  # the artifact's node (an ONNX node name, an fx node name)
+    tensor: str  # the artifact's tensor compared
+    op: str
+    index: int  # position among the layers compared, in graph order
+    max_abs_vs_fp64: float | None = None
+    fp32_floor: float | None = None  # max |eager fp32 - eager fp64| at this layer
+    tolerance: float | None = None  # the floor rule, per layer
+    relative_error: float | None = None  # ||candidate - fp32|| / ||fp32|| (reduced precision)
+    logit_error_share: float | None = None  # this layer's quantization alone, over the whole's
+
+
+@dataclass
+class Localization(Record):
+    """Where one candidate departs from eager PyTorch, layer by layer.
+
+    fp32 artifacts: the first layer (in graph order) whose error against eager float64 exceeds
+    its own tolerance, the floor rule applied per layer. int8: the layers with the largest
+    share of the final logit error, each measured by quantizing that layer alone."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"first_divergent": LayerError, "largest": LayerError}
+
+    candidate: str
+    model_file: str | None
+    inputs: str
+    batch: int
+    reference: str
+    layers_compared: int
+    first_divergent: LayerError | None = None
+    largest: list[LayerError] = field(default_factory=list)
+    logit_relative_error: float | None = None
+    note: str | None = None
+
+
+@dataclass
 class ParityReport(Record):
     """parity.json: verify's verdict. Truthy only when every pair and every gate that decides
     the exit code passed, and at least one CPU ONNX comparison ran."""
 
-    NESTED: ClassVar[dict[str, type[Record]]] = {"pairs": PairResult, "gates": GateResult}
+    NESTED: ClassVar[dict[str, type[Record]]] = {"pairs": PairResult, "gates": GateResult,
+                                                 "localized": Localization}
     REMAKE: ClassVar[str] = "python -m pipeline verify BUNDLE"
 
     rule: dict[str, Any]
@@ -401,6 +443,7 @@ class ParityReport(Record):
     skipped: dict[str, str] = field(default_factory=dict)
     not_verified: dict[str, str] = field(default_factory=dict)
     integrity_checked: list[str] = field(default_factory=list)
+    localized: list[Localization] = field(default_factory=list)
     schema_version: int = PARITY_SCHEMA_VERSION
     reference: str = "eager PyTorch on the CPU: float64 for parity, fp32 for the gate"
     passed: bool = field(default=False, init=False)
@@ -492,6 +535,8 @@ class ParityReport(Record):
         data = read_json(path, remake=cls.REMAKE)
         if isinstance(data, dict) and "schema_version" not in data:
             data = _parity_v1_to_v2(data)
+        if isinstance(data, dict) and data.get("schema_version") == 2:
+            data = {**data, "schema_version": 3, "localized": []}  # v2 had no localization
         if not isinstance(data, dict):
             raise InputError(f"{str(path)!r} is not a parity.json written by python -m pipeline verify")
         check_version(data, path, PARITY_SCHEMA_VERSION, cls.REMAKE)
@@ -505,7 +550,7 @@ class ParityReport(Record):
 def _parity_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     """parity.json as the version before this one wrote it (no schema_version; pairs without
     ``backend``; gates without ``decides_exit``/``not_meaningful``): read, not rejected."""
-    upgraded = {**data, "schema_version": PARITY_SCHEMA_VERSION}
+    upgraded = {**data, "schema_version": 2}
     upgraded["pairs"] = [{"backend": _backend_of(p.get("candidate", "")), **p}
                          for p in data.get("pairs", [])]
     upgraded["gates"] = [{"decides_exit": g.get("precision_requested") in ("int8", "fp16"),

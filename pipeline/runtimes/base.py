@@ -33,6 +33,11 @@ class Runner:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def intermediates(self, batch: np.ndarray, tensors: list[str]) -> dict[str, np.ndarray]:
+        """The named intermediate tensors for ``batch`` (``verify --localize``); a runtime
+        that cannot expose them says so."""
+        raise NotImplementedError(f"{self.name} cannot return intermediate tensors")
+
     def timed_step(self, batch: np.ndarray) -> tuple[Callable[[], None], str]:
         """The call to time for ``batch`` and where its input and output live (host/device)."""
         return (lambda: self.infer(batch)), "host"

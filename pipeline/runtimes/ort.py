@@ -187,10 +187,26 @@ class OrtRunner(Runner):
         self.precision = precision
         self.model_path = Path(path)
         self._ort = ort
+        self._options, self._providers = options, providers
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def intermediates(self, batch: np.ndarray, tensors: list[str]) -> dict[str, np.ndarray]:
+        """Run a copy of the model that also returns ``tensors``, on the same provider and
+        options. Marking a tensor as an output keeps ORT from fusing it away, so a layer's
+        value is its own, not a fused neighbour's."""
+        import onnx
+
+        from pipeline.formats.layers import with_outputs
+
+        proto = with_outputs(onnx.load(str(self.model_path)), tensors)
+        session = self._ort.InferenceSession(proto.SerializeToString(), sess_options=self._options,
+                                             providers=self._providers)
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        values = session.run(tensors, {self.input_name: batch})
+        return dict(zip(tensors, values))
 
     def timed_step(self, batch: np.ndarray) -> tuple[Callable[[], None], str]:
         """With IO binding, input and output stay on the GPU: only the model is timed."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -102,8 +102,21 @@ class TorchRunner(TorchCallRunner):
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, "cuda")
-        return cls(program.module(), device=device, name="torch-export", model_path=Path(path),
-                   metadata=metadata)
+        runner = cls(program.module(), device=device, name="torch-export", model_path=Path(path),
+                     metadata=metadata)
+        runner.graph_module = runner.model
+        return runner
+
+    graph_module: Any = None  # the program's fx GraphModule (a .pt2 only)
+
+    def intermediates(self, batch: np.ndarray, tensors: list[str]) -> dict[str, np.ndarray]:
+        """Every named fx node's value for ``batch``, copied as it is made: in-place ops
+        (``relu_``) would otherwise rewrite an earlier node's tensor."""
+        if self.graph_module is None:
+            return super().intermediates(batch, tensors)
+        values = record_nodes(self.graph_module, self.torch.from_numpy(batch).to(self.device),
+                              set(tensors))
+        return {name: values[name] for name in tensors if name in values}
 
     @classmethod
     def from_weights(cls, path: Path | str, *, device: str = "cpu",
@@ -118,3 +131,27 @@ def _in_eval_mode(model: "torch.nn.Module") -> "torch.nn.Module":
         return model.eval()
     except NotImplementedError:  # an ExportedProgram's module: exported in eval, it has no modes
         return model
+
+
+def record_nodes(graph_module: Any, batch: Any, names: set[str] | None = None,
+                 replace: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, np.ndarray]:
+    """Run an fx GraphModule node by node, keeping a numpy copy of every tensor-valued node
+    (or of ``names``); ``replace`` maps a node name to a function applied to its value before
+    later nodes see it (to inject one layer's quantization error)."""
+    import torch
+
+    kept: dict[str, np.ndarray] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: Any) -> Any:
+            value = super().run_node(node)
+            if replace and node.name in replace:
+                value = replace[node.name](value)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                    and (names is None or node.name in names):
+                kept[node.name] = value.detach().cpu().numpy().copy()
+            return value
+
+    with torch.inference_mode():
+        Recorder(graph_module).run(batch)
+    return kept

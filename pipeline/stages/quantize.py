@@ -40,7 +40,7 @@ from pipeline.core.bundle import (
     sha256_of,
 )
 from pipeline.core.console import captured
-from pipeline.core.machine import cpu_has_fast_int8, library_versions
+from pipeline.core import machine
 from pipeline.core.records import CalibrationRecord, ModelSection
 from pipeline.data.datasets import (
     SYNTHETIC_CLASSES,
@@ -103,7 +103,7 @@ def calibration_images(bundle: Bundle, manifest: dict[str, Any], options: Quanti
         if not folder.is_dir():
             raise InputError(f"--calibration {source!r} is not a folder; give an image folder, "
                              f"'train' (the bundle's training split) or 'synthetic'")
-        _check_class_folders(folder, names)
+        _warn_on_foreign_classes(folder, names, log)
         samples = [(p, -1) for p in find_images([folder], what="--calibration")]
         what, split = f"image folder {folder}", None
     if len(samples) > options.count:
@@ -122,15 +122,15 @@ def calibration_images(bundle: Bundle, manifest: dict[str, Any], options: Quanti
     return Calibration(batch, what, split, files)
 
 
-def _check_class_folders(folder: Path, class_names: list[str]) -> None:
-    """A folder of class folders must use the model's classes: a mismatch means wrong data."""
+def _warn_on_foreign_classes(folder: Path, class_names: list[str], log: Callable[[str], None]) -> None:
+    """Calibration needs representative pixels, not labels: class folders that are not the
+    model's classes (a user's own photos for an ImageNet model) are worth a line, not a refusal."""
     subfolders = [p.name for p in folder.iterdir() if p.is_dir()]
     if subfolders and labelled_folder(folder, class_names) is None:
         strangers = sorted(set(subfolders) - set(class_names))
-        raise InputError(f"--calibration {str(folder)!r} has class folders "
-                         f"{', '.join(strangers[:5])} that are not this model's classes "
-                         f"({', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}); "
-                         f"calibrate on images of the classes the model was trained on")
+        log(f"warning: --calibration {str(folder)!r} has class folders {', '.join(strangers[:5])}"
+            f"{' ...' if len(strangers) > 5 else ''} that are not this model's classes; "
+            f"calibrating on their pixels all the same (labels are not used)")
 
 
 class _BatchReader:
@@ -159,7 +159,7 @@ def reduce_range_choice(requested: bool | None) -> tuple[bool, str]:
     """
     if requested is not None:
         return requested, "requested on the command line"
-    if cpu_has_fast_int8():
+    if machine.cpu_has_fast_int8():
         return False, "this CPU has VNNI (int32 accumulation): full 8-bit weights"
     return True, ("this CPU lacks VNNI: 7-bit weights avoid the int16 saturation of "
                   "vpmaddubsw in ORT's AVX2 int8 kernels")
@@ -290,6 +290,6 @@ def _record(bundle: Bundle, record: dict[str, Any], duration_s: float) -> None:
         names.append(name)
     if "int8" in record:
         names.append(CALIBRATION)
-    section["versions"] = library_versions()
+    section["versions"] = machine.library_versions()
     bundle.record_stage("quantize", files=names, summary={"duration_s": round(duration_s, 3)},
                         sections={"quantize": section})

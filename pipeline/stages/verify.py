@@ -36,6 +36,7 @@ from pipeline.core.bundle import (
 from pipeline.core.records import (
     CalibrationRecord,
     GateResult,
+    Localization,
     ModelSection,
     PairResult,
     ParityReport,
@@ -64,14 +65,16 @@ from pipeline.runtimes.registry import (
     get_backend,
     target_name,
 )
+from pipeline.stages.localize import MAX_ROWS, Reference, first_divergence, int8_shares
 
 RANDOM_BATCHES = (1, 3)
 MAX_EVAL_IMAGES = 2000
 
 
 NOT_MEANINGFUL_RANDOM = "not meaningful: random weights"
-GATE_VERDICT_RULE = ("gates of the variant files (int8, fp16) decide the exit code; runtime-only "
-                     "precisions (bf16, auto) are advisory; none on random weights")
+GATE_VERDICT_RULE = ("gates of the variant files (int8, fp16) and of --precisions decide the exit "
+                     "code; other runtime-only precisions (bf16, auto) are advisory; none on "
+                     "random weights")
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -248,8 +251,11 @@ def parity_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[Candidates, d
     return factories, skipped
 
 
-def gate_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[list[tuple[Backend, str]], dict[str, str]]:
-    """Every (backend, reduced precision) the registry knows that this bundle has a model for."""
+def gate_candidates(bundle: Bundle, *, with_cuda: bool,
+                    named: tuple[str, ...] = ()) -> tuple[list[tuple[Backend, str]], dict[str, str]]:
+    """Every (backend, reduced precision) the registry knows that this bundle has a model for.
+    A precision the user named is gated even where this CPU would only emulate it, so that its
+    verdict does not depend on the CPU the job lands on."""
     chosen: list[tuple[Backend, str]] = []
     skipped: dict[str, str] = {}
     for backend in BACKENDS.values():
@@ -263,14 +269,36 @@ def gate_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[list[tuple[Back
                                                                  and precision == "fp16"):
                 continue  # no such variant: nothing to gate
             key = target_name(backend.name, precision)
-            # A precision this CPU would only emulate is neither timed nor gated here.
+            # A precision this CPU would only emulate is neither timed nor gated here, unless
+            # the user named it.
             reason = (backend.availability_problem(with_cuda=with_cuda)
-                      or backend.precision_problem(precision, timed=False))
+                      or (None if precision in named
+                          else backend.precision_problem(precision, timed=False)))
             if reason:
                 skipped[key] = reason
             else:
                 chosen.append((backend, precision))
     return chosen, skipped
+
+
+def _check_named(bundle: Bundle, named: tuple[str, ...], gates: list[tuple[Backend, str]],
+                 skipped: dict[str, str], evaluation: "Evaluation | None", no_evaluation: str) -> None:
+    """A precision named with --precisions must be gated here: say why it cannot be."""
+    for precision in named:
+        if any(p == precision for _, p in gates):
+            continue
+        reasons = [f"{key}: {why}" for key, why in skipped.items() if key.endswith(f":{precision}")]
+        if reasons:
+            raise EnvironmentUnavailable(f"--precisions {precision}: no runtime here can gate it "
+                                         f"({'; '.join(reasons)})")
+        made_by = PRECISION_FILES.get(precision)
+        fix = (f"run: python -m pipeline quantize {bundle.root} --precision {precision}"
+               if made_by else "install the runtime that runs it")
+        raise InputError(f"--precisions {precision}: {bundle.root} has nothing to gate at "
+                         f"{precision}{f' (no {made_by})' if made_by else ''}; {fix}")
+    if named and gates and evaluation is None:
+        raise InputError(f"--precisions {','.join(named)} needs evaluation images for its gate; "
+                         f"{no_evaluation}")
 
 
 # ----------------------------------------------------------------------------- running
@@ -316,9 +344,11 @@ def _pair_rows(key: str, backend: Backend, make: Callable[[], Runner], inputs: d
 
 def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluation,
           reference: np.ndarray, max_drop: float, min_agreement: float,
-          known: dict[str, str], not_meaningful: str | None = None) -> GateResult:
+          known: dict[str, str], not_meaningful: str | None = None,
+          named: tuple[str, ...] = ()) -> GateResult:
     gate = GateResult(target_name(backend.name, precision), backend.name, precision,
-                      images=len(evaluation.batch), decides_exit=precision in PRECISION_FILES,
+                      images=len(evaluation.batch),
+                      decides_exit=precision in PRECISION_FILES or precision in named,
                       not_meaningful=not_meaningful)
     try:
         with backend.make(bundle, precision) as runner:
@@ -393,7 +423,10 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
             continue
         report.pairs += rows
 
-    gates, skipped = gate_candidates(bundle, with_cuda=with_cuda)
+    named = options.precisions
+    gates, skipped = gate_candidates(bundle, with_cuda=with_cuda, named=named)
+    _check_named(bundle, named, gates, skipped, evaluation, no_evaluation)
+    report.gate_rule["named"] = list(named)
     report.skipped.update(skipped)
     if gates and evaluation is None:
         report.not_verified = {target_name(b.name, p): no_evaluation for b, p in gates}
@@ -401,10 +434,69 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
         report.evaluation = evaluation.describe(held_apart(bundle, evaluation))
         reference = _eager_logits(model, evaluation.batch)
         report.gates = [_gate(b, p, bundle, evaluation, reference, max_top1_drop, min_agreement,
-                              known, NOT_MEANINGFUL_RANDOM if section.random_weights else None)
+                              known, NOT_MEANINGFUL_RANDOM if section.random_weights else None,
+                              named)
                         for b, p in gates]
+    report.localized = localize_candidates(bundle, report, factories, model, inputs,
+                                           everything=options.localize)
     report.dump(bundle.path(PARITY))
     return report
+
+
+# ----------------------------------------------------------------------------- localizing
+LOCALIZED_BACKENDS = ("ort-cpu", "torch-export-cpu")  # runners that return intermediate layers
+
+
+def localize_candidates(bundle: Bundle, report: ParityReport, factories: Candidates, model: Any,
+                        inputs: dict[str, np.ndarray], *, everything: bool) -> list[Localization]:
+    """Layer-by-layer comparison of every failed fp32 pair and int8 gate (of every one, when
+    asked): the first divergent layer, or int8's largest error shares."""
+    failed = {p.candidate: p.inputs for p in report.pairs if not p.passed and not p.environment}
+    chosen = [key for key, (backend, _) in factories.items()
+              if backend.name in LOCALIZED_BACKENDS and (everything or key in failed)]
+    failed_int8 = any(g.precision_requested == "int8" and g.backend == "ort-cpu" and g.decides_exit
+                      and not g.passed and not g.not_meaningful for g in report.gates)
+    int8 = ([target_name("ort-cpu", "int8")] if bundle.path(PRECISION_FILES["int8"]).is_file()
+            and (everything or failed_int8) else [])
+    if not chosen and not int8:
+        return []
+    import onnx
+
+    raw = onnx.load(str(bundle.path(ONNX)))
+    references: dict[str, tuple[Any, np.ndarray]] = {}
+
+    def reference_for(label: str) -> tuple[Any, np.ndarray]:
+        if label not in references:
+            batch = inputs[label][:MAX_ROWS]
+            references[label] = (Reference.capture(model, batch), batch)
+        return references[label]
+
+    default = "images" if "images" in inputs else max(inputs, key=lambda k: len(inputs[k]))
+    results = []
+    for key in chosen:
+        label = failed.get(key, default)
+        reference, batch = reference_for(label)
+        results.append(_localized(key, label, len(batch), factories[key][1],
+                                  lambda runner: first_divergence(key, runner, reference, batch,
+                                                                  label, raw)))
+    for candidate in int8:
+        reference, batch = reference_for(default)
+        results.append(_localized(candidate, default, len(batch),
+                                  lambda: get_backend("ort-cpu").make(bundle, "int8"),
+                                  lambda runner: int8_shares(candidate, runner, reference,
+                                                             batch, default, raw)))
+    return results
+
+
+def _localized(candidate: str, label: str, rows: int, make: Callable[[], Runner],
+               compare: Callable[[Runner], Localization]) -> Localization:
+    """One candidate's localization; a runtime that cannot do it leaves a note, not a crash."""
+    try:
+        with make() as runner:
+            return compare(runner)
+    except Exception as exc:  # diagnostics must never turn a verdict into a traceback
+        return Localization(candidate, None, label, rows, "eager PyTorch", layers_compared=0,
+                            note=f"could not localize: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def _eager_references(model: Any, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

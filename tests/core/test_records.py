@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.records import (
+    PARITY_SCHEMA_VERSION,
     CalibrationRecord,
     GateResult,
     ImageLoop,
@@ -112,7 +113,7 @@ def test_parity_report_round_trips_and_stays_truthy(tmp_path):
                                             decides_exit=False)])
     report.dump(tmp_path / "parity.json")
     data = json.loads((tmp_path / "parity.json").read_text())
-    assert data["schema_version"] == 2 and data["passed"] is True
+    assert data["schema_version"] == PARITY_SCHEMA_VERSION and data["passed"] is True
     back = ParityReport.load(tmp_path / "parity.json")
     assert back == report and back and back.advisories == back.gates
 
@@ -191,4 +192,17 @@ def test_a_previous_version_bundle_benchmarks_and_verifies(tiny_bundle):
     assert row["verified"] == "parity passed"  # read from the previous version's parity.json
     verify = run_cli("verify", tiny_bundle)
     assert verify.exit_code == 0, verify.output
-    assert json.loads((tiny_bundle / "parity.json").read_text())["schema_version"] == 2
+    assert json.loads((tiny_bundle / "parity.json").read_text())["schema_version"] == PARITY_SCHEMA_VERSION
+
+
+def test_a_version_2_parity_file_is_read_and_gains_an_empty_localization(tmp_path):
+    """parity.json as the version before --localize wrote it: schema 2, no "localized"."""
+    report = ParityReport(rule={"kind": "fp32 noise floor"},
+                          pairs=[PairResult("onnx-ort-cpu", "random-b1", 1, passed=True,
+                                            backend="ort-cpu")])
+    data = report.to_dict()
+    del data["localized"]
+    data["schema_version"] = 2
+    (tmp_path / "parity.json").write_text(json.dumps(data))
+    back = ParityReport.load(tmp_path / "parity.json")
+    assert back.localized == [] and back.schema_version == PARITY_SCHEMA_VERSION and back

@@ -211,3 +211,40 @@ def test_compare_reports_errors_and_topk():
     assert result["top1"] == 1.0 and result["top5"] == 1.0 and not result["passed"]
     swapped = ref[:, ::-1].copy()
     assert compare(swapped, ref, atol=1e-4, rtol=1e-3)["top1"] == 0.0
+
+
+def test_a_named_precision_is_gated_on_every_cpu(tiny_bundle, tmp_path, forced_bf16):
+    """--precisions bf16 gates bf16 whether or not the CPU has bf16 units (emulated where it
+    has none), and makes it decide the exit code; on random weights it is still not
+    meaningful, so the verdict is fp32 parity's on every CPU."""
+    write_images(tmp_path / "photos", count=4)
+    result = run_cli("verify", tiny_bundle, "--cpu-only", "--images", tmp_path / "photos",
+                     "--precisions", "bf16", "--json")
+    assert result.exit_code == 0, result.output
+    parity = json.loads(result.stdout)["parity"]
+    gates = {g["candidate"]: g for g in parity["gates"]}
+    bf16 = gates["torch-cpu:bf16"]
+    assert bf16["decides_exit"] is True and bf16["not_meaningful"] and bf16["precision"] == "bf16"
+    assert parity["gate_rule"]["named"] == ["bf16"] and "torch-cpu:bf16" not in parity["skipped"]
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--precisions", "int9"], 2, "'int9' is not a gated precision"),
+    (["--precisions", "int8"], 2, "(no model.int8.onnx); run: python -m pipeline quantize"),
+    (["--precisions", "bf16"], 2, "needs evaluation images"),
+])
+def test_named_precisions_that_cannot_be_gated_are_refused(tiny_bundle, args, code, message):
+    result = run_cli("verify", tiny_bundle, "--cpu-only", *args)
+    assert result.exit_code == code and message in result.stderr, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_named_runtime_precision_that_fails_decides_the_exit_code():
+    from pipeline.stages.verify import GateResult, PairResult, ParityReport
+
+    pair = PairResult("onnx-ort-cpu", "random-b1", 1, passed=True, backend="ort-cpu")
+    named = GateResult("torch-cpu:bf16", "torch-cpu", "bf16", passed=False, failed_on="top-1",
+                       decides_exit=True)
+    report = ParityReport(rule={}, pairs=[pair], gates=[named])
+    assert not report and report.failures == [named] and report.advisories == []
+    assert "accuracy gate FAILED for torch-cpu:bf16" in report.failure_summary()

@@ -37,7 +37,7 @@ from pipeline.core.records import (
 from pipeline.errors import InputError
 from pipeline.models.archs import describe, get_arch
 from pipeline.options import BenchOptions
-from pipeline.runtimes.registry import parse_targets, split_target, target_name
+from pipeline.runtimes.registry import get_backend, parse_targets, split_target, target_name
 from pipeline.stages.bench.timing import MIN_WARMUP_ITERATIONS
 from pipeline.stages.recommend import attach_verification
 
@@ -65,8 +65,12 @@ class WorkerResult(Record):
 
 def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float | None,
                images: list[str] | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> WorkerResult:
-    """Run one target in a fresh interpreter; a crash or a hang becomes error rows."""
+    """Run one target in a fresh interpreter; a crash or a hang becomes error rows. A
+    precision this CPU cannot run fast is decided here, before any process starts."""
     backend, precision = split_target(target)
+    problem = get_backend(backend).precision_problem(precision)
+    if problem:
+        return WorkerResult(reason_rows(backend, precision, config.batch_sizes, problem))
     spec = {"bundle": str(bundle), "backend": backend, "precision": precision,
             "config": asdict(config), "gmacs": gmacs, "images": images}
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),

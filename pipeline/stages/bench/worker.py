@@ -90,9 +90,6 @@ def bench_backend(spec: dict[str, Any]) -> WorkerResult:
     bundle = Bundle.open(spec["bundle"])
     size = ModelSection.read(bundle).input_size
     set_threads(config.threads)
-    problem = get_backend(backend).precision_problem(precision)
-    if problem:
-        return WorkerResult(reason_rows(backend, precision, config.batch_sizes, problem))
     try:
         runner, cold = cold_start(bundle, backend, precision, config, size)
     except (EnvironmentUnavailable, VariantMissing) as exc:
