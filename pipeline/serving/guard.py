@@ -23,6 +23,7 @@ float32 tensors, plus 1 MiB for the JSON header; ``--max-request-mb`` changes it
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import zlib
@@ -30,6 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 from pipeline.errors import EnvironmentUnavailable
+from pipeline.serving.validate import (
+    ClientError,
+    Contract,
+    check_grpc_infer,
+    check_http,
+    client_fault,
+)
 
 # Headers that belong to one connection, not to the request (RFC 9110 7.6.1), plus the ones
 # aiohttp computes itself for the forwarded body.
@@ -55,9 +63,10 @@ class HttpGuard:
     """An HTTP/1.1 front for one upstream HTTP server, with a body-size limit."""
 
     def __init__(self, host: str, port: int, upstream: str, limit: int, *,
-                 flag: str = "--port") -> None:
+                 flag: str = "--port", contract: Contract | None = None) -> None:
         self.host, self.port, self.upstream, self.limit = host, port, upstream.rstrip("/"), limit
         self.flag = flag
+        self.contract = contract  # inference requests are checked against it (4xx, not 5xx)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -157,6 +166,12 @@ class HttpGuard:
             return self._refuse(400, f"the body is not valid {encoding} ({exc})")
         if body is None:
             return self._refuse(413, too_large_message(f"more than {self.limit}", self.limit))
+        if self.contract is not None:
+            try:
+                check_http(request.method, request.rel_url.path, dict(request.headers), body,
+                           self.contract)
+            except ClientError as exc:
+                return web.json_response({"error": str(exc)}, status=exc.status)
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"}
         try:
@@ -164,7 +179,8 @@ class HttpGuard:
                                              headers=headers, data=body or None) as answer:
                 payload = await answer.read()
                 kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
-                return web.Response(status=answer.status, body=payload, headers=kept)
+                return web.Response(status=_client_status(answer.status, payload), body=payload,
+                                    headers=kept)
         except aiohttp.ClientError as exc:
             return self._refuse(502, f"the inference server behind this port did not answer "
                                      f"({type(exc).__name__})")
@@ -197,11 +213,25 @@ class HttpGuard:
         return answer
 
 
-class GrpcGuard:
-    """A gRPC pass-through to Triton's gRPC port that refuses messages over the limit."""
+def _client_status(status: int, payload: bytes) -> int:
+    """Triton's 5xx for a request whose error message proves the client's fault: its 4xx."""
+    if status < 500:
+        return status
+    try:
+        message = json.loads(payload).get("error", "")
+    except (ValueError, AttributeError):
+        return status
+    return client_fault(str(message)) or status
 
-    def __init__(self, host: str, port: int, upstream: str, limit: int) -> None:
+
+class GrpcGuard:
+    """A gRPC pass-through to Triton's gRPC port that refuses messages over the limit, and
+    inference requests the model cannot take (INVALID_ARGUMENT)."""
+
+    def __init__(self, host: str, port: int, upstream: str, limit: int,
+                 contract: Contract | None = None) -> None:
         self.host, self.port, self.upstream, self.limit = host, port, upstream, limit
+        self.contract = contract
         self._server: Any = None
         self._channel: Any = None
 
@@ -215,7 +245,7 @@ class GrpcGuard:
                                    options=[("grpc.max_receive_message_length", self.limit),
                                             ("grpc.max_send_message_length", -1),
                                             ("grpc.so_reuseport", 0)])
-        self._server.add_generic_rpc_handlers((_PassThrough(self._channel),))
+        self._server.add_generic_rpc_handlers((_PassThrough(self._channel, self.contract),))
         try:
             bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
         except RuntimeError:
@@ -250,11 +280,12 @@ class _PassThrough:
     """A ``grpc.GenericRpcHandler`` (gRPC needs only its ``service``): every method forwarded
     as raw bytes; ``ModelStreamInfer`` is Triton's one streaming method."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, contract: Contract | None = None) -> None:
         import grpc
 
         self._grpc = grpc
         self._channel = channel
+        self._contract = contract
 
     def service(self, details: Any) -> Any:
         grpc = self._grpc
@@ -271,12 +302,22 @@ class _PassThrough:
             return grpc.stream_stream_rpc_method_handler(forward_stream)
 
         unary = self._channel.unary_unary(method)
+        contract = self._contract if method.endswith("/ModelInfer") else None
 
         def forward(request: bytes, context: Any) -> bytes:
+            if contract is not None:
+                try:
+                    check_grpc_infer(request, contract)
+                except ClientError as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             try:
                 return unary(request, metadata=_forwarded_metadata(context),
                              timeout=_deadline(context))
             except grpc.RpcError as exc:
-                context.abort(exc.code(), exc.details())
+                code, details = exc.code(), exc.details() or ""
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) \
+                        and client_fault(details):
+                    code = grpc.StatusCode.INVALID_ARGUMENT
+                context.abort(code, details)
         return grpc.unary_unary_rpc_method_handler(forward)
 

@@ -35,6 +35,7 @@ from pipeline.runtimes.registry import get_backend, served_model
 from pipeline.runtimes.triton import ServedModel
 from pipeline.serving.guard import GrpcGuard, HttpGuard, default_limit
 from pipeline.serving.repository import preferred_batch_sizes
+from pipeline.serving.validate import Contract
 
 INSTALL_HINT = 'pip install -e ".[serving]"'
 LOOPBACK = "127.0.0.1"
@@ -129,8 +130,12 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
                           allow_sagemaker=False, allow_vertex_ai=False, exit_on_error=True,
                           exit_timeout_secs=EXIT_TIMEOUT_S)
     limit = request_limit(model, options)
-    guards = [HttpGuard(options.host, options.port, f"http://{LOOPBACK}:{inner['http']}", limit),
-              GrpcGuard(options.host, options.grpc_port, f"{LOOPBACK}:{inner['grpc']}", limit),
+    contract = Contract(model.name, model.input_name, model.output_name,
+                        tuple(int(d) for d in model.input_shape), options.max_batch_size)
+    guards = [HttpGuard(options.host, options.port, f"http://{LOOPBACK}:{inner['http']}", limit,
+                        contract=contract),
+              GrpcGuard(options.host, options.grpc_port, f"{LOOPBACK}:{inner['grpc']}", limit,
+                        contract=contract),
               HttpGuard(options.host, options.metrics_port, f"http://{LOOPBACK}:{inner['metrics']}",
                         METRICS_LIMIT, flag="--metrics-port")]
     preferred = preferred_batch_sizes(bundle, options.max_batch_size) or None

@@ -111,8 +111,8 @@ def test_a_body_that_is_not_a_tensor_is_refused(server) -> None:
                                      headers={"Content-Type": "application/octet-stream"})
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=30)
-    # Triton answers parse failures with an error document (500 in Triton 2.51), not a crash
-    assert caught.value.code >= 400 and "failed to parse" in json.loads(caught.value.read())["error"]
+    # Triton 2.51 itself answers 500; the front checks the request first: a 400 naming it
+    assert caught.value.code == 400 and "not valid JSON" in json.loads(caught.value.read())["error"]
     assert _infer(server["url"], np.zeros((1, 3, 32, 32), np.float32)).as_numpy("logits").shape == (1, 10)
 
 
@@ -257,6 +257,117 @@ def test_predict_through_the_server_matches_predict(server, tmp_path: Path) -> N
         assert [t["label"] for t in a["top"]] == [t["label"] for t in b["top"]]
         assert np.allclose([t["probability"] for t in a["top"]],
                            [t["probability"] for t in b["top"]], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- client errors are 4xx
+def _post(port: int, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer",
+                                     data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _json_input(shape, datatype="FP32", name="input", data=None, **extra) -> bytes:
+    count = int(np.prod(shape))
+    tensor = {"name": name, "datatype": datatype, "shape": list(shape),
+              "data": data if data is not None else [0.0] * count}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+def _binary(shape, size=None, cut=0) -> tuple[bytes, dict]:
+    payload = np.zeros(shape, np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(shape),
+                                     "parameters": {"binary_data_size": size or len(payload)}}]}).encode()
+    return header + payload[:len(payload) - cut], {"Inference-Header-Content-Length": str(len(header))}
+
+
+HTTP_CASES = {
+    "malformed JSON": (b"{not json", {}, 400, "not valid JSON"),
+    "not an object": (b"[1, 2]", {}, 400, "JSON object"),
+    "unknown input name": (_json_input((1, 3, 32, 32), name="image"), {}, 422, "unknown input 'image'"),
+    "wrong datatype": (_json_input((1, 3, 32, 32), datatype="INT64"), {}, 422, "datatype 'INT64'"),
+    "wrong shape": (_json_input((1, 3, 31, 32)), {}, 422, "shape [1, 3, 31, 32]"),
+    "batch over the max": (_json_input((9, 3, 32, 32)), {}, 422, "batch 9 is outside 1..8"),
+    "data of the wrong size": (_json_input((1, 3, 32, 32), data=[0.0] * 10), {}, 422, "holds 10 values"),
+    "unknown output": (_json_input((1, 3, 32, 32), outputs=[{"name": "probs"}]), {}, 422,
+                       "unknown output 'probs'"),
+    "truncated binary tensor": (*_binary((1, 3, 32, 32), cut=100), 400, "truncated"),
+    "binary size that is not the shape's": (*_binary((1, 3, 32, 32), size=12), 422,
+                                            "does not match shape"),
+    "bad header length": (b"{}", {"Inference-Header-Content-Length": "ten"}, 400, "not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(HTTP_CASES))
+def test_a_bad_http_request_is_a_4xx_naming_the_field_and_the_next_is_served(case, server) -> None:
+    body, headers, status, message = HTTP_CASES[case]
+    code, answer = _post(server["port"], body, headers)
+    assert code == status and message in answer["error"], (code, answer)
+    honest, _ = _binary((1, 3, 32, 32))
+    code, answer = _post(server["port"], honest, _binary((1, 3, 32, 32))[1])
+    assert code == 200 and answer["outputs"][0]["shape"] == [1, 10]
+
+
+def test_an_oversized_http_body_is_413(server) -> None:
+    body = np.zeros((LIMIT // 4 + 1,), np.float32).tobytes()
+    code, answer = _post(server["port"], body, {"Inference-Header-Content-Length": "0"})
+    assert code == 413 and "exceeds this server's limit" in answer["error"]
+
+
+def _grpc_request(shape, *, name="input", datatype="FP32", raw_cut=0, outputs=()):
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    del tensor  # the contents go in raw_input_contents, as tritonclient sends them
+    payload = np.zeros(shape, np.float32).tobytes()
+    request.raw_input_contents.append(payload[:len(payload) - raw_cut])
+    for output in outputs:
+        request.outputs.add(name=output)
+    return request.SerializeToString()
+
+
+GRPC_CASES = {
+    "not a ModelInferRequest": (b"\xff\xff\xff garbage", "not a ModelInferRequest"),
+    "unknown input name": (_grpc_request((1, 3, 32, 32), name="image"), "unknown input 'image'"),
+    "wrong datatype": (_grpc_request((1, 3, 32, 32), datatype="INT64"), "datatype 'INT64'"),
+    "wrong shape": (_grpc_request((1, 3, 31, 32)), "shape [1, 3, 31, 32]"),
+    "batch over the max": (_grpc_request((9, 3, 32, 32)), "batch 9 is outside 1..8"),
+    "truncated binary tensor": (_grpc_request((1, 3, 32, 32), raw_cut=100), "raw_input_contents holds"),
+    "unknown output": (_grpc_request((1, 3, 32, 32), outputs=("probs",)), "unknown output 'probs'"),
+}
+
+
+@pytest.mark.parametrize("case", list(GRPC_CASES))
+def test_a_bad_grpc_request_is_invalid_argument_and_the_next_is_served(case, server) -> None:
+    import grpc
+
+    raw, message = GRPC_CASES[case]
+    with grpc.insecure_channel(f"127.0.0.1:{server['grpc_port']}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(raw, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+        assert message in caught.value.details()
+        answer = call(_grpc_request((1, 3, 32, 32)), timeout=30)
+    from tritonclient.grpc import service_pb2
+
+    parsed = service_pb2.ModelInferResponse()
+    parsed.ParseFromString(answer)
+    assert list(parsed.outputs[0].shape) == [1, 10]
+
+
+def test_tritons_own_client_fault_messages_map_to_4xx() -> None:
+    """The list of Triton 2.51 answers that prove the client's fault, on its real messages."""
+    from pipeline.serving.validate import client_fault
+
+    assert client_fault("failed to parse the request JSON buffer: Invalid value. at 1") == 400
+    assert client_fault("Unable to parse 'data': Shape does not match true shape of 'data' field") == 422
+    assert client_fault("inference request batch-size must be <= 8 for 'resnet18_cifar'") == 422
+    assert client_fault("failed to load model: out of memory") is None
 
 
 def test_sigterm_stops_it_and_frees_the_port(server) -> None:
