@@ -17,6 +17,8 @@ from pipeline.api import (
                           ExportResult,
                           TrainResult,
                           bench,
+                          bench_offline,
+                          classify,
                           deploy_triton,
                           export,
                           predict,
@@ -27,9 +29,15 @@ from pipeline.api import (
                           train,
                           verify,
 )
-from pipeline.errors import CheckFailed, EnvironmentUnavailable, InputError, PipelineError
+from pipeline.errors import (
+                          CheckFailed,
+                          EnvironmentUnavailable,
+                          InputError,
+                          PipelineError,
+)
 from pipeline.version import __version__
 
-__all__ = ["train", "export", "verify", "quantize", "bench", "predict", "run", "report",
+__all__ = ["train", "export", "verify", "quantize", "bench", "bench_offline", "predict", "classify", "run",
+           "report",
            "deploy_triton", "serve", "TrainResult", "ExportResult", "BenchResult",
            "PipelineError", "InputError", "CheckFailed", "EnvironmentUnavailable", "__version__"]

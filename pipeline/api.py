@@ -30,24 +30,32 @@ from pipeline.core.records import LatencyDoc, LatencyRow, ParityReport, unavaila
 from pipeline.errors import InputError
 from pipeline.options import (
     SCENARIOS,
+    SWEEP,
     BenchOptions,
     ExportOptions,
+    PredictOptions,
     QuantizeOptions,
     RunOptions,
     ScenarioOptions,
     ServeOptions,
     TritonOptions,
     VerifyOptions,
+    batch_list,
     int_list,
     names,
 )
 from pipeline.runtimes.registry import parse_targets, target_name
 
 if TYPE_CHECKING:  # these modules load numpy: imported inside the calls, off `import pipeline`
-    from pipeline.stages.predict import Prediction
+    from pipeline.core.records import OfflineRun
+    from pipeline.stages.predict import Prediction, StreamSummary
     from pipeline.stages.run import RunResult
 
 Log = Callable[[str], None]
+
+
+def quiet_log(message: str) -> None:
+    """Say nothing (the list-returning ``predict`` is a library call)."""
 DEFAULT_BUNDLE_ROOT = Path("exported")
 
 
@@ -306,7 +314,7 @@ _SCENARIO = ScenarioOptions()
 
 def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
           precisions: str | Sequence[str] | None = None,
-          batch_sizes: str | Sequence[int] = _BENCH.batch_sizes,
+          batch_sizes: str | Sequence[int] = SWEEP,
           iterations: int = _BENCH.iterations, seconds: float = _BENCH.seconds,
           warmup_seconds: float = _BENCH.warmup_s, threads: int | None = None,
           images: str | Path | None = None, budget_ms: float | None = None,
@@ -323,6 +331,10 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
 
     if scenario not in SCENARIOS:
         raise InputError(f"unknown --scenario {scenario!r}; choose from: {', '.join(SCENARIOS)}")
+    if scenario == "offline":
+        raise InputError("the offline scenario reads a folder of images: use "
+                         "pipeline.bench_offline(bundle, images) (CLI: bench --scenario offline "
+                         "--images DIR)")
     if scenario == "server":
         from pipeline.stages.bench.server import server_bench
         from pipeline.stages.report import stale_parity_warnings
@@ -343,7 +355,7 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     if threads is not None and threads < 1:
         raise InputError(f"--threads {threads} must be at least 1")
     config = BenchOptions(backends=targets(backends, precisions),
-                          batch_sizes=int_list(batch_sizes, "--batch-sizes"),
+                          batch_sizes=batch_list(batch_sizes),
                           iterations=iterations, seconds=seconds, warmup_s=warmup_seconds,
                           **({"threads": threads} if threads else {}))
     config.check()
@@ -356,17 +368,80 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     return BenchResult(target.root, doc, advice, stale_parity_warnings(target))
 
 
-def predict(model: str | Path, images: str | Path | Sequence[str | Path], *, top_k: int = 5,
-            provider: str = "cpu", runtime: str = "ort", precision: str = "fp32",
-            server: str | None = None) -> list["Prediction"]:
+def bench_offline(bundle: str | Path, images: str | Path, *, precision: str = "auto",
+                  runtime: str | None = None, provider: str = "cpu",
+                  batch_size: int = PredictOptions.batch, workers: int | None = None,
+                  threads: int | None = None, fast_decode: bool = False,
+                  seconds: float = _BENCH.seconds, log: Log = stderr_log) -> "OfflineRun":
+    """MLPerf's offline scenario on a folder of image files: end-to-end images/s through
+    predict's streaming engine, beside the decode-only and inference-only ceilings on the same
+    cores and the bound they set; writes offline.json into the bundle."""
+    from pipeline.stages.bench.offline import offline_bench
+
+    options = PredictOptions(precision=precision, runtime=runtime, provider=provider,
+                             batch=batch_size, workers=workers, threads=threads,
+                             fast_decode=fast_decode)
+    return offline_bench(Path(bundle), Path(images), options, seconds=seconds, log=log)
+
+
+def _predict_options(top_k: int, provider: str, runtime: str | None, precision: str,
+                     batch_size: int, workers: int | None, threads: int | None,
+                     max_wait_ms: float, fast_decode: bool, output: str | Path | None = None,
+                     resume: bool = False) -> PredictOptions:
+    return PredictOptions(top_k=top_k, provider=provider, runtime=runtime, precision=precision,
+                          batch=batch_size, workers=workers, threads=threads,
+                          max_wait_ms=max_wait_ms, fast_decode=fast_decode,
+                          output=str(output) if output is not None else None, resume=resume)
+
+
+_PREDICT = PredictOptions()
+
+
+def predict(model: str | Path, images: str | Path | Sequence[str | Path], *,
+            top_k: int = _PREDICT.top_k, provider: str = _PREDICT.provider,
+            runtime: str | None = _PREDICT.runtime, precision: str = _PREDICT.precision,
+            batch_size: int = _PREDICT.batch, workers: int | None = _PREDICT.workers,
+            threads: int | None = _PREDICT.threads, max_wait_ms: float = _PREDICT.max_wait_ms,
+            fast_decode: bool = _PREDICT.fast_decode, server: str | None = None,
+            log: Log = quiet_log) -> list["Prediction"]:
     """Classify image files or folders with a bundle, a bare .onnx or a model.pt2, or through
-    the Triton server at ``server`` (a URL) that serves the bundle. A file that cannot be read
-    is a Prediction with ``error`` set; the others are still classified."""
+    the Triton server at ``server`` (a URL) that serves the bundle; returns every Prediction
+    in input order. A file that cannot be read is a Prediction with ``error`` set; the others
+    are still classified. ``precision="auto"`` runs the fastest gated variant here (else
+    fp32). For a folder of any size, ``classify`` streams to a file instead of a list."""
     from pipeline.stages.predict import predict as run_predict
 
     items = [images] if isinstance(images, (str, Path)) else list(images)
-    return run_predict(Path(model), [Path(p) for p in items], k=top_k, provider=provider,
-                       runtime=runtime, precision=precision, server=server)
+    options = _predict_options(top_k, provider, runtime, precision, batch_size, workers, threads,
+                               max_wait_ms, fast_decode)
+    return run_predict(Path(model), [Path(p) for p in items], options, server=server, log=log)
+
+
+def classify(model: str | Path, images: str | Path | Sequence[str | Path], *,
+             output: str | Path | None = None, resume: bool = False,
+             top_k: int = _PREDICT.top_k, provider: str = _PREDICT.provider,
+             runtime: str | None = _PREDICT.runtime, precision: str = _PREDICT.precision,
+             batch_size: int = _PREDICT.batch, workers: int | None = _PREDICT.workers,
+             threads: int | None = _PREDICT.threads, max_wait_ms: float = _PREDICT.max_wait_ms,
+             fast_decode: bool = _PREDICT.fast_decode, server: str | None = None,
+             emit: Callable[["Prediction"], None] | None = None, log: Log = stderr_log,
+             progress: bool | None = None, ray: str | bool | None = None) -> "StreamSummary":
+    """Classify a folder of any size at the machine's limit: decode in worker processes,
+    batch, infer, and append each prediction to ``output`` (.jsonl or .csv) and/or hand it to
+    ``emit``, in input order, with memory bounded. ``resume`` skips files already in
+    ``output``. Returns counts, seconds and images/s (``.summary``)."""
+    items = [images] if isinstance(images, (str, Path)) else list(images)
+    options = _predict_options(top_k, provider, runtime, precision, batch_size, workers, threads,
+                               max_wait_ms, fast_decode, output, resume)
+    if ray:
+        from pipeline.stages.scale_out import classify_on_ray
+
+        return classify_on_ray(Path(model), [Path(p) for p in items], options,
+                               address=ray if isinstance(ray, str) else None, emit=emit, log=log)
+    from pipeline.stages.predict import write_predictions
+
+    return write_predictions(Path(model), [Path(p) for p in items], options, server=server,
+                             emit=emit, log=log, progress=progress)
 
 
 _SERVE = ServeOptions()

@@ -128,7 +128,7 @@ class QuantizeOptions:
 
 
 # ----------------------------------------------------------------------------- bench
-SCENARIOS = ("single-stream", "server")
+SCENARIOS = ("single-stream", "server", "offline")
 
 
 @dataclass(frozen=True)
@@ -137,18 +137,29 @@ class BenchOptions:
     empty means every target the registry knows."""
 
     backends: tuple[str, ...] = ()
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    iterations: int = 200
+    # Empty: sweep 1, 2, 4, ... until throughput stops gaining (``--batch-sizes sweep``).
+    batch_sizes: tuple[int, ...] = ()
+    iterations: int = 75  # three stability windows of 25 calls; --seconds usually gives more
     seconds: float = 5.0
     warmup_s: float = 1.0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_batch: int = 256  # the sweep's ceiling
+
+    @property
+    def sweep(self) -> bool:
+        return not self.batch_sizes
+
+    @property
+    def reason_batches(self) -> tuple[int, ...]:
+        """The batch sizes a target that cannot run gets a reason row for."""
+        return self.batch_sizes or (1,)
 
     def check(self) -> None:
         if self.iterations < 1 or self.seconds < 0 or self.warmup_s < 0:
             raise InputError("--iterations must be >= 1 and --seconds/--warmup-seconds >= 0")
         if self.threads < 1:
             raise InputError(f"--threads {self.threads} must be at least 1")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+        if any(b < 1 for b in self.batch_sizes):
             raise InputError(f"--batch-sizes {self.batch_sizes} must be positive integers")
 
 
@@ -174,6 +185,60 @@ class ScenarioOptions:
                              f"integers from 1 to 256, e.g. 1,4,16")
         if self.seconds <= 0 or self.seconds > 600:
             raise InputError(f"--seconds {self.seconds} must be in (0, 600] for the server scenario")
+
+
+# ----------------------------------------------------------------------------- predict
+PREDICT_RUNTIMES = ("ort", "openvino", "torch-export")
+PREDICT_PRECISIONS = ("auto", "fp32", "int8", "fp16")
+OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """``predict``: what runs the model, and how the streaming engine feeds it."""
+
+    top_k: int = 5
+    provider: str = "cpu"
+    runtime: str | None = None  # None: auto picks it; otherwise ort unless given
+    # auto: the fastest (backend, precision) whose gate passed for this bundle on this CPU
+    # (OpenVINO's own choice among them), else fp32.
+    precision: str = "auto"
+    batch: int = 8
+    workers: int | None = None  # decode processes; None: measured split of the cores
+    threads: int | None = None  # runtime threads; None: measured split of the cores
+    max_wait_ms: float = 50.0
+    fast_decode: bool = False
+    output: str | None = None  # .jsonl or .csv; None: stdout
+    resume: bool = False
+
+    def check(self) -> None:
+        if self.top_k < 1:
+            raise InputError(f"--top-k {self.top_k} must be at least 1")
+        if self.runtime is not None and self.runtime not in PREDICT_RUNTIMES:
+            raise InputError(f"unknown --runtime {self.runtime!r}; choose from: "
+                             f"{', '.join(PREDICT_RUNTIMES)}")
+        if self.precision not in PREDICT_PRECISIONS:
+            raise InputError(f"unknown --precision {self.precision!r}; choose from: "
+                             f"{', '.join(PREDICT_PRECISIONS)}")
+        if self.batch < 1:
+            raise InputError(f"--batch-size {self.batch} must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise InputError(f"--workers {self.workers} must be >= 0 (0 decodes in this process)")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads {self.threads} must be at least 1")
+        if self.max_wait_ms < 0:
+            raise InputError(f"--max-wait-ms {self.max_wait_ms} must be >= 0")
+        if self.output is not None and output_format(self.output) is None:
+            raise InputError(f"--output {self.output!r}: the suffix chooses the format; use "
+                             f"{' or '.join(OUTPUT_FORMATS)}")
+        if self.resume and self.output is None:
+            raise InputError("--resume needs --output FILE (the results so far are read from it)")
+
+
+def output_format(path: str) -> str | None:
+    from pathlib import PurePath
+
+    return OUTPUT_FORMATS.get(PurePath(path).suffix.lower())
 
 
 # ----------------------------------------------------------------------------- serving
@@ -303,6 +368,16 @@ class RunOptions:
 
 
 # ----------------------------------------------------------------------------- parsing
+SWEEP = "sweep"
+
+
+def batch_list(value: str | Iterable[int]) -> tuple[int, ...]:
+    """``--batch-sizes``: ``sweep`` (an empty tuple: find the throughput peak) or a list."""
+    if isinstance(value, str) and value.strip().lower() == SWEEP:
+        return ()
+    return int_list(value, "--batch-sizes")
+
+
 def int_list(value: str | Iterable[int], option: str) -> tuple[int, ...]:
     """``"1,8,32"`` or ``[1, 8, 32]`` as positive integers, else an InputError naming ``option``."""
     try:

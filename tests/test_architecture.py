@@ -15,7 +15,7 @@ import pytest
 import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-API = ("train", "export", "verify", "quantize", "bench", "predict", "run", "report", "serve",
+API = ("train", "export", "verify", "quantize", "bench", "bench_offline", "predict", "classify", "run", "report", "serve",
        "deploy_triton")
 
 

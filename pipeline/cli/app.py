@@ -23,6 +23,7 @@ from pipeline.errors import (
     EXIT_CHECK_FAILED,
     EXIT_ENVIRONMENT,
     EXIT_INTERNAL,
+    InputError,
     PipelineError,
 )
 from pipeline.models.archs import ARCHS, describe
@@ -33,12 +34,16 @@ from pipeline.options import (
     EXPORTERS,
     FLOOR_MULTIPLE,
     GATED_PRECISIONS,
+    PREDICT_PRECISIONS,
+    PREDICT_RUNTIMES,
     SCALE_TERM,
     SCENARIOS,
+    SWEEP,
     TRITON_GPU_PRECISIONS,
     TRITON_TARGETS,
     BenchOptions,
     ExportOptions,
+    PredictOptions,
     QuantizeOptions,
     RunOptions,
     ScenarioOptions,
@@ -47,12 +52,13 @@ from pipeline.options import (
     TritonOptions,
     joined,
 )
-from pipeline.runtimes.registry import registry_help
+from pipeline.runtimes.registry import parse_targets, registry_help
 from pipeline.version import __version__
 
 # Every default the commands show comes from the option dataclasses, written once there.
 EXPORT, QUANTIZE, TRAIN, RUN = ExportOptions(), QuantizeOptions(), TrainOptions(), RunOptions()
 BENCH, SCENARIO, SERVE, TRITON = BenchOptions(), ScenarioOptions(), ServeOptions(), TritonOptions()
+PREDICT = PredictOptions()
 
 
 class PipelineGroup(click.Group):
@@ -438,8 +444,9 @@ def _registry_help() -> str:
               help="Comma-separated backends, or backend:precision (default all): " + _registry_help() + ".")
 @click.option("--precisions", default=None,
               help="Only these precisions: fp32, int8, fp16, bf16, auto (OpenVINO's own choice).")
-@click.option("--batch-sizes", default=joined(BENCH.batch_sizes), show_default=True,
-              help="Batch sizes to sweep.")
+@click.option("--batch-sizes", default=SWEEP, show_default=True,
+              help="Batch sizes to time (1,8,32), or sweep: 1, 2, 4, ... until images/s gains "
+                   "less than 5% over the best, with two back-off steps (the throughput peak).")
 @click.option("--iterations", type=int, default=BENCH.iterations, show_default=True,
               help="Minimum timed iterations.")
 @click.option("--seconds", type=float, default=BENCH.seconds, show_default=True,
@@ -452,7 +459,11 @@ def _registry_help() -> str:
 @click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
 @click.option("--scenario", type=click.Choice(SCENARIOS), default=SCENARIOS[0],
               show_default=True, help="server: serve with Triton and drive it with concurrent "
-                                      "loopback clients (the serving extra).")
+                                      "loopback clients (the serving extra). offline: images/s "
+                                      "from the --images files to labels through predict's "
+                                      "engine, beside the decode and inference ceilings.")
+@click.option("--fast-decode", is_flag=True, help="--scenario offline: decode large JPEGs at a "
+                                                  "reduced scale, as predict --fast-decode does.")
 @click.option("--concurrency", default=joined(SCENARIO.concurrency), show_default=True,
               help="Concurrent clients per load level (--scenario server).")
 @click.option("--strict", is_flag=True, help="Exit 3 if any requested backend could not run.")
@@ -462,8 +473,8 @@ def _registry_help() -> str:
 def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: str | None,
           batch_sizes: str, iterations: int,
           seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
-          budget_ms: float | None, scenario: str, concurrency: str, strict: bool, verbose: bool,
-          as_json: bool) -> None:
+          budget_ms: float | None, scenario: str, fast_decode: bool, concurrency: str,
+          strict: bool, verbose: bool, as_json: bool) -> None:
     """Per-image latency on every backend this machine has, each in its own process.
 
     Writes latency.json, report.md and latency.png into the bundle.
@@ -474,7 +485,12 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18 --backends ort-cpu,torch-cpu --batch-sizes 1,8
       python -m pipeline bench exported/resnet18 --images photos/ --budget-ms 20 --verbose
       python -m pipeline bench exported/resnet18 --scenario server --concurrency 1,4,16 --seconds 10
+      python -m pipeline bench exported/resnet18 --scenario offline --images photos/
     """
+    if scenario == "offline":
+        _bench_offline(bundle, images, backends, batch_sizes, threads, fast_decode, seconds,
+                       as_json)
+        return
     result = api.bench(bundle, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
                        iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
                        threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
@@ -489,8 +505,12 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
         _print_image_loops(result.doc.images, verbose)
         best = result.recommendation["fastest_batch1"]
         if best:
-            click.echo(f"fastest verified at batch 1: {best['backend']} {best['precision']} "
-                       f"(p50 {best['p50_ms']:.2f} ms)")
+            click.echo(f"best latency, fastest verified at batch 1: {best['backend']} "
+                       f"{best['precision']} (p50 {best['p50_ms']:.2f} ms)")
+        bulk = result.recommendation.get("best_throughput")
+        if bulk:
+            click.echo(f"best throughput, verified: {bulk['backend']} {bulk['precision']} at "
+                       f"batch {bulk['batch']} ({bulk['images_per_s']:.1f} images/s)")
         for warning in result.warnings:
             _log(f"warning: {warning}")
         _log(f"wrote {result.bundle}/latency.json, report.md, latency.png")
@@ -498,6 +518,30 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
         names = sorted({row.backend for row in result.unavailable})
         _log(f"error: --strict: backends could not run: {', '.join(names)}")
         ctx.exit(EXIT_ENVIRONMENT)
+
+
+def _bench_offline(bundle: Path, images: Path | None, backends: str | None, batch_sizes: str,
+                   threads: int | None, fast_decode: bool, seconds: float, as_json: bool) -> None:
+    if images is None:
+        raise InputError("--scenario offline needs --images DIR: the folder to classify")
+    precision, runtime = "auto", None
+    if backends:
+        targets = parse_targets(backends)
+        if len(targets) != 1 or targets[0][0] not in ("ort-cpu", "ort-cuda", "openvino-cpu"):
+            raise InputError(f"--scenario offline runs one target of ort-cpu, ort-cuda or "
+                             f"openvino-cpu (e.g. ort-cpu:int8), not {backends!r}; or leave "
+                             f"--backends out to run what predict --precision auto picks")
+        backend, precision = targets[0]
+        runtime = "openvino" if backend.startswith("openvino") else "ort"
+    sizes = [] if batch_sizes == SWEEP else [int(b) for b in batch_sizes.split(",") if b.strip()]
+    run = api.bench_offline(bundle, images, precision=precision, runtime=runtime,
+                            batch_size=sizes[0] if len(sizes) == 1 else PREDICT.batch,
+                            threads=threads, fast_decode=fast_decode, seconds=seconds, log=_log)
+    if as_json:
+        emit_json(run.to_dict())
+    else:
+        click.echo(render.offline_table(run))
+        _log(f"wrote {run.path}")
 
 
 def _print_image_loops(loops: list[ImageLoop], verbose: bool) -> None:
@@ -639,46 +683,99 @@ def serve(bundle: Path, host: str, port: int, grpc_port: int, metrics_port: int,
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", type=int, default=5, show_default=True, help="How many classes to show.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--top-k", type=int, default=PREDICT.top_k, show_default=True, help="How many classes to show.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=PREDICT.provider, show_default=True,
               help="ONNX Runtime execution provider; cuda fails (exit 3) rather than fall back.")
-@click.option("--runtime", type=click.Choice(["ort", "openvino", "torch-export"]), default="ort",
-              show_default=True, help="ONNX Runtime, OpenVINO (the openvino extra), or PyTorch on "
-                                      "the bundle's model.pt2 (a .pt2 file always runs in PyTorch).")
-@click.option("--precision", default="fp32", show_default=True,
-              help="A bundle's variant: fp32, int8, fp16 (quantize writes them), or auto (OpenVINO's choice).")
+@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default=None,
+              help="ONNX Runtime, OpenVINO (the openvino extra), or PyTorch on the bundle's "
+                   "model.pt2 (a .pt2 file always runs in PyTorch). Default: ort, or what "
+                   "--precision auto picks.")
+@click.option("--precision", type=click.Choice(PREDICT_PRECISIONS), default=PREDICT.precision,
+              show_default=True,
+              help="auto: the fastest (backend, precision) whose accuracy gate passed for this "
+                   "bundle on this CPU (else fp32); or a bundle's variant: fp32, int8, fp16.")
+@click.option("--batch-size", "batch", type=int, default=PREDICT.batch, show_default=True,
+              help="Most images per inference call (batches form as images are decoded).")
+@click.option("--workers", type=int, default=None,
+              help="Decode processes (0: decode here). Default: a measured split of the cores.")
+@click.option("--threads", type=int, default=None,
+              help="Runtime threads. Default: a measured split of the cores.")
+@click.option("--max-wait-ms", type=float, default=PREDICT.max_wait_ms, show_default=True,
+              help="Longest a started batch waits for the next decoded image.")
+@click.option("--fast-decode", is_flag=True,
+              help="Let libjpeg decode large JPEGs at a reduced scale (faster; pixels differ "
+                   "slightly: see benchmarks/results/offline.md).")
+@click.option("--output", "-o", default=None,
+              help="Write predictions to FILE as they come: .jsonl (one JSON object per line) "
+                   "or .csv, by suffix. Default: stdout.")
+@click.option("--resume", is_flag=True, help="Skip files already in --output and append the rest.")
 @click.option("--server", default=None,
               help="Classify through the Triton server at this URL (python -m pipeline serve BUNDLE), "
                    "preprocessing and labelling with the bundle given.")
-@click.option("--json", "as_json", is_flag=True, help="Print predictions as JSON only.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run as a Ray Data pipeline (the ray extra): decode in Ray tasks, infer in an "
+                   "actor pool. A local Ray unless --ray-address is given.")
+@click.option("--ray-address", default=None,
+              help="A Ray cluster to run on (ray://HEAD:10001, or auto); implies --ray.")
+@click.option("--json", "as_json", is_flag=True, help="Print predictions on stdout as one JSON array.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no choice or summary lines.")
 @click.pass_context
 def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: int, provider: str,
-            runtime: str, precision: str, server: str | None, as_json: bool) -> None:
+            runtime: str | None, precision: str, batch: int, workers: int | None,
+            threads: int | None, max_wait_ms: float, fast_decode: bool, output: str | None,
+            resume: bool, server: str | None, use_ray: bool, ray_address: str | None,
+            as_json: bool, quiet: bool) -> None:
     """Classify images with an exported bundle, a bare .onnx or a bare model.pt2.
+
+    Files and folders (walked in sorted order) stream through decode worker processes into
+    batches; predictions come out in input order as they are ready: on stdout, or appended to
+    --output. Bad files are error lines in their place. Ctrl-C stops cleanly (exit 130) and
+    leaves a valid, partial --output that --resume continues.
 
     Exit 1 if any file could not be classified (the others still are).
 
     \b
     Example:
       python -m pipeline predict exported/resnet18 photo.jpg more/ --top-k 5
+      python -m pipeline predict exported/resnet18 photos/ --output labels.jsonl
+      python -m pipeline predict exported/resnet18 photos/ --output labels.csv --resume
       python -m pipeline predict model.onnx photo.jpg --provider cuda --json
       python -m pipeline predict exported/resnet18/model.pt2 photo.jpg
       python -m pipeline predict exported/resnet18 photo.jpg --server http://127.0.0.1:8000
-      python -m pipeline predict exported/resnet18 photo.jpg --precision int8 --runtime openvino
+      python -m pipeline predict exported/resnet18 photos/ --precision int8 --runtime openvino
+      python -m pipeline predict exported/resnet18 photos/ --ray --output labels.jsonl
     """
-    from dataclasses import asdict
+    from pipeline.stages.predict import as_record
 
-    results = api.predict(model, list(images), top_k=top_k, provider=provider, runtime=runtime,
-                          precision=precision, server=server)
+    first = [True]
+
+    def emit(prediction: Any) -> None:
+        if prediction.error:
+            _log(f"error: {prediction.error}")
+        if as_json:
+            click.echo(("[" if first[0] else ",") + json.dumps(as_record(prediction)))
+            first[0] = False
+        elif output is None and not prediction.error:
+            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in prediction.top)
+            click.echo(f"{prediction.file}: {best}")
+
+    try:
+        summary = api.classify(model, list(images), output=output, resume=resume, top_k=top_k,
+                               provider=provider, runtime=runtime, precision=precision,
+                               batch_size=batch, workers=workers, threads=threads,
+                               max_wait_ms=max_wait_ms, fast_decode=fast_decode, server=server,
+                               emit=emit, log=(lambda _: None) if quiet else _log,
+                               progress=False if quiet else None,
+                               ray=ray_address or use_ray)
+    except KeyboardInterrupt:
+        if as_json:
+            click.echo("[]" if first[0] else "]")
+        where = f"; {output} holds whole lines only: add --resume to continue" if output else ""
+        _log(f"interrupted{where}")
+        ctx.exit(130)
     if as_json:
-        emit_json([asdict(result) for result in results])
-    for result in results:
-        if result.error:
-            _log(f"error: {result.error}")
-        elif not as_json:
-            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in result.top)
-            click.echo(f"{result.file}: {best}")
-    if any(result.error for result in results):
+        click.echo("[]" if first[0] else "]")
+    if summary.errors:
         ctx.exit(EXIT_CHECK_FAILED)
 
 

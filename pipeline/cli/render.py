@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.records import ImageLoop, LatencyRow, ServerSection
+from pipeline.core.records import ImageLoop, LatencyRow, OfflineRun, ServerSection
 from pipeline.stages.report import server_lines
 
 if TYPE_CHECKING:  # verify loads numpy and the data modules: off the --help path
@@ -151,4 +151,20 @@ def archs_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{row['arch']:<16} {row['params'] / 1e6:7.2f}M {row['gmacs']:7.3f} "
                      f"{row['input_size']:>5}  resize {prep['resize']}, crop {prep['crop']}, "
                      f"mean {triple(prep['mean'])}, std {triple(prep['std'])}")
+    return "\n".join(lines)
+
+
+def offline_table(run: OfflineRun) -> str:
+    """The offline scenario: the two ceilings, the bound they set, and the end-to-end rate."""
+    lines = [f"offline scenario: {run.files} files, {run.target} at batch {run.batch} "
+             f"({run.choice}); {run.machine.get('cpu')}, {run.cores} cores",
+             f"{'':<34} {'img/s':>9}",
+             f"{'decode only (' + str(run.cores) + ' processes)':<34} {run.decode_only_per_s:9.1f}",
+             f"{'inference only (' + str(run.cores) + ' threads)':<34} {run.infer_only_per_s:9.1f}",
+             f"{'shared-core bound 1/(1/D+1/I)':<34} {run.shared_core_bound_per_s:9.1f}",
+             f"{'end to end (predict engine)':<34} {run.end_to_end_per_s:9.1f}  "
+             f"{run.ratio_to_bound:.2f}x the bound",
+             f"split: {run.split}"]
+    if run.errors:
+        lines.append(f"{run.errors} file(s) could not be classified")
     return "\n".join(lines)

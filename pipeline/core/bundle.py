@@ -48,9 +48,10 @@ METRICS = "metrics.json"
 TRAIN_FILES = (CHECKPOINT, LAST_CHECKPOINT, HISTORY, HISTORY_PLOT, METRICS)
 
 LATENCY = "latency.json"
+OFFLINE = "offline.json"
 REPORT = "report.md"
 LATENCY_PLOT = "latency.png"
-BENCH_FILES = (LATENCY, REPORT, LATENCY_PLOT)
+BENCH_FILES = (LATENCY, REPORT, LATENCY_PLOT, OFFLINE)
 # What a new export makes stale: results measured on the old models, and variants made from them.
 DERIVED_FROM_EXPORT = QUANTIZE_FILES + BENCH_FILES
 

@@ -21,10 +21,11 @@ from typing import Any, ClassVar, TypeVar
 from pipeline.core.bundle import PARITY, write_json_atomic
 from pipeline.errors import InputError
 
-LATENCY_SCHEMA_VERSION = 2
+LATENCY_SCHEMA_VERSION = 3  # 2: rows without the stability windows (stable, window_spread)
 LATENCY_KIND = "pipeline.latency"
-PARITY_SCHEMA_VERSION = 3  # 1: no schema_version yet; 2: no "localized" section
+PARITY_SCHEMA_VERSION = 3  # 1: no schema_version yet; 2: no "localized", no "machine"
 CALIBRATION_SCHEMA_VERSION = 1
+OFFLINE_SCHEMA_VERSION = 1
 
 R = TypeVar("R", bound="Record")
 
@@ -122,7 +123,7 @@ def check_version(data: dict[str, Any], path: Path, version: int, remake: str) -
 class LatencyRow(Record):
     """One (backend, precision, batch) of a single-stream sweep: numbers, or a reason."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"machine", "arch"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"machine", "arch", "stable", "window_spread"})
 
     backend: str
     batch: int
@@ -152,6 +153,11 @@ class LatencyRow(Record):
     ms_per_image: float | None = None
     images_per_s: float | None = None
     gflops: float | None = None
+    # Stability windows (Model Navigator's rule): the images/s of the last three windows of 25
+    # calls agree within 10% (stable), or not after the time allowed; their spread, max-min
+    # over median.
+    stable: bool | None = None
+    window_spread: float | None = None
     # What verify said of the very file this row timed (see stages.bench.recommend).
     verified: str = "not verified"
     top1_agreement: float | None = None
@@ -316,6 +322,8 @@ class LatencyDoc(Record):
         if not isinstance(data, dict) or data.get("kind") != LATENCY_KIND:
             raise InputError(f"{str(path)!r} is not a latency.json written by python -m pipeline "
                              f"bench")
+        if data.get("schema_version") == 2:  # rows had no stability fields: they are optional
+            data = {**data, "schema_version": LATENCY_SCHEMA_VERSION}
         check_version(data, path, LATENCY_SCHEMA_VERSION, cls.REMAKE)
         return cls.from_dict(data, where=str(path))
 
@@ -444,6 +452,7 @@ class ParityReport(Record):
     not_verified: dict[str, str] = field(default_factory=dict)
     integrity_checked: list[str] = field(default_factory=list)
     localized: list[Localization] = field(default_factory=list)
+    machine: str | None = None  # the CPU (model and flags) the gates ran on
     schema_version: int = PARITY_SCHEMA_VERSION
     reference: str = "eager PyTorch on the CPU: float64 for parity, fp32 for the gate"
     passed: bool = field(default=False, init=False)
@@ -536,7 +545,7 @@ class ParityReport(Record):
         if isinstance(data, dict) and "schema_version" not in data:
             data = _parity_v1_to_v2(data)
         if isinstance(data, dict) and data.get("schema_version") == 2:
-            data = {**data, "schema_version": 3, "localized": []}  # v2 had no localization
+            data = {**data, "schema_version": 3, "localized": [], "machine": None}
         if not isinstance(data, dict):
             raise InputError(f"{str(path)!r} is not a parity.json written by python -m pipeline verify")
         check_version(data, path, PARITY_SCHEMA_VERSION, cls.REMAKE)
@@ -601,6 +610,62 @@ class CalibrationRecord(Record):
 
     def dump(self, path: Path) -> None:
         write_json_atomic(path, self.to_dict())
+
+
+# ----------------------------------------------------------------------------- offline.json
+@dataclass
+class OfflineRun(Record):
+    """offline.json: ``bench --scenario offline`` (MLPerf's offline scenario: images/s over one
+    large query), end to end from files to labels, beside the two ceilings that bound it on
+    the same cores, measured in the same run."""
+
+    REMAKE: ClassVar[str] = "python -m pipeline bench BUNDLE --scenario offline --images DIR"
+
+    created: str
+    machine: dict[str, Any]
+    target: str  # backend:precision that ran (what predict's --precision auto chose, or given)
+    choice: str  # why
+    files: int
+    classified: int
+    errors: int
+    batch: int
+    cores: int
+    workers: int  # decode processes in the end-to-end run
+    threads: int  # runtime threads in the end-to-end run
+    split: str  # how they were chosen
+    fast_decode: bool
+    decode_only_per_s: float  # decode+preprocess alone, every core decoding
+    infer_only_per_s: float  # inference alone at ``batch``, every core as runtime threads
+    shared_core_bound_per_s: float  # 1 / (1/decode + 1/infer): both on the same cores
+    end_to_end_per_s: float  # files to labels through the streaming engine
+    ratio_to_bound: float
+    seconds: float  # the end-to-end run
+    schema_version: int = OFFLINE_SCHEMA_VERSION
+
+    @classmethod
+    def load(cls, path: Path | str) -> "OfflineRun":
+        path = Path(path)
+        data = read_json(path, remake=cls.REMAKE)
+        if not isinstance(data, dict):
+            raise InputError(f"{str(path)!r} is not an offline.json written by bench")
+        check_version(data, path, OFFLINE_SCHEMA_VERSION, cls.REMAKE)
+        return cls.from_dict(data, where=str(path))
+
+    path: ClassVar[Path | None] = None  # set per instance by ``dump``
+
+    def dump(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+        self.path = path
+
+    @property
+    def record(self) -> "OfflineRun":
+        return self
+
+    @property
+    def summary(self) -> str:
+        return (f"offline {self.target}: {self.end_to_end_per_s:.1f} img/s end to end, "
+                f"{self.ratio_to_bound:.2f}x the shared-core bound {self.shared_core_bound_per_s:.1f} "
+                f"(decode {self.decode_only_per_s:.1f}, inference {self.infer_only_per_s:.1f} img/s)")
 
 
 # ----------------------------------------------------------------------------- manifest sections

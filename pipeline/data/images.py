@@ -49,14 +49,17 @@ def find_images(paths: Iterable[Path | str], *, what: str = "--images") -> list[
     return found
 
 
-def open_rgb(path: Path | str) -> "Image.Image":
-    """Open, fully decode and convert to RGB, or raise ``BadImage`` naming the file."""
+def open_rgb(path: Path | str, *, draft: Callable[["Image.Image"], None] | None = None) -> "Image.Image":
+    """Open, fully decode and convert to RGB, or raise ``BadImage`` naming the file.
+    ``draft`` may set a reduced decoding scale on the opened file before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if draft is not None:
+                    draft(image)
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -121,3 +124,53 @@ def load_batch(paths: list[Path], prep: Preprocessing) -> tuple[np.ndarray, list
             errors.append((path, str(exc)))
     batch = np.stack(tensors) if tensors else np.zeros((0, 3, prep.crop, prep.crop), np.float32)
     return batch, good, errors
+
+
+# ----------------------------------------------------------------------------- streaming decode
+PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
+
+
+def decode_crop(path: Path | str, prep: Preprocessing, *, fast: bool = False) -> np.ndarray:
+    """Decode, resize the shorter side and centre-crop with PIL alone: HWC uint8, the exact
+    pixels ``eval_transform`` normalises (torchvision's PIL path is these PIL calls), so
+    decode workers need neither torch nor torchvision and ship a quarter of the bytes.
+
+    ``fast``: for a JPEG at least twice the resize target, libjpeg decodes at a reduced scale
+    (``Image.draft``, 1/2 to 1/8) that keeps the shorter side at least twice the target, and
+    the antialiased resize runs from there. Pixels differ slightly from exact decoding; see
+    benchmarks/results/offline.md for what that does to predictions."""
+    from PIL import Image
+
+    def reduce(image: "Image.Image") -> None:
+        if image.format == "JPEG" and min(image.size) >= 2 * prep.resize:
+            scale = min(image.size) / (2 * prep.resize)
+            image.draft("RGB", (int(image.size[0] / scale), int(image.size[1] / scale)))
+
+    rgb = open_rgb(path, draft=reduce if fast else None)
+    width, height = rgb.size
+    if prep.interpolation not in PIL_FILTERS:
+        raise InputError(f"unknown interpolation {prep.interpolation!r} in preprocessing; "
+                         f"use bilinear, bicubic or nearest")
+    # torchvision's rule: the shorter side becomes ``resize``, the longer one is truncated.
+    if width <= height:
+        size = (prep.resize, int(prep.resize * height / width))
+    else:
+        size = (int(prep.resize * width / height), prep.resize)
+    if size != rgb.size:
+        rgb = rgb.resize(size, resample=PIL_FILTERS[prep.interpolation])
+    crop = prep.crop
+    if min(size) < crop:  # only when crop > resize: torchvision pads with zeros
+        canvas = Image.new("RGB", (max(size[0], crop), max(size[1], crop)))
+        canvas.paste(rgb, ((canvas.size[0] - size[0]) // 2, (canvas.size[1] - size[1]) // 2))
+        rgb, size = canvas, canvas.size
+    top, left = int(round((size[1] - crop) / 2.0)), int(round((size[0] - crop) / 2.0))
+    return np.asarray(rgb.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+
+def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """NHWC uint8 crops -> NCHW float32 model input: /255, then (x - mean) / std, in float32
+    as torchvision's ``ToDtype(scale=True)`` and ``Normalize`` compute it."""
+    scaled = pixels.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(prep.mean, np.float32)
+    std = np.asarray(prep.std, np.float32)
+    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))

@@ -98,7 +98,10 @@ def read_archive(path: Path | str) -> Archive:
     except (zipfile.BadZipFile, ValueError, OSError):
         raise InputError(_not_pt2(path, "not a zip archive")) from None
     found = Archive(path, data, archive, _records(path, archive))
-    from torch.export.pt2_archive.constants import ARCHIVE_FORMAT_PATH, ARCHIVE_FORMAT_VALUE
+    from torch.export.pt2_archive.constants import (
+        ARCHIVE_FORMAT_PATH,
+        ARCHIVE_FORMAT_VALUE,
+    )
 
     if (ARCHIVE_FORMAT_PATH not in found.records
             or found.read(ARCHIVE_FORMAT_PATH).decode(errors="replace").strip() != ARCHIVE_FORMAT_VALUE):

@@ -115,7 +115,9 @@ def _build_cifar(depth: int, num_classes: int) -> "nn.Module":
 
 
 def _build_preact(depth: int, num_classes: int) -> "nn.Module":
-    from pipeline.models.resnet_v2 import ResNetV2  # torch.nn at import: off the --help path
+    from pipeline.models.resnet_v2 import (
+        ResNetV2,  # torch.nn at import: off the --help path
+    )
 
     _, layers = RESNET_DEPTHS[depth]
     return ResNetV2(layers, num_classes=num_classes)

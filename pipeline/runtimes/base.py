@@ -42,6 +42,11 @@ class Runner:
         """The call to time for ``batch`` and where its input and output live (host/device)."""
         return (lambda: self.infer(batch)), "host"
 
+    def images_per_step(self, batch: int) -> int:
+        """Images one ``timed_step`` call processes (more than ``batch`` when a step keeps
+        several requests in flight, as OpenVINO's throughput mode does)."""
+        return batch
+
     def metadata(self) -> dict[str, str]:
         """The model file's metadata (class names, preprocessing ...), if it has any."""
         return {}

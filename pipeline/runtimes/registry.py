@@ -63,6 +63,7 @@ class Backend:
     provider: str | None = None  # ONNX Runtime provider key (cpu, cuda, tensorrt)
     iobinding: bool = False
     gate_as: str | None = None  # a backend whose verify result covers this one
+    throughput: bool = False  # OpenVINO's THROUGHPUT hint: streams and an async request queue
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
@@ -124,7 +125,8 @@ class Backend:
         if self.runtime == "openvino":
             from pipeline.runtimes.openvino import OpenVinoRunner
 
-            return OpenVinoRunner(path, precision=precision, threads=threads)
+            return OpenVinoRunner(path, precision=precision, threads=threads,
+                                  throughput=self.throughput)
         from pipeline.runtimes.ort import OrtRunner
 
         return OrtRunner(path, provider=self.provider or "cpu", threads=threads,
@@ -175,6 +177,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             provider="cpu"),
     Backend("openvino-cpu", "openvino", "cpu", ("fp32", "auto", "int8"),
             "OpenVINO CPU plugin; auto = its own precision", extra="openvino"),
+    Backend("openvino-cpu-throughput", "openvino", "cpu", ("fp32", "auto", "int8"),
+            "OpenVINO CPU plugin in throughput mode: its streams, an async request queue",
+            extra="openvino", gate_as="openvino-cpu", throughput=True),
     Backend("torch-cuda", "torch", "cuda", ("fp32",), "eager PyTorch on the GPU"),
     Backend("torchscript-cuda", "torchscript", "cuda", ("fp32",), "model.ts on the GPU"),
     Backend("torch-export-cuda", "torch-export", "cuda", ("fp32",), "model.pt2 on the GPU"),

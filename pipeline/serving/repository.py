@@ -16,7 +16,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.bundle import LATENCY, ONNX, ONNX_INT8, Bundle, atomic_path, ensure_writable_dir
+from pipeline.core.bundle import (
+    LATENCY,
+    ONNX,
+    ONNX_INT8,
+    Bundle,
+    atomic_path,
+    ensure_writable_dir,
+)
 from pipeline.core.records import LatencyDoc, ModelSection
 from pipeline.errors import InputError
 from pipeline.formats.onnx import io_spec

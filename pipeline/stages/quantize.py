@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.core import machine
 from pipeline.core.bundle import (
     CALIBRATION,
     ONNX,
@@ -40,7 +41,6 @@ from pipeline.core.bundle import (
     sha256_of,
 )
 from pipeline.core.console import captured
-from pipeline.core import machine
 from pipeline.core.records import CalibrationRecord, ModelSection
 from pipeline.data.datasets import (
     SYNTHETIC_CLASSES,
@@ -199,7 +199,10 @@ def quantize_int8(source: Path, target: Path, calibration: Calibration, method: 
 
 def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
     import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
     casts = sum(node.op_type == "Cast" for node in model.graph.node)

@@ -51,7 +51,8 @@ def eligible(row: LatencyRow) -> bool:
 
 
 ADVICE_FIELDS = ("machine", "backend", "precision", "precision_requested", "device", "batch",
-                 "p50_ms", "p90_ms", "verified", "top1_agreement", "top1_drop_points")
+                 "p50_ms", "p90_ms", "images_per_s", "stable", "verified", "top1_agreement",
+                 "top1_drop_points")
 
 
 def advice_of(row: LatencyRow) -> dict[str, Any]:
@@ -60,18 +61,22 @@ def advice_of(row: LatencyRow) -> dict[str, Any]:
 
 
 def recommend(rows: list[LatencyRow], budget_ms: float | None = None) -> dict[str, Any]:
-    """The fastest verified (backend, precision) at batch 1 and its cost against the fastest
-    fp32; who meets a p90 budget; where the GPU overtakes the CPU; what was not verified."""
+    """The fastest verified (backend, precision) at batch 1 (best latency) and its cost
+    against the fastest fp32; the verified row with the most images/s at any batch (best
+    throughput); who meets a p90 budget; where the GPU overtakes the CPU; what was not verified."""
     good = ok_rows(rows)
     usable = [r for r in good if eligible(r)]
     batch1 = sorted((r for r in usable if r.batch == 1), key=lambda r: r.p50_ms)
     fp32 = [r for r in batch1 if r.requested == "fp32"]
     answer: dict[str, Any] = {"fastest_batch1": None, "fastest_fp32_batch1": None,
+                              "best_throughput": None,
                               "speedup_vs_fp32": None, "budget_ms": budget_ms, "meets_budget": None,
                               "gpu_overtakes_cpu_at_batch": None, "gpu_vs_cpu": None,
                               "not_verified": sorted({r.target for r in good if not eligible(r)})}
     if batch1:
         answer["fastest_batch1"] = advice_of(batch1[0])
+    if usable:
+        answer["best_throughput"] = advice_of(max(usable, key=lambda r: r.images_per_s or 0.0))
     if fp32:
         answer["fastest_fp32_batch1"] = advice_of(fp32[0])
         answer["speedup_vs_fp32"] = fp32[0].p50_ms / batch1[0].p50_ms

@@ -102,7 +102,7 @@ def recommendation_lines(advice: dict[str, Any]) -> list[str]:
     best = advice["fastest_batch1"]
     if best:
         where = f" on {best['machine']}" if best.get("machine") else ""
-        lines.append(f"- Fastest verified model at batch 1: **{_named(best)}**{where} "
+        lines.append(f"- Best latency, the fastest verified model at batch 1: **{_named(best)}**{where} "
                      f"(p50 {best['p50_ms']:.2f} ms, p90 {best['p90_ms']:.2f} ms; {accuracy_cost(best)}).")
         fp32 = advice.get("fastest_fp32_batch1")
         if fp32 and fp32 != best:
@@ -110,6 +110,13 @@ def recommendation_lines(advice: dict[str, Any]) -> list[str]:
                          f"{_named(fp32)} (p50 {fp32['p50_ms']:.2f} ms).")
     else:
         lines.append("- No verified backend produced numbers.")
+    bulk = advice.get("best_throughput")
+    if bulk:
+        where = f" on {bulk['machine']}" if bulk.get("machine") else ""
+        steady = "" if bulk.get("stable") is not False else "; unstable windows"
+        lines.append(f"- Best throughput (verified): **{_named(bulk)}** at batch {bulk['batch']}"
+                     f"{where}: {bulk['images_per_s']:.1f} images/s (p50 {bulk['p50_ms']:.2f} ms "
+                     f"per call{steady}; {accuracy_cost(bulk)}).")
     if advice.get("not_verified"):
         lines.append(f"- Not verified, so never recommended: {', '.join(advice['not_verified'])} "
                      f"(run `python -m pipeline verify` with evaluation images, then bench again).")

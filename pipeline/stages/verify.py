@@ -33,6 +33,7 @@ from pipeline.core.bundle import (
     Bundle,
     sha256_of,
 )
+from pipeline.core.machine import cpu_summary
 from pipeline.core.records import (
     CalibrationRecord,
     GateResult,
@@ -403,7 +404,7 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
             {"kind": "fp32 noise floor", "floor_multiple": FLOOR_MULTIPLE, "scale_term": SCALE_TERM,
              "formula": "|candidate - fp64| <= floor_multiple * max|fp32 - fp64| + "
                         "scale_term * max|fp64|"})
-    report = ParityReport(rule=rule, integrity_checked=integrity,
+    report = ParityReport(rule=rule, integrity_checked=integrity, machine=cpu_summary(),
                           gate_rule={"max_top1_drop_points": max_top1_drop,
                                      "min_top1_agreement": min_agreement,
                                      "decides_exit": GATE_VERDICT_RULE})

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from pipeline.cli import render
-from pipeline.core.records import GateResult, LatencyRow, PairResult, ParityReport, ServerSection
+from pipeline.core.records import (
+    GateResult,
+    LatencyRow,
+    PairResult,
+    ParityReport,
+    ServerSection,
+)
 
 
 def _report() -> ParityReport:

@@ -91,7 +91,7 @@ def test_another_schema_version_is_refused_with_the_fix(tmp_path):
     data = {**_doc().to_dict(), "schema_version": 1}
     path = tmp_path / "latency.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(InputError, match="schema_version 1; this pipeline reads 2. Make a new "
+    with pytest.raises(InputError, match="schema_version 1; this pipeline reads 3. Make a new "
                                          "one with python -m pipeline bench"):
         LatencyDoc.load(path)
 

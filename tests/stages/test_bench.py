@@ -89,7 +89,7 @@ def test_bench_rows_and_schema(bench_result, cuda_available):
     bundle, result = bench_result
     assert result.exit_code == 0, result.output
     doc = json.loads((bundle / "latency.json").read_text())
-    assert doc["schema_version"] == 2 and doc["kind"] == "pipeline.latency"
+    assert doc["schema_version"] == 3 and doc["kind"] == "pipeline.latency"
     assert {"cpu", "cpu_flags", "cpu_count", "gpu", "versions"} <= set(doc["machine"])
     assert {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"} \
         <= set(doc["machine"]["cpu_flags"])
@@ -123,11 +123,11 @@ def test_bench_rows_and_schema(bench_result, cuda_available):
 def test_bench_outputs_and_recommendation(bench_result):
     bundle, result = bench_result
     report = (bundle / "report.md").read_text()
-    assert "## Recommendation" in report and "Fastest verified model at batch 1" in report
+    assert "## Recommendation" in report and "the fastest verified model at batch 1" in report
     assert "Meets the 1000 ms budget at p90" in report
     assert "Threads for every CPU backend: 1" in report and "python -m pipeline bench" in report
     assert (bundle / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "fastest verified at batch 1:" in result.stdout
+    assert "best latency, fastest verified at batch 1:" in result.stdout
 
 
 def test_strict_turns_reason_rows_into_exit_3(tiny_bundle, cuda_available):
@@ -293,7 +293,11 @@ def test_a_worker_killed_by_a_signal_names_it_and_the_frame(tiny_bundle, monkeyp
 def test_a_provider_that_cannot_load_is_named_with_the_missing_library():
     """ORT's message when the TensorRT provider's libraries are missing (seen on an H200), cut
     to the library and the loader's error; and the TensorRT check names the extra."""
-    from pipeline.runtimes.ort import TENSORRT_LIBRARIES, _load_failure_reason, tensorrt_problem
+    from pipeline.runtimes.ort import (
+        TENSORRT_LIBRARIES,
+        _load_failure_reason,
+        tensorrt_problem,
+    )
 
     log = ("2026-11-26 22:21:40 [E:onnxruntime:Default, provider_bridge_ort.cc:2043 Get] "
            "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:2043 "
@@ -307,3 +311,79 @@ def test_a_provider_that_cannot_load_is_named_with_the_missing_library():
     problem = tensorrt_problem()
     if problem is not None:  # no TensorRT here: the message names what is missing and the fix
         assert TENSORRT_LIBRARIES[0] in problem and 'pip install -e ".[tensorrt]"' in problem
+
+
+# ----------------------------------------------------------------------------- the throughput peak
+def test_sweep_stops_after_two_back_off_steps_past_the_peak():
+    from pipeline.stages.bench.timing import sweep
+
+    plateau = {1: 100, 2: 180, 4: 250, 8: 300, 16: 305, 32: 302, 64: 290, 128: 280}
+    assert sweep(lambda b: plateau[b]) == [1, 2, 4, 8, 16, 32, 64]  # 16, 32, 64: < 5% gain
+    late = {1: 100, 2: 102, 4: 103, 8: 200, 16: 400, 32: 401, 64: 402, 128: 403, 256: 404}
+    assert sweep(lambda b: late[b]) == [1, 2, 4, 8, 16, 32, 64, 128]  # a plateau before the peak
+    assert sweep(lambda b: None if b > 4 else b * 10.0) == [1, 2, 4, 8]  # memory ran out at 8
+    assert sweep(lambda b: float(b), max_batch=16) == [1, 2, 4, 8, 16]
+
+
+def test_stability_windows_agree_within_ten_percent():
+    from pipeline.stages.bench.timing import stable_loop, window_spread
+
+    steady = [1_000_000] * 75
+    assert window_spread(steady) == pytest.approx(0.0)
+    assert window_spread(steady[:74]) is None
+    noisy = [1_000_000] * 25 + [1_500_000] * 25 + [1_000_000] * 25
+    assert window_spread(noisy) == pytest.approx((1 / 1.0 - 1 / 1.5) / (1 / 1.0))
+    # a step that settles: the loop adds windows until the last three agree
+    durations = iter([3_000_000] * 60 + [1_000_000] * 1000)
+    clock = StubClock(0)
+
+    def step():
+        clock.now += next(durations)
+
+    samples, stable, spread = stable_loop(step, iterations=10, seconds=0.0, max_seconds=10.0,
+                                          clock=clock)
+    assert stable is True and spread <= 0.10 and len(samples) >= 60 + 75
+    never, calls = StubClock(0), [0]
+
+    def jittery():  # 25 calls at 3 ms, 25 at 1 ms, ...: windows never agree
+        calls[0] += 1
+        never.now += 1_000_000 if (calls[0] // 25) % 2 else 3_000_000
+
+    _, stable, spread = stable_loop(jittery, iterations=10, seconds=0.0, max_seconds=0.5,
+                                    clock=never)
+    assert stable is False and spread > 0.10
+    assert stable_loop(lambda: None, iterations=5, seconds=0.0, max_seconds=0.0)[1:] == (None, None)
+
+
+def test_bench_sweeps_and_recommends_best_throughput(tiny_bundle):
+    result = run_cli("bench", tiny_bundle, "--backends", "ort-cpu:fp32", "--iterations", "5",
+                     "--seconds", "0.2", "--warmup-seconds", "0", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tiny_bundle / "latency.json").read_text())
+    batches = [r["batch"] for r in doc["rows"]]
+    assert doc["config"]["sweep"] is True and batches[:3] == [1, 2, 4] and len(batches) >= 4
+    assert batches == [2 ** k for k in range(len(batches))]
+    # batch 1 has time for three windows; a big batch may not within 3 x 0.2 s: unknown (absent)
+    assert doc["rows"][0]["stable"] in (True, False) and doc["rows"][0]["window_spread"] >= 0
+    assert all(r.get("stable") in (True, False, None) for r in doc["rows"])
+    best = doc["recommendation"]["best_throughput"]
+    assert best["images_per_s"] == max(r["images_per_s"] for r in doc["rows"])
+    assert "best throughput, verified: ort-cpu fp32 at batch" in result.stdout
+    assert "Best throughput (verified)" in (tiny_bundle / "report.md").read_text()
+
+
+def test_openvino_throughput_mode_reports_its_streams(tiny_bundle):
+    """OpenVINO's THROUGHPUT hint: the streams and infer requests it chose are read back;
+    one timed step is one batch on every request, and images/s counts them all."""
+    import re
+
+    result = run_cli("bench", tiny_bundle, "--backends", "openvino-cpu-throughput:fp32",
+                     "--batch-sizes", "2", "--threads", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((tiny_bundle / "latency.json").read_text())["rows"]
+    match = re.search(r"THROUGHPUT: (\d+) streams, (\d+) requests", row["provider"])
+    assert row["status"] == "ok" and match, row
+    requests = int(match.group(2))
+    assert int(match.group(1)) >= 1 and requests >= 1
+    assert row["images_per_s"] == pytest.approx(1000 * 2 * requests / row["p50_ms"])
+    assert row["verified"] == "parity passed"  # the file openvino-cpu's parity pairs checked

@@ -146,12 +146,13 @@ def _image_bytes(data: st.DataObject) -> bytes:
 def test_predict_never_crashes_on_hostile_files(tiny_bundle_master, tmp_path_factory, data):
     """Random bytes, truncated files, odd modes, extreme sizes: a prediction or a per-file
     error naming the file, never an exception."""
+    from pipeline.options import PredictOptions
     from pipeline.stages.predict import predict
 
     folder = tmp_path_factory.mktemp("fuzz")
     path = folder / f"file{data.draw(st.sampled_from(['.png', '.jpg', '.tif', '.gif', '.bin']))}"
     path.write_bytes(_image_bytes(data))
-    results = predict(tiny_bundle_master, [path], k=3)
+    results = predict(tiny_bundle_master, [path], PredictOptions(top_k=3, workers=0, threads=1))
     assert len(results) == 1
     result = results[0]
     if result.error:

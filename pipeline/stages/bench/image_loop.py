@@ -3,8 +3,9 @@
 The write-ups this project grew from open each image, convert it to RGB, resize 256 and crop
 224, normalise, run the model, and print ``i/N: name 0.012s`` and
 ``device:<device> total time:<t>s mean:<m>s``. Here decode+preprocess and inference are timed
-apart, the model is warmed up first, and the device is named for real. The pipelined mode
-decodes in DataLoader workers while the model runs, and both report end-to-end images/s.
+apart, the model is warmed up first, and the device is named for real. The pipelined mode runs
+the same files through predict's streaming engine (decode workers, batches of 8, the core split
+predict would choose), and both report end-to-end images/s.
 """
 
 from __future__ import annotations
@@ -19,27 +20,9 @@ from pipeline.core.bundle import Bundle
 from pipeline.core.records import ImageLoop, ModelSection, PipelinedLoop, SequentialLoop
 from pipeline.data.images import BadImage, eval_transform, open_rgb
 from pipeline.models.archs import Preprocessing
-from pipeline.options import BenchOptions
+from pipeline.options import BenchOptions, PredictOptions
 from pipeline.stages.bench.timing import percentile_stats, warm_up
-
-PIPELINE_WORKERS = 2
-
-
-class _Decoded:
-    """Dataset over image paths -> (index, CHW float array or None when the file is bad)."""
-
-    def __init__(self, paths: list[Path], prep: Preprocessing) -> None:
-        self.paths = paths
-        self.transform = eval_transform(prep)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        try:
-            return index, self.transform(open_rgb(self.paths[index])).numpy()
-        except BadImage:
-            return index, None
+from pipeline.stages.stream import Engine, available_cores, split_rule
 
 
 def sequential_loop(runner: Any, paths: list[Path], prep: Preprocessing) -> SequentialLoop:
@@ -69,21 +52,16 @@ def sequential_loop(runner: Any, paths: list[Path], prep: Preprocessing) -> Sequ
                           skipped=skipped)
 
 
-def pipelined_loop(runner: Any, paths: list[Path], prep: Preprocessing,
-                   workers: int = PIPELINE_WORKERS) -> PipelinedLoop:
-    """Decode in DataLoader workers while the model runs; end-to-end images/s."""
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(_Decoded(paths, prep), batch_size=None, num_workers=workers,
-                        prefetch_factor=4 if workers else None)
+def pipelined_loop(runner: Any, paths: list[Path], prep: Preprocessing, *, workers: int,
+                   batch: int = PredictOptions.batch) -> PipelinedLoop:
+    """The same files through predict's streaming engine: decode worker processes feeding
+    batches to the model while it runs; end-to-end images/s."""
+    engine = Engine(runner, prep, batch=batch, workers=workers)
     count = 0
     start = time.perf_counter_ns()
-    for _, array in loader:
-        if array is None:
-            continue
-        runner.infer(np.asarray(array)[None])
-        runner.synchronize()
-        count += 1
+    for item in engine.run((path, None) for path in paths):
+        count += item.error is None
+    runner.synchronize()
     wall_s = (time.perf_counter_ns() - start) / 1e9
     return PipelinedLoop(n=count, workers=workers, wall_s=wall_s,
                          images_per_s=count / wall_s if wall_s else None)
@@ -106,7 +84,12 @@ def image_loops(runner: Any, backend: str, bundle: Bundle, images: list[str],
     first = _first_decodable(paths, prep)
     warm_up(lambda: runner.infer(first), seconds=config.warmup_s, sync=runner.synchronize)
     sequential = sequential_loop(runner, paths, prep)
-    pipelined = pipelined_loop(runner, paths, prep)
+    # The engine's core split from the sequential loop's own costs (decode on one core,
+    # inference on the runner's threads), as predict splits them.
+    decode_s = sequential.decode["mean_ms"] / 1e3 if sequential.decode else 1.0
+    infer_s = (sequential.infer["mean_ms"] / 1e3 * config.threads) if sequential.infer else 1.0
+    workers, _ = split_rule(available_cores(), decode_s, infer_s, device=runner.device)
+    pipelined = pipelined_loop(runner, paths, prep, workers=workers)
     mean = sequential.total_s / sequential.n if sequential.n else float("nan")
     return ImageLoop(backend=backend, device=device, files=len(paths),
                      summary=f"device:{device} total time:{sequential.total_s:.3f}s mean:{mean:.4f}s",

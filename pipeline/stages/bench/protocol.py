@@ -37,7 +37,12 @@ from pipeline.core.records import (
 from pipeline.errors import InputError
 from pipeline.models.archs import describe, get_arch
 from pipeline.options import BenchOptions
-from pipeline.runtimes.registry import get_backend, parse_targets, split_target, target_name
+from pipeline.runtimes.registry import (
+    get_backend,
+    parse_targets,
+    split_target,
+    target_name,
+)
 from pipeline.stages.bench.timing import MIN_WARMUP_ITERATIONS
 from pipeline.stages.recommend import attach_verification
 
@@ -70,7 +75,7 @@ def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float 
     backend, precision = split_target(target)
     problem = get_backend(backend).precision_problem(precision)
     if problem:
-        return WorkerResult(reason_rows(backend, precision, config.batch_sizes, problem))
+        return WorkerResult(reason_rows(backend, precision, config.reason_batches, problem))
     spec = {"bundle": str(bundle), "backend": backend, "precision": precision,
             "config": asdict(config), "gmacs": gmacs, "images": images}
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),
@@ -86,12 +91,12 @@ def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float 
                                    str(result_path)], capture_output=True, text=True, env=env,
                                   timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return WorkerResult(reason_rows(backend, precision, config.batch_sizes,
+            return WorkerResult(reason_rows(backend, precision, config.reason_batches,
                                             f"timed out after {timeout_s:g}s", "error"))
         if result_path.is_file():
             return WorkerResult.from_dict(json.loads(result_path.read_text()),
                                           where=f"bench worker for {target}")
-        return WorkerResult(reason_rows(backend, precision, config.batch_sizes,
+        return WorkerResult(reason_rows(backend, precision, config.reason_batches,
                                         worker_failure(proc.returncode, proc.stderr or proc.stdout),
                                         "error"))
 
@@ -136,6 +141,6 @@ def run_bench(bundle: Path, config: BenchOptions, *, images: list[str] | None = 
                "num_classes": model.num_classes, "gmacs_per_image": gmacs,
                "onnx_file": opened.fp32_onnx()},
         config={**asdict(config), "backends": list(config.backends),
-                "batch_sizes": list(config.batch_sizes),
+                "batch_sizes": list(config.batch_sizes), "sweep": config.sweep,
                 "min_warmup_iterations": MIN_WARMUP_ITERATIONS},
         machine=machine_block(), rows=rows, images=loops)

@@ -63,3 +63,63 @@ def throughput_fields(stats: dict[str, Any], batch: int, gmacs: float | None) ->
     return {"ms_per_image": stats["p50_ms"] / batch,
             "images_per_s": batch / p50_s,
             "gflops": (2 * gmacs * batch / p50_s) if gmacs else None}
+
+
+WINDOW_CALLS = 25  # calls per stability window (Model Navigator's)
+STABLE_WINDOWS = 3
+STABLE_SPREAD = 0.10
+
+
+def window_spread(samples_ns: list[int], images_per_call: int = 1) -> float | None:
+    """(max - min) / median of the images/s of the last three windows of 25 calls, or None
+    with fewer than three windows."""
+    if len(samples_ns) < STABLE_WINDOWS * WINDOW_CALLS:
+        return None
+    rates = []
+    for k in range(STABLE_WINDOWS):
+        end = len(samples_ns) - k * WINDOW_CALLS
+        window = samples_ns[end - WINDOW_CALLS:end]
+        rates.append(WINDOW_CALLS * images_per_call / (sum(window) / 1e9))
+    median = sorted(rates)[1]
+    return (max(rates) - min(rates)) / median
+
+
+def stable_loop(step: Callable[[], None], *, iterations: int, seconds: float,
+                max_seconds: float, sync: Callable[[], None] = lambda: None,
+                clock: Callable[[], int] = time.perf_counter_ns) -> tuple[list[int], bool | None, float | None]:
+    """``timed_loop``, then more windows of 25 calls until the last three agree within 10% or
+    ``max_seconds`` have passed: (samples, stable, spread). With fewer than three windows'
+    worth of calls and no time to add more (``--seconds 0``), stability is unknown (None)."""
+    start = clock()
+    samples = timed_loop(step, iterations=iterations, seconds=seconds, sync=sync, clock=clock)
+    spread = window_spread(samples)
+    while (spread is None or spread > STABLE_SPREAD) and clock() - start < max_seconds * 1e9:
+        samples += timed_loop(step, iterations=WINDOW_CALLS, seconds=0, sync=sync, clock=clock)
+        spread = window_spread(samples)
+    if spread is None:
+        return samples, None, None
+    return samples, spread <= STABLE_SPREAD, spread
+
+
+def sweep(measure: Callable[[int], float | None], *, max_batch: int = 256, gain: float = 0.05,
+          backoff: int = 2) -> list[int]:
+    """Batch sizes 1, 2, 4, ... measured until throughput stops gaining: a size that does not
+    beat the best so far by ``gain`` (5%) is a miss, and after ``backoff`` (2) more misses in a
+    row the sweep stops, so that a plateau is not taken for the peak (NVIDIA Model Navigator's
+    rule). ``measure(batch)`` returns images/s, or None when the batch cannot run (memory):
+    the sweep stops there. Returns the sizes measured."""
+    best, misses, batch, tried = 0.0, 0, 1, []
+    while batch <= max_batch:
+        rate = measure(batch)
+        tried.append(batch)
+        if rate is None:
+            break
+        if rate >= best * (1.0 + gain):
+            misses = 0
+        else:
+            misses += 1
+            if misses > backoff:
+                break
+        best = max(best, rate)
+        batch *= 2
+    return tried

@@ -23,7 +23,13 @@ from pipeline.options import BenchOptions
 from pipeline.runtimes.registry import VariantMissing, get_backend
 from pipeline.stages.bench.image_loop import image_loops
 from pipeline.stages.bench.protocol import WorkerResult
-from pipeline.stages.bench.timing import percentile_stats, throughput_fields, timed_loop, warm_up
+from pipeline.stages.bench.timing import (
+    percentile_stats,
+    stable_loop,
+    sweep,
+    throughput_fields,
+    warm_up,
+)
 
 
 def device_label(runner: Any) -> str:
@@ -35,30 +41,49 @@ def device_label(runner: Any) -> str:
 
 def bench_batches(runner: Any, backend: str, requested: str, config: BenchOptions, size: int,
                   gmacs: float | None, cold: dict[str, float]) -> list[LatencyRow]:
-    rows = []
-    model = {"model_file": runner.model_path.name, "model_sha256": sha256_of(runner.model_path)}
-    for batch_size in config.batch_sizes:
-        batch = np.random.default_rng(batch_size).standard_normal((batch_size, 3, size, size),
-                                                                  dtype=np.float32)
-        row = LatencyRow(backend, batch_size, precision=runner.precision, precision_requested=requested,
-                  device=runner.device, provider=runner.provider, threads=config.threads,
-                  **model, **cold)
-        try:
-            # A warm-up per batch size: cuDNN's algorithm search and TensorRT's profiles
-            # re-tune for every new shape.
-            step, row.io = runner.timed_step(batch)
-            row.warmup_iterations = warm_up(step, seconds=config.warmup_s, sync=runner.synchronize)
-            samples = timed_loop(step, iterations=config.iterations, seconds=config.seconds,
-                                 sync=runner.synchronize)
-        except Exception as exc:  # e.g. out of memory at a large batch: a row, not a crash
-            rows.append(LatencyRow(backend, batch_size, precision=runner.precision,
-                                   precision_requested=requested, status="error",
-                                   device=runner.device, provider=runner.provider, **model,
-                                   reason=f"{type(exc).__name__}: {str(exc)[:300]}"))
-            continue
-        stats = percentile_stats(samples)
-        rows.append(replace(row, **stats, **throughput_fields(stats, batch_size, gmacs)))
+    """One row per batch size: the sizes given, or a sweep to the throughput peak."""
+    rows: list[LatencyRow] = []
+
+    def measure(batch_size: int) -> float | None:
+        row = bench_batch(runner, backend, requested, config, size, gmacs, cold, batch_size)
+        rows.append(row)
+        return row.images_per_s if row.ok else None
+
+    if config.sweep:
+        sweep(measure, max_batch=config.max_batch)
+    else:
+        for batch_size in config.batch_sizes:
+            measure(batch_size)
     return rows
+
+
+def bench_batch(runner: Any, backend: str, requested: str, config: BenchOptions, size: int,
+                gmacs: float | None, cold: dict[str, float], batch_size: int) -> LatencyRow:
+    model = {"model_file": runner.model_path.name, "model_sha256": sha256_of(runner.model_path)}
+    batch = np.random.default_rng(batch_size).standard_normal((batch_size, 3, size, size),
+                                                              dtype=np.float32)
+    row = LatencyRow(backend, batch_size, precision=runner.precision, precision_requested=requested,
+                     device=runner.device, provider=runner.provider, threads=config.threads,
+                     **model, **cold)
+    try:
+        # A warm-up per batch size: cuDNN's algorithm search and TensorRT's profiles re-tune
+        # for every new shape (and OpenVINO compiles each static shape).
+        step, row.io = runner.timed_step(batch)
+        row.warmup_iterations = warm_up(step, seconds=config.warmup_s, sync=runner.synchronize)
+        samples, row.stable, row.window_spread = stable_loop(
+            step, iterations=config.iterations, seconds=config.seconds,
+            max_seconds=STABILITY_ALLOWANCE * config.seconds, sync=runner.synchronize)
+    except Exception as exc:  # e.g. out of memory at a large batch: a row, not a crash
+        return LatencyRow(backend, batch_size, precision=runner.precision,
+                          precision_requested=requested, status="error", device=runner.device,
+                          provider=runner.provider, **model,
+                          reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+    stats = percentile_stats(samples)
+    return replace(row, **stats, **throughput_fields(stats, runner.images_per_step(batch_size),
+                                                     gmacs))
+
+
+STABILITY_ALLOWANCE = 3  # a row may run up to 3x --seconds looking for three agreeing windows
 
 
 def cold_start(bundle: Bundle, backend: str, precision: str, config: BenchOptions,
@@ -93,7 +118,7 @@ def bench_backend(spec: dict[str, Any]) -> WorkerResult:
     try:
         runner, cold = cold_start(bundle, backend, precision, config, size)
     except (EnvironmentUnavailable, VariantMissing) as exc:
-        return WorkerResult(reason_rows(backend, precision, config.batch_sizes,
+        return WorkerResult(reason_rows(backend, precision, config.reason_batches,
                                         str(exc).split(": ", 1)[-1]
                                         if isinstance(exc, EnvironmentUnavailable) else str(exc)))
     with runner:
@@ -113,7 +138,7 @@ def main(argv: list[str]) -> int:
     except (PipelineError, BadImage) as exc:
         config = spec["config"]
         result = WorkerResult(reason_rows(spec["backend"], spec["precision"],
-                                          tuple(config["batch_sizes"]), str(exc), "error"))
+                                          tuple(config["batch_sizes"]) or (1,), str(exc), "error"))
     result_path.write_text(json.dumps(result.to_dict()))
     return 0
 
