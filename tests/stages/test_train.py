@@ -190,14 +190,20 @@ def test_ddp_two_cpu_processes_end_with_the_same_weights(tmp_path):
 def test_run_end_to_end(tmp_path):
     result = run_module("run", "--out", tmp_path, "--epochs", "1", "--backends", "ort-cpu,torch-cpu",
                         "--batch-sizes", "1", "--bench-seconds", "0", "--bench-iterations", "5", *TINY)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # One epoch leaves near-tied logits: the int8 gate may fail on some CPUs (98% agreement
+    # on an AMX Xeon), a true verdict that exits 1. fp32 parity must hold everywhere.
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    parity = json.loads((tmp_path / "parity.json").read_text())
+    assert all(p["passed"] for p in parity["pairs"]), result.stderr[-3000:]
+    if result.returncode == 1:
+        assert all(g["passed"] or g["failed_on"] for g in parity["gates"])
     for name in ("checkpoint.pt", "model.onnx", "model.sim.onnx", "parity.json", "latency.json",
                  "report.md", "latency.png", "history.png"):
         assert (tmp_path / name).is_file(), name
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["model"]["class_names"] == ["circle", "square", "triangle", "cross"]
     assert manifest["model"]["weights"]["source"] == "checkpoint"
-    assert "parity passed" in result.stdout
+    assert ("parity passed" in result.stdout) is (result.returncode == 0)
 
 
 def test_resume_from_the_command_line_keeps_the_runs_options(tmp_path):
