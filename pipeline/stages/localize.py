@@ -109,7 +109,7 @@ def first_divergence(candidate: str, runner: Runner, reference: Reference, batch
         result.note = why or "no layer of the candidate matches a PyTorch module"
         return result
     values = runner.intermediates(batch, [layer.tensor for layer in layers])
-    worst: LayerError | None = None
+    closest, closest_ratio = None, -1.0  # the layer nearest its tolerance, when none exceeds it
     for index, layer in enumerate(layers):
         value = values.get(layer.tensor)
         fp64, fp32 = reference.fp64[layer.key], reference.fp32[layer.key]
@@ -123,12 +123,11 @@ def first_divergence(candidate: str, runner: Runner, reference: Reference, batch
         if not np.isfinite(value).all() or error > tolerance:
             result.first_divergent = row
             break
-        if worst is None or error / max(tolerance, 1e-30) > \
-                (worst.max_abs_vs_fp64 or 0.0) / max(worst.tolerance or 0.0, 1e-30):
-            worst = row
+        if error / max(tolerance, 1e-30) > closest_ratio:
+            closest, closest_ratio = row, error / max(tolerance, 1e-30)
     if result.first_divergent is None:
         result.note = "no layer exceeds its tolerance"
-        result.largest = [worst] if worst is not None else []
+        result.largest = [closest] if closest is not None else []
     return result
 
 

@@ -233,13 +233,11 @@ class Predictor:
         cores = available_cores()
         if options.workers is not None and options.threads is not None:
             return make(options.threads), Split(cores, options.workers, options.threads)
-        probe = make(1)
-        try:
+        with make(1) as probe:  # one session measures both the preprocessing and one core
             _, prep = labels_and_preprocessing(probe, self.target)
-        finally:
-            probe.close()
-        split, _ = plan_split(sample[:CALIBRATION_FILES], prep, make, batch=options.batch,
-                              cores=cores, fast=options.fast_decode, device=choice.backend.device)
+            split = plan_split(sample[:CALIBRATION_FILES], prep, probe, batch=options.batch,
+                               cores=cores, fast=options.fast_decode,
+                               device=choice.backend.device)
         workers = options.workers if options.workers is not None else split.workers
         threads = options.threads if options.threads is not None else split.threads
         split = Split(cores, workers, threads, split.decode_ms, split.infer_ms, split.how)
@@ -441,8 +439,7 @@ def write_predictions(target: Path | str, inputs: list[Path | str],
         summary.seconds = time.perf_counter() - start
         if out is not None:
             out.close()
-            log(summary.summary)
-        elif summary.split:  # the model ran: say what it did
+        if summary.split:  # the model loaded (and only then was the output opened)
             log(summary.summary)
     if not (summary.classified or summary.errors or summary.resumed):
         raise InputError("no images given; pass image files or folders")

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -254,19 +254,16 @@ def measure_infer(runner: Runner, crops: list[np.ndarray], prep: Preprocessing, 
     return best / batch
 
 
-def plan_split(sample: list[Path], prep: Preprocessing, make_runner: Callable[[int], Runner], *,
-               batch: int, cores: int | None = None, fast: bool = False,
-               device: str = "cpu") -> tuple[Split, list[np.ndarray]]:
-    """Measure decode and inference on one core each, on the first files, and split the cores
-    by ``split_rule``. ``make_runner(threads)`` builds a runner; the one-thread one used for
-    the measurement is closed here."""
+def plan_split(sample: list[Path], prep: Preprocessing, probe: Runner, *, batch: int,
+               cores: int | None = None, fast: bool = False, device: str = "cpu") -> Split:
+    """Measure decode and inference on one core each, on the first files (``probe`` is a
+    one-thread runner of the chosen model), and split the cores by ``split_rule``."""
     cores = cores or available_cores()
     decode_s, crops = measure_decode(sample, prep, fast)
     if not crops:
         workers, threads = split_rule(cores, 1.0, 1.0, device=device)
-        return Split(cores, workers, threads, how="no decodable file to measure: even split"), []
-    with make_runner(1) as probe:
-        infer_s = measure_infer(probe, crops, prep, batch)
+        return Split(cores, workers, threads, how="no decodable file to measure: even split")
+    infer_s = measure_infer(probe, crops, prep, batch)
     workers, threads = split_rule(cores, decode_s, infer_s, device=device)
     return Split(cores, workers, threads, 1e3 * decode_s, 1e3 * infer_s,
-                 how=f"measured on {len(sample)} file(s)"), crops
+                 how=f"measured on {len(sample)} file(s)")
