@@ -41,6 +41,7 @@ from pipeline.options import (
     TritonOptions,
     VerifyOptions,
     batch_list,
+    check_arrival,
     int_list,
     names,
 )
@@ -320,17 +321,23 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
           images: str | Path | None = None, budget_ms: float | None = None,
           progress: bool = False, command: str | None = None, scenario: str = SCENARIOS[0],
           concurrency: str | Sequence[int] = _SCENARIO.concurrency,
+          arrival: str = _SCENARIO.arrival, p99_ms: float | None = None,
+          poisson_trials: int = _SCENARIO.poisson_trials,
           log: Log = stderr_log) -> BenchResult:
     """Time every backend (each in its own process); writes latency.json, report.md and
     latency.png into the bundle. ``command`` is recorded as what made the numbers.
 
     ``scenario="server"`` serves the bundle with Triton instead and drives it with each
-    ``concurrency`` of loopback clients for ``seconds``, beside a fresh single-stream ORT
-    batch-1 baseline; the rows go into latency.json's ``server`` section."""
+    ``concurrency`` of loopback clients for ``seconds``, beside fresh in-process ORT baselines
+    (batch 1 and the batching ceiling), each level broken down by stage from the server's
+    metrics; ``arrival="poisson"`` then searches the highest Poisson request rate whose p99 is
+    within ``p99_ms`` (MLPerf LoadGen, at most ``poisson_trials`` runs). The results go into
+    latency.json's ``server`` section."""
     from pipeline.core.bundle import Bundle
 
     if scenario not in SCENARIOS:
         raise InputError(f"unknown --scenario {scenario!r}; choose from: {', '.join(SCENARIOS)}")
+    check_arrival(scenario, arrival, p99_ms)
     if scenario == "offline":
         raise InputError("the offline scenario reads a folder of images: use "
                          "pipeline.bench_offline(bundle, images) (CLI: bench --scenario offline "
@@ -343,7 +350,8 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
         doc, advice = server_bench(
             target, ScenarioOptions(concurrency=int_list(concurrency, "--concurrency"),
                                     seconds=seconds, warmup_s=max(warmup_seconds, 1.0),
-                                    threads=threads),
+                                    threads=threads, arrival=arrival, p99_ms=p99_ms,
+                                    poisson_trials=poisson_trials),
             iterations=iterations, warmup_seconds=warmup_seconds, budget_ms=budget_ms,
             progress=progress, command=command or f"pipeline.bench({str(bundle)!r}, scenario='server')",
             log=log)

@@ -163,9 +163,22 @@ class BenchOptions:
             raise InputError(f"--batch-sizes {self.batch_sizes} must be positive integers")
 
 
+ARRIVALS = ("closed", "poisson")
+
+
+def check_arrival(scenario: str, arrival: str, p99_ms: float | None) -> None:
+    """--arrival and --p99-ms belong to the server scenario."""
+    if scenario != "server" and (arrival != "closed" or p99_ms is not None):
+        raise InputError("--arrival and --p99-ms load a served model: add --scenario server")
 # The largest batch Triton's dynamic batcher forms, for serve and the server scenario alike.
 SERVER_MAX_BATCH = 32
-SERVER_QUEUE_DELAY_US = 2000
+# serve's batcher dispatches at once: batches form from the requests that queue while the model
+# runs, so a lone request never waits (measured on 2 CPU cores: 2.4 ms less at concurrency 1,
+# the same images/s at 16; benchmarks/results/server-cpu.md).
+SERVER_QUEUE_DELAY_US = 0
+# A standalone Triton from deploy triton, often on a GPU where one image takes about a
+# millisecond: without a short wait it would seldom batch.
+DEPLOY_QUEUE_DELAY_US = 2000
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,11 @@ class ScenarioOptions:
     threads: int | None = None
     max_batch_size: int = SERVER_MAX_BATCH
     queue_delay_us: int = SERVER_QUEUE_DELAY_US
+    # closed: the concurrency levels only; poisson: then open-loop Poisson arrivals, searching
+    # the highest rate whose p99 stays within p99_ms (in at most poisson_trials runs)
+    arrival: str = "closed"
+    p99_ms: float | None = None
+    poisson_trials: int = 5
 
     def check(self) -> None:
         if not self.concurrency or any(c < 1 or c > 256 for c in self.concurrency):
@@ -185,6 +203,15 @@ class ScenarioOptions:
                              f"integers from 1 to 256, e.g. 1,4,16")
         if self.seconds <= 0 or self.seconds > 600:
             raise InputError(f"--seconds {self.seconds} must be in (0, 600] for the server scenario")
+        if self.arrival not in ARRIVALS:
+            raise InputError(f"unknown --arrival {self.arrival!r}; choose from: {', '.join(ARRIVALS)}")
+        if self.arrival == "poisson" and (self.p99_ms is None or self.p99_ms <= 0):
+            raise InputError("--arrival poisson searches the highest rate whose p99 stays within a "
+                             "bound: give it with --p99-ms, e.g. --p99-ms 100")
+        if self.arrival == "closed" and self.p99_ms is not None:
+            raise InputError("--p99-ms bounds the Poisson search: add --arrival poisson")
+        if not 1 <= self.poisson_trials <= 20:
+            raise InputError(f"--poisson-trials {self.poisson_trials} must be from 1 to 20")
 
 
 # ----------------------------------------------------------------------------- predict
@@ -282,7 +309,7 @@ class TritonOptions:
     precision: str | None = None  # gpu: fp32, fp16 or int8 (default fp16)
     max_batch_size: int = 64
     instances: int = 1
-    queue_delay_us: int = SERVER_QUEUE_DELAY_US
+    queue_delay_us: int = DEPLOY_QUEUE_DELAY_US
 
     def check(self) -> None:
         if self.target not in TRITON_TARGETS:

@@ -28,6 +28,7 @@ from pipeline.errors import (
 )
 from pipeline.models.archs import ARCHS, describe
 from pipeline.options import (
+    ARRIVALS,
     CALIBRATION_METHODS,
     DEFAULT_MAX_TOP1_DROP,
     DEFAULT_MIN_AGREEMENT,
@@ -50,6 +51,7 @@ from pipeline.options import (
     ServeOptions,
     TrainOptions,
     TritonOptions,
+    check_arrival,
     joined,
 )
 from pipeline.runtimes.registry import parse_targets, registry_help
@@ -466,6 +468,13 @@ def _registry_help() -> str:
                                                   "reduced scale, as predict --fast-decode does.")
 @click.option("--concurrency", default=joined(SCENARIO.concurrency), show_default=True,
               help="Concurrent clients per load level (--scenario server).")
+@click.option("--arrival", type=click.Choice(ARRIVALS), default=SCENARIO.arrival, show_default=True,
+              help="--scenario server: closed runs the --concurrency levels; poisson then also "
+                   "sends requests on a Poisson schedule (MLPerf LoadGen) and searches the "
+                   "highest rate whose p99, counted from each scheduled send, is within --p99-ms.")
+@click.option("--p99-ms", type=float, default=None, help="The p99 bound of --arrival poisson.")
+@click.option("--poisson-trials", type=int, default=SCENARIO.poisson_trials, show_default=True,
+              help="At most this many Poisson runs of --seconds each (the search bisects the rate).")
 @click.option("--strict", is_flag=True, help="Exit 3 if any requested backend could not run.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the per-image lines of the --images loop.")
 @click.option("--json", "as_json", is_flag=True, help="Print latency JSON only on stdout.")
@@ -474,6 +483,7 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
           batch_sizes: str, iterations: int,
           seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
           budget_ms: float | None, scenario: str, fast_decode: bool, concurrency: str,
+          arrival: str, p99_ms: float | None, poisson_trials: int,
           strict: bool, verbose: bool, as_json: bool) -> None:
     """Per-image latency on every backend this machine has, each in its own process.
 
@@ -485,8 +495,10 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18 --backends ort-cpu,torch-cpu --batch-sizes 1,8
       python -m pipeline bench exported/resnet18 --images photos/ --budget-ms 20 --verbose
       python -m pipeline bench exported/resnet18 --scenario server --concurrency 1,4,16 --seconds 10
+      python -m pipeline bench exported/resnet18 --scenario server --arrival poisson --p99-ms 100
       python -m pipeline bench exported/resnet18 --scenario offline --images photos/
     """
+    check_arrival(scenario, arrival, p99_ms)
     if scenario == "offline":
         _bench_offline(bundle, images, backends, batch_sizes, threads, fast_decode, seconds,
                        as_json)
@@ -495,7 +507,8 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
                        iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
                        threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
                        command=_command_line("bench", bundle), scenario=scenario,
-                       concurrency=concurrency, log=_log)
+                       concurrency=concurrency, arrival=arrival, p99_ms=p99_ms,
+                       poisson_trials=poisson_trials, log=_log)
     if as_json:
         emit_json(result.doc.to_dict())
     elif scenario == "server":

@@ -200,12 +200,54 @@ def unavailable(rows: list[LatencyRow]) -> list[LatencyRow]:
 
 
 @dataclass
+class StageBreakdown(Record):
+    """Where a served request's time goes: per-request means over one load level, in ms, from
+    the server's counters (``pipeline.stages.bench.breakdown`` says how each is measured).
+    The stages add up to ``total_ms``, the clients' mean."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"mean_batch", "total_ms", "client_ms", "front_ms", "triton_http_ms", "handoff_ms",
+         "batching_ms", "model_ms", "triton_p50_ms", "triton_p99_ms"})
+
+    requests: int
+    queue_ms: float
+    compute_input_ms: float
+    compute_output_ms: float
+    triton_other_ms: float
+    triton_request_ms: float
+    mean_batch: float | None = None
+    total_ms: float | None = None
+    client_ms: float | None = None
+    front_ms: float | None = None
+    triton_http_ms: float | None = None
+    handoff_ms: float | None = None
+    batching_ms: float | None = None
+    model_ms: float | None = None
+    triton_p50_ms: float | None = None  # Triton's own summary (a sliding window) at the level's end
+    triton_p99_ms: float | None = None
+
+    def stages(self) -> list[tuple[str, float | None, str]]:
+        """(stage, mean ms, where it is measured), outermost first: they add up to total_ms."""
+        return [("client", self.client_ms, "client library + loopback: client mean - front"),
+                ("front", self.front_ms, "serve's front, less its wait on Triton"),
+                ("triton_http", self.triton_http_ms, "Triton's HTTP: front's wait - Triton's request time"),
+                ("queue", self.queue_ms, "nv_inference_queue_duration_us"),
+                ("compute_input", self.compute_input_ms, "nv_inference_compute_input_duration_us"),
+                ("handoff", self.handoff_ms, "PyTriton hand-off: Triton's compute - model function"),
+                ("batching", self.batching_ms, "model function around the runtime: join, split"),
+                ("model", self.model_ms, "the runtime's infer (ONNX Runtime)"),
+                ("compute_output", self.compute_output_ms, "nv_inference_compute_output_duration_us"),
+                ("triton_other", self.triton_other_ms, "rest of nv_inference_request_duration_us")]
+
+
+@dataclass
 class ServerRow(Record):
     """One concurrency level of the server scenario (MLPerf's "server")."""
 
     OPTIONAL: ClassVar[frozenset[str]] = frozenset(
         {"n", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "p99_note", "max_ms",
-         "max_batch_size", "queue_delay_us", "model_file"})
+         "max_batch_size", "queue_delay_us", "model_file", "breakdown", "cpu_ms_per_request"})
+    NESTED: ClassVar[dict[str, type[Record]]] = {"breakdown": StageBreakdown}
 
     scenario: str
     backend: str
@@ -228,6 +270,48 @@ class ServerRow(Record):
     max_batch_size: int | None = None
     queue_delay_us: int | None = None
     model_file: str | None = None
+    breakdown: StageBreakdown | None = None
+    # CPU ms per completed request, by process role (pipeline.stages.bench.breakdown.CPU_ROLES)
+    cpu_ms_per_request: dict[str, float] | None = None
+
+
+@dataclass
+class PoissonTrial(Record):
+    """One open-loop run: requests on a Poisson schedule at ``target_per_s``, latency from each
+    request's scheduled send time (MLPerf LoadGen's server scenario)."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"first_error", "breakdown"})
+    NESTED: ClassVar[dict[str, type[Record]]] = {"breakdown": StageBreakdown}
+
+    target_per_s: float
+    scheduled_per_s: float
+    completed_per_s: float
+    requests: int
+    errors: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    within_bound: bool  # p99 <= the bound and no request failed
+    early_stopping_met: bool  # LoadGen: enough requests to trust the p99 statistically
+    seconds: float
+    first_error: str | None = None
+    breakdown: StageBreakdown | None = None
+
+
+@dataclass
+class PoissonSearch(Record):
+    """``--arrival poisson``: the highest Poisson request rate whose p99 stays within the bound."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"trials": PoissonTrial, "best": PoissonTrial}
+
+    p99_bound_ms: float
+    generator: str  # mlcommons-loadgen and its version
+    ceiling_per_s: float  # the search's upper end: the best closed-loop images/s of this run
+    trial_seconds: float
+    trials: list[PoissonTrial]
+    best: PoissonTrial | None  # None: no rate tried kept its p99 within the bound
 
 
 @dataclass
@@ -235,8 +319,10 @@ class ServerSection(Record):
     """latency.json's ``server`` section: the levels, the single-stream baselines measured in
     the same run, how the server stopped, and the recommended level."""
 
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"poisson"})
     NESTED: ClassVar[dict[str, type[Record]]] = {"rows": ServerRow, "baseline": LatencyRow,
-                                                 "batched_ceiling": LatencyRow, "best": ServerRow}
+                                                 "batched_ceiling": LatencyRow, "best": ServerRow,
+                                                 "poisson": PoissonSearch}
 
     scenario: str
     rows: list[ServerRow]
@@ -252,6 +338,7 @@ class ServerSection(Record):
     threads: int
     command: str
     created: str
+    poisson: PoissonSearch | None = None
 
 
 @dataclass

@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 from pipeline.errors import EnvironmentUnavailable
+from pipeline.serving.stats import ServeStats
 from pipeline.serving.validate import (
     ClientError,
     Contract,
@@ -46,6 +49,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 CHUNK = 1 << 16
 START_TIMEOUT_S = 30
 STOP_GRACE_S = 5
+INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
 def default_limit(max_batch_size: int, input_shape: tuple[int, ...]) -> int:
@@ -63,10 +67,14 @@ class HttpGuard:
     """An HTTP/1.1 front for one upstream HTTP server, with a body-size limit."""
 
     def __init__(self, host: str, port: int, upstream: str, limit: int, *,
-                 flag: str = "--port", contract: Contract | None = None) -> None:
+                 flag: str = "--port", contract: Contract | None = None,
+                 stats: ServeStats | None = None, metrics: bool = False) -> None:
         self.host, self.port, self.upstream, self.limit = host, port, upstream.rstrip("/"), limit
         self.flag = flag
         self.contract = contract  # inference requests are checked against it (4xx, not 5xx)
+        # Inference requests' times go to ``stats``; on the metrics port (``metrics``) its
+        # counters follow Triton's own in /metrics.
+        self.stats, self.metrics = stats, metrics
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -154,6 +162,7 @@ class HttpGuard:
         import aiohttp
         from aiohttp import web
 
+        started = time.perf_counter()
         if request.content_length is not None and request.content_length > self.limit:
             return self._refuse(413, too_large_message(request.content_length, self.limit))
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -175,10 +184,18 @@ class HttpGuard:
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"}
         try:
+            asked = time.perf_counter()
             async with self._session.request(request.method, self.upstream + request.rel_url.path_qs,
                                              headers=headers, data=body or None) as answer:
                 payload = await answer.read()
+                answered = time.perf_counter()
                 kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
+                if self.stats is not None and answer.status == 200:
+                    if self.metrics and request.rel_url.path == "/metrics" \
+                            and answer.headers.get("Content-Encoding", "identity") == "identity":
+                        payload += self.stats.prometheus().encode()
+                    elif INFER_PATH.match(request.rel_url.path):
+                        self.stats.front("http", time.perf_counter() - started, answered - asked)
                 return web.Response(status=_client_status(answer.status, payload), body=payload,
                                     headers=kept)
         except aiohttp.ClientError as exc:
@@ -229,9 +246,10 @@ class GrpcGuard:
     inference requests the model cannot take (INVALID_ARGUMENT)."""
 
     def __init__(self, host: str, port: int, upstream: str, limit: int,
-                 contract: Contract | None = None) -> None:
+                 contract: Contract | None = None, stats: ServeStats | None = None) -> None:
         self.host, self.port, self.upstream, self.limit = host, port, upstream, limit
         self.contract = contract
+        self.stats = stats
         self._server: Any = None
         self._channel: Any = None
 
@@ -245,7 +263,7 @@ class GrpcGuard:
                                    options=[("grpc.max_receive_message_length", self.limit),
                                             ("grpc.max_send_message_length", -1),
                                             ("grpc.so_reuseport", 0)])
-        self._server.add_generic_rpc_handlers((_PassThrough(self._channel, self.contract),))
+        self._server.add_generic_rpc_handlers((_PassThrough(self._channel, self.contract, self.stats),))
         try:
             bound = self._server.add_insecure_port(f"{self.host}:{self.port}")
         except RuntimeError:
@@ -280,12 +298,14 @@ class _PassThrough:
     """A ``grpc.GenericRpcHandler`` (gRPC needs only its ``service``): every method forwarded
     as raw bytes; ``ModelStreamInfer`` is Triton's one streaming method."""
 
-    def __init__(self, channel: Any, contract: Contract | None = None) -> None:
+    def __init__(self, channel: Any, contract: Contract | None = None,
+                 stats: ServeStats | None = None) -> None:
         import grpc
 
         self._grpc = grpc
         self._channel = channel
         self._contract = contract
+        self._stats = stats
 
     def service(self, details: Any) -> Any:
         grpc = self._grpc
@@ -302,17 +322,25 @@ class _PassThrough:
             return grpc.stream_stream_rpc_method_handler(forward_stream)
 
         unary = self._channel.unary_unary(method)
-        contract = self._contract if method.endswith("/ModelInfer") else None
+        infer = method.endswith("/ModelInfer")
+        contract = self._contract if infer else None
+        stats = self._stats if infer else None
 
         def forward(request: bytes, context: Any) -> bytes:
+            started = time.perf_counter()
             if contract is not None:
                 try:
                     check_grpc_infer(request, contract)
                 except ClientError as exc:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             try:
-                return unary(request, metadata=_forwarded_metadata(context),
-                             timeout=_deadline(context))
+                asked = time.perf_counter()
+                answer = unary(request, metadata=_forwarded_metadata(context),
+                               timeout=_deadline(context))
+                if stats is not None:
+                    done = time.perf_counter()
+                    stats.front("grpc", done - started, done - asked)
+                return answer
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) \

@@ -25,6 +25,7 @@ from pipeline.core.records import (
     ImageLoop,
     LatencyDoc,
     LatencyRow,
+    ServerRow,
     ServerSection,
     ok_rows,
     precision_label,
@@ -179,33 +180,46 @@ def bench_markdown(doc: LatencyDoc, advice: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The server's targets (issue 18): at concurrency 1 its p50 within the in-process p50 plus the
+# configured queue delay plus this much; at its best concurrency this share of the in-process
+# batching ceiling; and, where batching pays (a GPU), this multiple of in-process batch 1.
+OVERHEAD_BUDGET_MS = 3.0
+CEILING_SHARE = 0.9
+BATCHING_GAIN = 1.3
+
+
 def server_lines(server: ServerSection | None) -> list[str]:
-    """The server scenario: throughput and latency per concurrency, against single-stream."""
+    """The server scenario: throughput and latency per concurrency against the in-process
+    baselines, where each level's time goes, the targets, and the Poisson search."""
     if not server:
         return []
-    base = server.baseline
+    base, ceiling = server.baseline, server.batched_ceiling
     base_ips = base.images_per_s if base else None
+    top_ips = ceiling.images_per_s if ceiling else None
     lines = ["## Server scenario (Triton, dynamic batching, loopback clients)", "",
              f"Command: `{server.command}`; {server.seconds} s per level after "
-             f"{server.warmup_s} s of warm-up; batch-1 requests; dynamic batching up to "
-             f"{server.max_batch_size}, queue delay {server.queue_delay_us} us.",
+             f"{server.warmup_s} s of warm-up; batch-1 binary-tensor requests; dynamic batching up "
+             f"to {server.max_batch_size}, queue delay {server.queue_delay_us} us.",
              "",
-             "| concurrency | images/s | vs single-stream ORT b1 | p50 ms | p90 ms | p99 ms | requests | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| concurrency | images/s | vs in-process b1 | vs batching ceiling | p50 ms | p90 ms | "
+             "p99 ms | Triton p99 ms | mean batch | requests | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in server.rows:
-        ratio = f"{row.images_per_s / base_ips:.2f}x" if base_ips and row.images_per_s else "—"
-        lines.append(f"| {row.concurrency} | {row.images_per_s:.1f} | {ratio} | "
-                     f"{_fmt(row.p50_ms)} | {_fmt(row.p90_ms)} | {_fmt(row.p99_ms)} | "
-                     f"{row.requests} | {row.errors}" + (f" ({row.first_error})" if row.first_error else "")
-                     + " |")
+        b = row.breakdown
+        lines.append(
+            f"| {row.concurrency} | {row.images_per_s:.1f} | {_ratio(row.images_per_s, base_ips)} | "
+            f"{_ratio(row.images_per_s, top_ips)} | {_fmt(row.p50_ms)} | {_fmt(row.p90_ms)} | "
+            f"{_fmt(row.p99_ms)} | {_fmt(b.triton_p99_ms if b else None)} | "
+            f"{_fmt(b.mean_batch if b else None)} | {row.requests} | {row.errors}"
+            + (f" ({row.first_error})" if row.first_error else "") + " |")
     if base and base_ips:
-        lines += ["", f"Single-stream baseline in the same run: ort-cpu fp32 at batch 1, "
+        lines += ["", f"In-process baseline in the same run: ort-cpu fp32 at batch 1, "
                       f"{base_ips:.1f} images/s (p50 {base.p50_ms:.2f} ms)."]
-    ceiling = server.batched_ceiling
     if ceiling and base_ips:
-        lines.append(f"ort-cpu fp32 at batch {ceiling.batch} in the same run: "
+        lines.append(f"Batching ceiling in the same run: ort-cpu fp32 at batch {ceiling.batch}, "
                      f"{ceiling.images_per_s:.1f} images/s ({ceiling.images_per_s / base_ips:.2f}x "
-                     f"batch 1), the most that batching requests together could give here.")
+                     f"batch 1), the best in-process batched throughput: the most that batching "
+                     f"requests together could give here.")
     best, budget = server.best, server.budget_ms
     if best:
         lines.append(f"Recommended setting: concurrency {best.concurrency} with dynamic batching up to "
@@ -213,9 +227,145 @@ def server_lines(server: ServerSection | None) -> list[str]:
                      f"{best.p99_ms:.1f} ms" + (f", within the {budget:g} ms budget." if budget else "."))
     elif budget:
         lines.append(f"No concurrency kept p99 within the {budget:g} ms budget.")
+    lines += breakdown_lines(server)
+    lines += cpu_lines(server)
+    lines += target_lines(server)
+    lines += poisson_lines(server)
     stop = server.stop or {}
     lines += ["", f"Server stopped by SIGTERM: exit code {stop.get('exit_code')}, ports free again: "
                   f"{stop.get('ports_free')}.", ""]
+    return lines
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else "—"
+
+
+def breakdown_lines(server: ServerSection) -> list[str]:
+    """Per-request means by stage, one column per load level (and the Poisson best)."""
+    columns = [(f"c={row.concurrency}", row.breakdown) for row in server.rows if row.breakdown]
+    search = server.poisson
+    if search and search.best and search.best.breakdown:
+        columns.append((f"poisson {search.best.target_per_s:g}/s", search.best.breakdown))
+    if not columns:
+        return []
+    lines = ["", "### Where a request's time goes (mean ms per request, from the server's metrics)", "",
+             "| stage | " + " | ".join(name for name, _ in columns) + " | measured as |",
+             "|---|" + "---|" * len(columns) + "---|"]
+    for index, (stage, _, meaning) in enumerate(columns[0][1].stages()):
+        cells = [_fmt(b.stages()[index][1]) for _, b in columns]
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {meaning} |")
+    lines.append("| **total** | " + " | ".join(f"**{_fmt(b.total_ms)}**" for _, b in columns)
+                 + " | the clients' mean latency |")
+    lines.append("| Triton request | " + " | ".join(_fmt(b.triton_request_ms) for _, b in columns)
+                 + " | nv_inference_request_duration_us |")
+    lines.append("| Triton p50 / p99 | " + " | ".join(
+        f"{_fmt(b.triton_p50_ms)} / {_fmt(b.triton_p99_ms)}" for _, b in columns)
+        + " | nv_inference_request_summary_us (Triton's sliding window, read at the end) |")
+    return lines
+
+
+def cpu_lines(server: ServerSection) -> list[str]:
+    """CPU ms per request by process role, one column per load level."""
+    rows = [r for r in server.rows if r.cpu_ms_per_request]
+    if not rows:
+        return []
+    roles = list(rows[0].cpu_ms_per_request or {})
+    lines = ["", "### CPU per request by process (ms; clients and server share the cores)", "",
+             "| process | " + " | ".join(f"c={r.concurrency}" for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for role in roles:
+        lines.append(f"| {role} | " + " | ".join(_fmt((r.cpu_ms_per_request or {}).get(role))
+                                                  for r in rows) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{sum((r.cpu_ms_per_request or {}).values()):.2f}**"
+                                                for r in rows) + " |")
+    lines.append("| the machine's CPU per request | " + " | ".join(
+        _fmt(server.threads * r.seconds * 1e3 / r.requests if r.requests else None) for r in rows)
+        + " |")
+    return lines
+
+
+def _outside_cpu_ms(row: ServerRow) -> float | None:
+    """CPU ms per request of the processes that never run the model."""
+    cpu = row.cpu_ms_per_request
+    if not cpu:
+        return None
+    return sum(ms for role, ms in cpu.items() if role != "serve process")
+
+
+def target_lines(server: ServerSection) -> list[str]:
+    """The targets: overhead at concurrency 1, share of the batching ceiling, batching gain."""
+    base, ceiling = server.baseline, server.batched_ceiling
+    lines: list[str] = [""]
+    single = next((r for r in server.rows if r.concurrency == 1 and r.p50_ms), None)
+    if single and base and base.p50_ms:
+        delay_ms = server.queue_delay_us / 1000
+        bound = base.p50_ms + delay_ms + OVERHEAD_BUDGET_MS
+        gap = single.p50_ms - bound
+        verdict = "met" if gap <= 0 else f"MISSED by {gap:.2f} ms"
+        lines.append(f"**Overhead at concurrency 1**: p50 {single.p50_ms:.2f} ms against in-process "
+                     f"{base.p50_ms:.2f} ms + queue delay {delay_ms:g} ms + {OVERHEAD_BUDGET_MS:g} ms "
+                     f"= {bound:.2f} ms: **{verdict}**.")
+        b = single.breakdown
+        if b:
+            shares = sorted(((ms, stage) for stage, ms, _ in b.stages() if ms and stage != "model"),
+                            reverse=True)
+            lines.append("Besides the model's own " + _fmt(b.model_ms) + " ms, the time goes to: "
+                         + ", ".join(f"{stage} {ms:.2f} ms" for ms, stage in shares[:5]) + ".")
+    ok = [r for r in server.rows if r.status == "ok"]
+    if ok and ceiling and ceiling.images_per_s:
+        top = max(ok, key=lambda r: r.images_per_s)
+        share = top.images_per_s / ceiling.images_per_s
+        lines.append(f"**Throughput**: {top.images_per_s:.1f} images/s at concurrency "
+                     f"{top.concurrency} is {share:.2f}x the batching ceiling ({ceiling.images_per_s:.1f} "
+                     f"at batch {ceiling.batch}); target >= {CEILING_SHARE:g}x: "
+                     f"**{'met' if share >= CEILING_SHARE else 'MISSED'}**.")
+        outside = _outside_cpu_ms(top)
+        if outside is not None:
+            model_ms = server.threads * 1e3 / ceiling.images_per_s
+            bound = server.threads * 1e3 / (model_ms + outside)
+            lines.append(f"On these {server.threads} shared cores the in-process model needs "
+                         f"{model_ms:.2f} CPU ms per image at its best, and the processes that never "
+                         f"run it (clients, Triton, the stub, PyTriton's helpers) took {outside:.2f} "
+                         f"per request at concurrency {top.concurrency}: even a model as efficient "
+                         f"as in-process would top out near {bound:.1f} images/s "
+                         f"({bound / ceiling.images_per_s:.2f}x the ceiling) before the front and "
+                         f"PyTriton's proxy in serve's own process take their share.")
+        if base and base.images_per_s:
+            gain = ceiling.images_per_s / base.images_per_s
+            served = top.images_per_s / base.images_per_s
+            where = ("batching pays here" if gain >= BATCHING_GAIN else
+                     f"not reachable here: in-process batching itself gains only {gain:.2f}x")
+            lines.append(f"Against in-process batch 1: {served:.2f}x (the {BATCHING_GAIN:g}x target "
+                         f"is for machines where batching pays; {where}).")
+    return lines if len(lines) > 1 else []
+
+
+def poisson_lines(server: ServerSection) -> list[str]:
+    search = server.poisson
+    if not search:
+        return []
+    lines = ["", f"### Open loop: Poisson arrivals, p99 bound {search.p99_bound_ms:g} ms", "",
+             f"{search.generator} schedules batch-1 requests on a Poisson process and counts each "
+             f"request's latency from its scheduled send time; the search bisects the rate below "
+             f"{search.ceiling_per_s:g} req/s (the best closed-loop images/s), {search.trial_seconds:g} s "
+             f"per run (at least 100 requests).", "",
+             "| target req/s | scheduled | completed | p50 ms | p90 ms | p99 ms | max ms | requests | "
+             "errors | p99 within bound | LoadGen early stopping |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in search.trials:
+        lines.append(f"| {t.target_per_s:g} | {t.scheduled_per_s:.1f} | {t.completed_per_s:.1f} | "
+                     f"{t.p50_ms:.2f} | {t.p90_ms:.2f} | {t.p99_ms:.2f} | {t.max_ms:.2f} | {t.requests} | "
+                     f"{t.errors}" + (f" ({t.first_error})" if t.first_error else "")
+                     + f" | {'yes' if t.within_bound else 'no'} | "
+                     f"{'met' if t.early_stopping_met else 'not met'} |")
+    best = search.best
+    if best:
+        lines += ["", f"**Highest Poisson rate within p99 {search.p99_bound_ms:g} ms: {best.target_per_s:g} "
+                      f"requests/s** (p50 {best.p50_ms:.2f} ms, p99 {best.p99_ms:.2f} ms, "
+                      f"{best.errors} errors, {best.requests} requests)."]
+    else:
+        lines += ["", f"**No rate tried kept p99 within {search.p99_bound_ms:g} ms.**"]
     return lines
 
 

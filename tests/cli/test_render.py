@@ -67,5 +67,61 @@ def test_server_table_compares_with_single_stream():
                             seconds=2.0, warmup_s=1.0, max_batch_size=32, queue_delay_us=2000,
                             threads=2, command="bench b --scenario server", created="now")
     text = render.server_table(section)
-    assert "| 4 | 150.0 | 1.50x | 20.00 | 25.00 | 30.00 | 500 | 0 |" in text
+    assert "| 4 | 150.0 | 1.50x | — | 20.00 | 25.00 | 30.00 | — | — | 500 | 0 |" in text
     assert "exit code 0, ports free again: True" in text
+
+
+def _breakdown(**values: float):
+    from pipeline.core.records import StageBreakdown
+
+    stages = dict(client_ms=0.5, front_ms=0.25, triton_http_ms=0.5, queue_ms=0.0,
+                  compute_input_ms=0.1, handoff_ms=2.0, batching_ms=0.05, model_ms=9.5,
+                  compute_output_ms=0.1, triton_other_ms=0.0)
+    stages.update(values)
+    return StageBreakdown(requests=100, mean_batch=1.0, total_ms=sum(stages.values()),
+                          triton_request_ms=11.75, triton_p50_ms=11.5, triton_p99_ms=14.0, **stages)
+
+
+def test_server_table_breaks_down_each_level_and_checks_the_targets():
+    from pipeline.core.records import PoissonSearch, PoissonTrial, ServerRow
+
+    baseline = LatencyRow("ort-cpu", 1, p50_ms=9.0, images_per_s=110.0)
+    ceiling = LatencyRow("ort-cpu", 16, images_per_s=115.0)
+    one = ServerRow("server", "triton-ort-cpu", 1, 1, 700, 0, None, 10.0, 70.0, "ok", p50_ms=13.0,
+                    p90_ms=14.0, p99_ms=18.0, breakdown=_breakdown(),
+                    cpu_ms_per_request={"load generator": 0.5, "serve process": 24.0,
+                                        "tritonserver": 0.6, "python backend stub": 1.0,
+                                        "other": 0.2})
+    many = ServerRow("server", "triton-ort-cpu", 1, 16, 1000, 0, None, 10.0, 105.0, "ok",
+                     p50_ms=150.0, p90_ms=160.0, p99_ms=180.0, breakdown=_breakdown(queue_ms=50.0),
+                     cpu_ms_per_request={"load generator": 0.6, "serve process": 17.0,
+                                         "tritonserver": 0.6, "python backend stub": 0.6,
+                                         "other": 0.2})
+    trial = PoissonTrial(target_per_s=50.0, scheduled_per_s=49.5, completed_per_s=49.4,
+                         requests=500, errors=0, mean_ms=30.0, p50_ms=25.0, p90_ms=60.0,
+                         p99_ms=90.0, max_ms=99.0, within_bound=True, early_stopping_met=True,
+                         seconds=10.1, breakdown=_breakdown(queue_ms=10.0))
+    over = PoissonTrial(target_per_s=75.0, scheduled_per_s=74.0, completed_per_s=73.0,
+                        requests=740, errors=0, mean_ms=60.0, p50_ms=45.0, p90_ms=110.0,
+                        p99_ms=150.0, max_ms=170.0, within_bound=False, early_stopping_met=True,
+                        seconds=10.0)
+    section = ServerSection(scenario="server", rows=[one, many], baseline=baseline,
+                            batched_ceiling=ceiling, stop={"exit_code": 0, "ports_free": True},
+                            budget_ms=None, best=many, seconds=10.0, warmup_s=2.0,
+                            max_batch_size=32, queue_delay_us=0, threads=2, command="bench b",
+                            created="now",
+                            poisson=PoissonSearch(p99_bound_ms=100.0, generator="mlcommons-loadgen 6",
+                                                  ceiling_per_s=105.0, trial_seconds=10.0,
+                                                  trials=[trial, over], best=trial))
+    text = render.server_table(section)
+    assert "| stage | c=1 | c=16 | poisson 50/s | measured as |" in text
+    assert "| handoff | 2.00 | 2.00 | 2.00 |" in text and "| queue | 0.00 | 50.00 | 10.00 |" in text
+    assert "| **total** | **13.00** | **63.00** | **23.00** |" in text
+    # 13.00 ms against 9.00 + 0 ms queue delay + 3 ms = 12.00: missed by 1 ms, handoff first
+    assert "= 12.00 ms: **MISSED by 1.00 ms**" in text
+    assert "the time goes to: handoff 2.00 ms" in text
+    assert "105.0 images/s at concurrency 16 is 0.91x the batching ceiling" in text and "**met**" in text
+    assert "| serve process | 24.00 | 17.00 |" in text
+    assert "| 50 | 49.5 | 49.4 | 25.00 | 60.00 | 90.00 | 99.00 | 500 | 0 | yes | met |" in text
+    assert "| 75 | 74.0 | 73.0 |" in text and "| no |" in text
+    assert "Highest Poisson rate within p99 100 ms: 50 requests/s" in text

@@ -20,9 +20,12 @@ from pipeline.core.records import (
     PairResult,
     ParityReport,
     PipelinedLoop,
+    PoissonSearch,
+    PoissonTrial,
     SequentialLoop,
     ServerRow,
     ServerSection,
+    StageBreakdown,
 )
 from pipeline.errors import InputError
 from tests.conftest import run_cli
@@ -35,11 +38,22 @@ def _doc() -> LatencyDoc:
                        p90_ms=1.7, images_per_s=666.7, verified="parity passed"),
             LatencyRow("openvino-cpu", 1, precision="bf16", precision_requested="auto",
                        status="unavailable", reason="not installed")]
+    stages = StageBreakdown(requests=10, queue_ms=0.1, compute_input_ms=0.1, compute_output_ms=0.1,
+                            triton_other_ms=0.0, triton_request_ms=2.0, model_ms=1.5, handoff_ms=0.2,
+                            triton_p99_ms=2.5)
+    trial = PoissonTrial(target_per_s=5.0, scheduled_per_s=5.1, completed_per_s=5.1, requests=100,
+                         errors=0, mean_ms=2.0, p50_ms=2.0, p90_ms=2.5, p99_ms=3.0, max_ms=3.5,
+                         within_bound=True, early_stopping_met=False, seconds=19.6, breakdown=stages)
     server = ServerSection(scenario="server", rows=[ServerRow("server", "triton-ort-cpu", 1, 4, 10, 0,
-                                                              None, 1.0, 10.0, "ok", p99_ms=3.0)],
+                                                              None, 1.0, 10.0, "ok", p99_ms=3.0,
+                                                              breakdown=stages,
+                                                              cpu_ms_per_request={"other": 0.1})],
                            baseline=rows[0], batched_ceiling=None, stop={"exit_code": 0},
                            budget_ms=None, best=None, seconds=1.0, warmup_s=1.0, max_batch_size=8,
-                           queue_delay_us=100, threads=2, command="bench", created="now")
+                           queue_delay_us=100, threads=2, command="bench", created="now",
+                           poisson=PoissonSearch(p99_bound_ms=10.0, generator="mlcommons-loadgen",
+                                                 ceiling_per_s=10.0, trial_seconds=1.0,
+                                                 trials=[trial], best=trial))
     loop = ImageLoop(backend="ort-cpu", device="cpu (x)", files=2, summary="device:cpu ...",
                      sequential=SequentialLoop(n=2, wall_s=0.1, images_per_s=20.0,
                                                decode={"p50_ms": 1.0}, infer={"p50_ms": 2.0},
@@ -58,6 +72,8 @@ def test_latency_doc_round_trips(tmp_path):
     assert back == doc
     assert isinstance(back.rows[0], LatencyRow) and isinstance(back.server.rows[0], ServerRow)
     assert isinstance(back.images[0].pipelined, PipelinedLoop)
+    assert isinstance(back.server.rows[0].breakdown, StageBreakdown)
+    assert isinstance(back.server.poisson.best.breakdown, StageBreakdown)
     assert back.server.baseline == doc.rows[0]
     assert back.rows[1].precision_label == "auto=bf16" and not back.rows[1].ok
 

@@ -370,6 +370,50 @@ def test_tritons_own_client_fault_messages_map_to_4xx() -> None:
     assert client_fault("failed to load model: out of memory") is None
 
 
+def test_the_metrics_port_adds_serves_own_stage_times(server) -> None:
+    """serve's counters follow Triton's on the metrics port; a level's breakdown from two
+    scrapes counts exactly the requests sent, and its stages add up to the clients' mean."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    from pipeline.stages.bench.breakdown import breakdown, scrape, value
+
+    metrics = f"http://127.0.0.1:{server['metrics_port']}/metrics"
+    before = scrape(metrics)
+    batch = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    took = []
+    for _ in range(5):
+        started = time.perf_counter()
+        _infer(server["url"], batch)
+        took.append((time.perf_counter() - started) * 1e3)
+    code, _ = _post(server["port"], _json_input((1, 3, 31, 32)), {})  # refused: never counted
+    assert code == 422
+    with grpc.insecure_channel(f"127.0.0.1:{server['grpc_port']}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(3):
+            service_pb2.ModelInferResponse().ParseFromString(
+                call(_grpc_request((1, 3, 32, 32)), timeout=30))
+    after = scrape(metrics)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("pipeline_front_request_count", protocol="http") == 5
+    assert delta("pipeline_front_request_count", protocol="grpc") == 3
+    assert delta("pipeline_model_request_count", model=MODEL) == 8  # a request once, not per image
+    assert delta("nv_inference_count", model=MODEL) == 13
+    assert delta("pipeline_front_duration_us", protocol="http") >= \
+        delta("pipeline_front_upstream_duration_us", protocol="http") > 0
+    assert delta("pipeline_model_function_duration_us", model=MODEL) >= \
+        delta("pipeline_model_infer_duration_us", model=MODEL) > 0
+    assert value(after, "nv_inference_request_summary_us", model=MODEL, quantile="0.99") > 0
+
+    stages = breakdown(before, after, MODEL, sum(took) / len(took))
+    assert stages.requests == 8 and stages.model_ms > 0 and stages.handoff_ms >= 0
+    assert sum(ms for _, ms, _ in stages.stages()) == pytest.approx(stages.total_ms)
+    assert stages.triton_p99_ms > 0
+
+
 def test_sigterm_stops_it_and_frees_the_port(server) -> None:
     """Last in this module: it stops the shared server."""
     process = server["process"]
@@ -402,9 +446,12 @@ def test_bundle_without_an_export_exits_2(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_server_scenario_bench(tiny_bundle: Path) -> None:
+    """Closed-loop levels with their breakdown and CPU shares, then the Poisson search."""
+    bound = 1000.0
     result = run_cli("bench", tiny_bundle, "--scenario", "server", "--concurrency", "1,4",
                      "--seconds", "2", "--warmup-seconds", "1", "--iterations", "10",
-                     "--budget-ms", "1000")
+                     "--budget-ms", "1000", "--arrival", "poisson", "--p99-ms", str(bound),
+                     "--poisson-trials", "2")
     assert result.exit_code == 0, result.stderr
     doc = json.loads((tiny_bundle / "latency.json").read_text())
     rows = doc["server"]["rows"]
@@ -412,11 +459,48 @@ def test_server_scenario_bench(tiny_bundle: Path) -> None:
     for row in rows:
         assert row["scenario"] == "server" and row["errors"] == 0 and row["requests"] > 0
         assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        stages = row["breakdown"]
+        assert stages["requests"] >= row["requests"] * 0.9 and stages["model_ms"] > 0
+        assert row["cpu_ms_per_request"]["serve process"] > 0
+    assert rows[0]["breakdown"]["mean_batch"] == 1.0
     assert doc["server"]["baseline"]["backend"] == "ort-cpu"
+    assert doc["server"]["batched_ceiling"]["batch"] > 1
     assert doc["server"]["stop"] == {"exit_code": 0, "ports_free": True}
     assert doc["server"]["best"]["concurrency"] in (1, 4)
+
+    search = doc["server"]["poisson"]
+    ceiling = max(r["images_per_s"] for r in rows)
+    assert search["p99_bound_ms"] == bound and search["ceiling_per_s"] == pytest.approx(ceiling, abs=0.01)
+    assert "mlcommons-loadgen" in search["generator"] and len(search["trials"]) == 2
+    first, second = search["trials"]
+    assert first["target_per_s"] == pytest.approx(ceiling / 2, abs=0.01)
+    # bisection: up after a pass, down after a miss
+    assert (second["target_per_s"] > first["target_per_s"]) == first["within_bound"]
+    for trial in search["trials"]:
+        assert trial["requests"] >= 100 and trial["errors"] == 0
+        assert trial["p50_ms"] <= trial["p99_ms"] <= trial["max_ms"]
+        assert trial["within_bound"] == (trial["p99_ms"] <= bound)
+        assert trial["breakdown"]["requests"] >= trial["requests"]
+    passed = [t for t in search["trials"] if t["within_bound"]]
+    assert search.get("best") == (max(passed, key=lambda t: t["target_per_s"]) if passed else None)
     report = (tiny_bundle / "report.md").read_text()
     assert "Server scenario" in report and "Recommended setting: concurrency" in report
+    assert "Where a request's time goes" in report and "Overhead at concurrency 1" in report
+    assert "Open loop: Poisson arrivals" in report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scenario", "server", "--arrival", "poisson"], "give it with --p99-ms"),
+    (["--scenario", "server", "--p99-ms", "50"], "add --arrival poisson"),
+    (["--arrival", "poisson", "--p99-ms", "50"], "add --scenario server"),
+    (["--scenario", "offline", "--p99-ms", "50"], "add --scenario server"),
+    (["--scenario", "server", "--arrival", "poisson", "--p99-ms", "50", "--poisson-trials", "0"],
+     "--poisson-trials 0 must be from 1 to 20"),
+])
+def test_poisson_options_are_checked_before_anything_runs(tiny_bundle: Path, args, message) -> None:
+    result = run_module("bench", tiny_bundle, *args, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_request_limit_that_is_not_positive_exits_2(tiny_bundle: Path) -> None:

@@ -3,8 +3,11 @@ N concurrent clients, over loopback, for a bounded time and request count.
 
 ``run_server_scenario`` starts ``python -m pipeline serve BUNDLE`` on free loopback ports, as
 a user would, waits for readiness, drives it with each concurrency in turn (every client a
-thread with its own HTTP connection, sending batch-1 requests back to back), then stops the
-server with SIGTERM and checks its port is free again. Rows carry ``scenario: server``.
+thread with its own HTTP connection, sending batch-1 binary-tensor requests back to back),
+then, with ``--arrival poisson``, searches the highest open-loop Poisson rate within a p99
+bound (``poisson``), stops the server with SIGTERM and checks its port is free again. Each
+level's time is broken down by stage from the server's metrics (``breakdown``), scraped as its
+timed part starts and ends. Rows carry ``scenario: server``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.core.bundle import LATENCY
-from pipeline.core.records import LatencyDoc, ServerRow, ServerSection, ok_rows
+from pipeline.core.records import LatencyDoc, PoissonSearch, ServerRow, ServerSection, ok_rows
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.options import BenchOptions, ScenarioOptions, ServeOptions
 from pipeline.runtimes.registry import served_model
 from pipeline.serving.serve import check_ports_free, free_port, serving_problem
+from pipeline.stages.bench import poisson
+from pipeline.stages.bench.breakdown import Samples, breakdown, cpu_seconds, scrape
 from pipeline.stages.bench.protocol import run_bench
 from pipeline.stages.bench.timing import percentile_stats
 from pipeline.stages.report import save_bench
@@ -48,6 +53,7 @@ class Server:
         if scenario.threads:
             args += ["--threads", str(scenario.threads)]
         self.url = f"127.0.0.1:{self.ports['--port']}"
+        self.metrics_url = f"http://127.0.0.1:{self.ports['--metrics-port']}/metrics"
         self.log_path = bundle / ".serve.log"
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT,
@@ -122,8 +128,11 @@ def _client_loop(url: str, model: Any, image: np.ndarray, stop_at: int, record_a
     client.close()
 
 
-def drive(url: str, model: Any, concurrency: int, seconds: float, warmup_s: float) -> ServerRow:
-    """``concurrency`` clients for ``warmup_s`` + ``seconds``; stats over the timed part."""
+def drive(url: str, model: Any, concurrency: int, seconds: float, warmup_s: float,
+          metrics_url: str | None = None, server_pid: int | None = None) -> ServerRow:
+    """``concurrency`` clients for ``warmup_s`` + ``seconds``; stats over the timed part, its
+    stage breakdown when ``metrics_url`` is given, and the CPU each process used per request
+    when ``server_pid`` is."""
     shape = (1, *model.input_shape)
     latencies: list[int] = []
     errors: list[str] = []
@@ -137,6 +146,14 @@ def drive(url: str, model: Any, concurrency: int, seconds: float, warmup_s: floa
                                         args=(url, model, image, stop_at, record_after, latencies, errors)))
     for thread in threads:
         thread.start()
+    scrapes: list[Samples] = []
+    clocks: list[dict[str, float]] = []
+    for moment in (record_after, stop_at):
+        time.sleep(max(0.0, (moment - time.perf_counter_ns()) / 1e9))
+        if server_pid is not None:
+            clocks.append(cpu_seconds(server_pid))
+        if metrics_url:
+            scrapes.append(scrape(metrics_url))
     for thread in threads:
         thread.join(timeout=seconds + warmup_s + 120)
     elapsed = max((time.perf_counter_ns() - record_after) / 1e9, 1e-9)
@@ -153,57 +170,80 @@ def drive(url: str, model: Any, concurrency: int, seconds: float, warmup_s: floa
             # server-scenario p99 from fewer samples is still what the budget is checked on
             row.p99_ms = float(np.percentile(np.asarray(latencies, dtype=np.float64) / 1e6, 99))
             row.p99_note = f"from {len(latencies)} requests"
+    if len(scrapes) == 2:
+        row = replace(row, breakdown=breakdown(scrapes[0], scrapes[1], model.name, row.mean_ms))
+    if len(clocks) == 2 and latencies:
+        row = replace(row, cpu_ms_per_request={
+            role: round((clocks[1][role] - clocks[0][role]) * 1e3 / len(latencies), 3)
+            for role in clocks[0]})
     return row
 
 
-def run_server_scenario(bundle: Any, scenario: ScenarioOptions,
-                        log: Callable[[str], None]) -> tuple[list[ServerRow], dict[str, Any], str]:
-    """Serve the bundle, drive it at every concurrency, stop it; returns the rows, how the
-    server stopped, and its URL."""
+def run_server_scenario(bundle: Any, scenario: ScenarioOptions, log: Callable[[str], None]
+                        ) -> tuple[list[ServerRow], PoissonSearch | None, dict[str, Any], str]:
+    """Serve the bundle, drive it at every concurrency (then the Poisson search, if asked),
+    stop it; returns the rows, the search, how the server stopped, and its URL."""
     model = served_model(bundle, "fp32")
     problem = serving_problem()
     if problem:
         raise EnvironmentUnavailable(f"--scenario server: {problem}")
+    if scenario.arrival == "poisson":
+        problem = poisson.loadgen_problem()
+        if problem:
+            raise EnvironmentUnavailable(problem)
     server = Server(bundle.root, scenario)
     rows: list[ServerRow] = []
+    search = None
     try:
         server.wait_ready(model.name)
         log(f"serving on {server.url}; {len(scenario.concurrency)} load levels of "
             f"{scenario.seconds:g} s each")
         for concurrency in scenario.concurrency:
-            row = replace(drive(server.url, model, concurrency, scenario.seconds, scenario.warmup_s),
+            row = replace(drive(server.url, model, concurrency, scenario.seconds, scenario.warmup_s,
+                                server.metrics_url, server.process.pid),
                           max_batch_size=scenario.max_batch_size,
                           queue_delay_us=scenario.queue_delay_us, model_file=model.model_file.name)
             rows.append(row)
             log(f"  concurrency {concurrency:>3}: {row.images_per_s:.1f} img/s, p50 "
                 f"{row.p50_ms or 0:.1f} ms, p99 {row.p99_ms or 0:.1f} ms, {row.errors} errors")
+        if scenario.arrival == "poisson" and scenario.p99_ms is not None:
+            ceiling = max((r.images_per_s for r in rows if r.status == "ok"), default=0.0)
+            if ceiling <= 0:
+                raise EnvironmentUnavailable("no closed-loop level completed, so the Poisson "
+                                             "search has no rate to start from")
+            log(f"poisson arrivals: the highest rate below {ceiling:.1f} req/s with p99 within "
+                f"{scenario.p99_ms:g} ms (at most {scenario.poisson_trials} runs)")
+            search = poisson.search(server.url, model, scenario.p99_ms, ceiling, scenario.seconds,
+                                    scenario.poisson_trials, server.metrics_url, log)
     finally:
         stopped = server.stop()
-    return rows, stopped, server.url
+    return rows, search, stopped, server.url
 
 
 def server_bench(bundle: Any, scenario: ScenarioOptions, *, iterations: int, warmup_seconds: float,
                  budget_ms: float | None, progress: bool, command: str,
                  log: Callable[[str], None]) -> tuple[LatencyDoc, dict[str, Any]]:
-    """The server scenario beside fresh single-stream ORT baselines (batch 1, and the largest
-    batch the server could form), into latency.json's ``server`` section and report.md."""
+    """The server scenario beside fresh in-process ORT baselines (batch 1, and powers of two up
+    to the largest batch the server could form: the best of them is the batching ceiling), into
+    latency.json's ``server`` section and report.md."""
     import datetime
 
     scenario.check()
     started = time.perf_counter()
     threads = scenario.threads or os.cpu_count() or 1
-    ceiling_batch = min(max(scenario.concurrency), scenario.max_batch_size)
-    log(f"single-stream baseline: ort-cpu fp32 at batch 1 (and {ceiling_batch}, what dynamic "
-        f"batching could reach at most)")
-    base_doc = run_bench(bundle.root, BenchOptions(backends=("ort-cpu:fp32",),
-                                                  batch_sizes=tuple(sorted({1, ceiling_batch})),
+    largest = min(max(scenario.concurrency), scenario.max_batch_size)
+    batches = tuple(sorted({1, largest} | {2 ** k for k in range(1, 9) if 2 ** k < largest}))
+    log(f"in-process baseline: ort-cpu fp32 at batch {', '.join(map(str, batches))} (the best "
+        f"batched images/s is the most dynamic batching could give)")
+    base_doc = run_bench(bundle.root, BenchOptions(backends=("ort-cpu:fp32",), batch_sizes=batches,
                                                   iterations=iterations, seconds=scenario.seconds,
                                                   warmup_s=warmup_seconds, threads=threads),
                          progress=progress)
     good = ok_rows(base_doc.rows)
     baseline = next((r for r in good if r.batch == 1), None)
-    ceiling = next((r for r in good if r.batch == ceiling_batch and ceiling_batch > 1), None)
-    rows, stopped, _ = run_server_scenario(bundle, scenario, log)
+    ceiling = max((r for r in good if r.batch > 1), key=lambda r: r.images_per_s or 0.0,
+                  default=None)
+    rows, search, stopped, _ = run_server_scenario(bundle, scenario, log)
     try:
         doc = LatencyDoc.load(bundle.path(LATENCY))  # keep the single-stream rows measured before
     except InputError:
@@ -213,7 +253,7 @@ def server_bench(bundle: Any, scenario: ScenarioOptions, *, iterations: int, war
         budget_ms=budget_ms, best=best_within(rows, budget_ms), seconds=scenario.seconds,
         warmup_s=scenario.warmup_s, max_batch_size=scenario.max_batch_size,
         queue_delay_us=scenario.queue_delay_us, threads=threads, command=command,
-        created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+        created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), poisson=search)
     return doc, save_bench(doc, bundle.root, budget_ms, started=started)
 
 
