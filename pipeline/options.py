@@ -173,8 +173,8 @@ def check_arrival(scenario: str, arrival: str, p99_ms: float | None) -> None:
 # The largest batch Triton's dynamic batcher forms, for serve and the server scenario alike.
 SERVER_MAX_BATCH = 32
 # serve's batcher dispatches at once: batches form from the requests that queue while the model
-# runs, so a lone request never waits (measured on 2 CPU cores: 2.4 ms less at concurrency 1,
-# the same images/s at 16; benchmarks/results/server-cpu.md).
+# runs, so a lone request never waits (measured on 2 CPU cores: 2.2 ms less p50 at concurrency
+# 1, 2% more images/s at 16; benchmarks/results/queue-delay-cpu.md).
 SERVER_QUEUE_DELAY_US = 0
 # A standalone Triton from deploy triton, often on a GPU where one image takes about a
 # millisecond: without a short wait it would seldom batch.
