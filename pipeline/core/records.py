@@ -233,11 +233,16 @@ class StageBreakdown(Record):
                 ("triton_http", self.triton_http_ms, "Triton's HTTP: front's wait - Triton's request time"),
                 ("queue", self.queue_ms, "nv_inference_queue_duration_us"),
                 ("compute_input", self.compute_input_ms, "nv_inference_compute_input_duration_us"),
-                ("handoff", self.handoff_ms, "PyTriton hand-off: Triton's compute - model function"),
+                ("handoff", self.handoff_ms, "Python backend hand-off: Triton's compute - model function"),
                 ("batching", self.batching_ms, "model function around the runtime: join, split"),
                 ("model", self.model_ms, "the runtime's infer (ONNX Runtime)"),
                 ("compute_output", self.compute_output_ms, "nv_inference_compute_output_duration_us"),
                 ("triton_other", self.triton_other_ms, "rest of nv_inference_request_duration_us")]
+
+
+# The process that runs the served model, among the roles of ServerRow.cpu_ms_per_request:
+# Triton's Python-backend stub (``pipeline.serving.backend``).
+MODEL_ROLE = "python backend stub"
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""``deploy triton``: a standard Triton model repository for the ONNX Runtime backend.
+"""Triton model repositories: ``deploy triton``'s, for a standalone Triton, and ``serve``'s own.
+
+``deploy triton`` writes a standard repository for the ONNX Runtime backend:
 
     DIR/<name>/config.pbtxt     platform onnxruntime_onnx, batching, dynamic batching, instances
     DIR/<name>/1/model.onnx     the bundle's simplified model (or the variant the target needs)
@@ -7,10 +9,16 @@
 
 The config is written in protobuf text format and reads back with Triton's own
 ``ModelConfig`` message (tests parse it with ``tritonclient``'s ``model_config_pb2``).
+
+``serve`` starts the Triton that PyTriton bundles on a repository of its own
+(``served_repository``): the same batching and tensors, run by Triton's Python backend through
+``pipeline.serving.backend``, so that the bundle's file runs in the runtime and precision the
+rest of the pipeline measured.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -27,7 +35,9 @@ from pipeline.core.bundle import (
 from pipeline.core.records import LatencyDoc, ModelSection
 from pipeline.errors import InputError
 from pipeline.formats.onnx import io_spec
-from pipeline.options import TritonOptions
+from pipeline.options import ServeOptions, TritonOptions
+from pipeline.runtimes.triton import ServedModel
+from pipeline.serving.backend import PARAMETERS
 from pipeline.serving.guard import default_limit
 
 
@@ -57,24 +67,38 @@ def _model_for(bundle: Bundle, options: TritonOptions) -> tuple[Path, str]:
     return bundle.path(bundle.fp32_onnx()), precision
 
 
+def _dims(values: Any) -> str:
+    return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+
+def _model_lines(head: list[str], max_batch_size: int, tensors: tuple[str, list[int], str, list[int]],
+                 preferred: list[int], queue_delay_us: int, instances: int, kind: str,
+                 label_file: str | None = None) -> list[str]:
+    """What every config.pbtxt here has: batching, the input and output, dynamic batching and
+    the instances, after the lines that say what runs the model (``head``)."""
+    input_name, input_dims, output_name, output_dims = tensors
+    lines = [*head, f"max_batch_size: {max_batch_size}",
+             "input [", "  {", f'    name: "{input_name}"', "    data_type: TYPE_FP32",
+             f"    dims: {_dims(input_dims)}", "  }", "]",
+             "output [", "  {", f'    name: "{output_name}"', "    data_type: TYPE_FP32",
+             f"    dims: {_dims(output_dims)}"]
+    if label_file:
+        lines.append(f'    label_filename: "{label_file}"')
+    lines += ["  }", "]", "dynamic_batching {"]
+    if preferred:
+        lines.append(f"  preferred_batch_size: {_dims(preferred)}")
+    lines += [f"  max_queue_delay_microseconds: {queue_delay_us}", "}",
+              "instance_group [", "  {", f"    count: {instances}", f"    kind: {kind}", "  }", "]"]
+    return lines
+
+
 def config_text(name: str, spec: dict[str, Any], options: TritonOptions, preferred: list[int],
                 precision: str) -> str:
     """config.pbtxt in protobuf text format (Triton's ModelConfig message)."""
-    def dims(values: list[Any]) -> str:
-        return "[ " + ", ".join(str(v) for v in values) + " ]"
-
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"',
-             f"max_batch_size: {options.max_batch_size}",
-             "input [", "  {", f'    name: "{spec["input"]}"', "    data_type: TYPE_FP32",
-             f"    dims: {dims(spec['input_dims'])}", "  }", "]",
-             "output [", "  {", f'    name: "{spec["output"]}"', "    data_type: TYPE_FP32",
-             f"    dims: {dims(spec['output_dims'])}", '    label_filename: "labels.txt"', "  }", "]",
-             "dynamic_batching {"]
-    if preferred:
-        lines.append(f"  preferred_batch_size: {dims(preferred)}")
-    lines += [f"  max_queue_delay_microseconds: {options.queue_delay_us}", "}",
-              "instance_group [", "  {", f"    count: {options.instances}",
-              f"    kind: {'KIND_GPU' if options.target == 'gpu' else 'KIND_CPU'}", "  }", "]"]
+    lines = _model_lines([f'name: "{name}"', 'platform: "onnxruntime_onnx"'], options.max_batch_size,
+                         (spec["input"], spec["input_dims"], spec["output"], spec["output_dims"]),
+                         preferred, options.queue_delay_us, options.instances,
+                         "KIND_GPU" if options.target == "gpu" else "KIND_CPU", "labels.txt")
     if options.target == "gpu":
         lines += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator [",
                   "      {", '        name: "tensorrt"',
@@ -83,6 +107,37 @@ def config_text(name: str, spec: dict[str, Any], options: TritonOptions, preferr
                   '        parameters { key: "trt_engine_cache_enable" value: "1" }',
                   "      }", "    ]", "  }", "}"]
     return "\n".join(lines) + "\n"
+
+
+def served_config_text(model: ServedModel, options: ServeOptions, preferred: list[int]) -> str:
+    """config.pbtxt for ``serve``: Triton's Python backend runs ``pipeline.serving.backend`` on
+    the model file (see its ``PARAMETERS``)."""
+    values = {"model_file": str(model.model_file.resolve()), "precision": options.precision,
+              "threads": "" if options.threads is None else str(options.threads)}
+    lines = _model_lines([f'name: "{model.name}"', 'backend: "python"'], options.max_batch_size,
+                         (model.input_name, list(model.input_shape), model.output_name,
+                          [model.classes]),
+                         preferred, options.queue_delay_us, options.instances, "KIND_CPU")
+    lines += [f'parameters {{ key: "{key}" value: {{ string_value: {json.dumps(values[key])} }} }}'
+              for key in PARAMETERS]
+    return "\n".join(lines) + "\n"
+
+
+def served_repository(root: Path, model: ServedModel, options: ServeOptions,
+                      preferred: list[int]) -> Path:
+    """The model repository ``serve`` starts Triton on, in ``root`` (a folder of its own)."""
+    folder = root / model.name
+    (folder / "1").mkdir(parents=True)
+    package_parent = Path(__file__).resolve().parents[2]  # the folder that holds pipeline/
+    (folder / "1" / "model.py").write_text(
+        "# Written by `python -m pipeline serve`: Triton's Python backend runs this model.\n"
+        "import sys\n\n"
+        f"sys.path.insert(0, {json.dumps(str(package_parent))})\n\n"
+        "from pipeline.serving.backend import TritonPythonModel  # noqa: E402,F401\n",
+        encoding="utf-8")
+    (folder / "config.pbtxt").write_text(served_config_text(model, options, preferred),
+                                         encoding="utf-8")
+    return root
 
 
 def triton_repository(bundle_dir: Path | str, out: Path | str,

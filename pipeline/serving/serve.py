@@ -4,7 +4,11 @@ Triton does the serving: HTTP and gRPC (KServe v2 protocol), dynamic batching, h
 readiness endpoints (``/v2/health/live``, ``/v2/health/ready``), metrics, and the validation of
 every request against the model's declared input (name, float32, ``[batch, 3, H, W]``). The
 model itself is the bundle's ONNX file in an ONNX Runtime session, called once per batch
-that Triton's dynamic batcher forms.
+that Triton's dynamic batcher forms, inside Triton's Python-backend stub
+(``pipeline.serving.backend``, from a model repository ``serve`` writes to a temporary folder).
+PyTriton starts and stops that Triton (it bundles the server and the stub); its own ``bind``
+is not used, because its hand-off from the stub to this process and back (shared memory and
+ZeroMQ) cost more than the 3 ms a request the whole server may add.
 
 Addresses are explicit: Triton would otherwise listen on every interface. Triton itself
 binds to loopback ports of its own; what clients reach on ``--host`` (127.0.0.1 unless told
@@ -24,18 +28,18 @@ import os
 import signal
 import socket
 import sysconfig
-import time
+import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.core.bundle import Bundle
 from pipeline.errors import EnvironmentUnavailable
 from pipeline.options import ServeOptions
-from pipeline.runtimes.base import Runner
 from pipeline.runtimes.registry import get_backend, served_model
 from pipeline.runtimes.triton import ServedModel
 from pipeline.serving.guard import GrpcGuard, HttpGuard, default_limit
-from pipeline.serving.repository import preferred_batch_sizes
+from pipeline.serving.repository import preferred_batch_sizes, served_repository
 from pipeline.serving.stats import ServeStats
 from pipeline.serving.validate import Contract
 
@@ -109,36 +113,22 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
     check_ports_free(options)
     os.environ.update(with_own_libpython(dict(os.environ)))
 
-    import numpy as np
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.client.exceptions import PyTritonClientError
+    from pytriton.exceptions import PyTritonError
     from pytriton.triton import Triton, TritonConfig
 
-    ort_cpu = get_backend("ort-cpu")
-    runners = [ort_cpu.make_file(model.model_file, options.precision, threads=options.threads)
-               for _ in range(options.instances)]
-
+    # Triton's stub opens the model again. Opening it here first turns a model the runtime
+    # refuses into a clear error before Triton starts (Triton would exit, and PyTriton wait
+    # out its start-up timeout first).
+    get_backend("ort-cpu").make_file(model.model_file, options.precision, threads=options.threads).close()
     stats = ServeStats()
-
-    def make_infer(runner: Runner) -> Callable[[list[Any]], list[dict[str, np.ndarray]]]:
-        def infer(requests: list[Any]) -> list[dict[str, np.ndarray]]:
-            """One batch of Triton's dynamic batcher: the requests' images in one runtime
-            call, each request answered with a view of its rows (no copy on a lone request,
-            one concatenation otherwise; PyTriton's ``@batch`` copies both ways)."""
-            started = time.perf_counter()
-            images = [request[model.input_name] for request in requests]
-            batch = images[0] if len(images) == 1 else np.concatenate(images)
-            ran = time.perf_counter()
-            logits = runner.infer(batch)
-            ran = time.perf_counter() - ran
-            ends = np.cumsum([len(part) for part in images])[:-1]
-            answers = [{model.output_name: rows} for rows in np.split(logits, ends)]
-            stats.model(model.name, len(requests), time.perf_counter() - started, ran)
-            return answers
-        return infer
+    workspace = tempfile.TemporaryDirectory(prefix="pipeline-serve-")
+    repository = served_repository(Path(workspace.name) / "models", model, options,
+                                   preferred_batch_sizes(bundle, options.max_batch_size))
 
     # Triton on loopback ports of its own; clients reach the guards on the user's ports.
     inner = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    config = TritonConfig(http_address=LOOPBACK, http_port=inner["http"],
+    config = TritonConfig(model_repository=repository, http_address=LOOPBACK, http_port=inner["http"],
                           grpc_address=LOOPBACK, grpc_port=inner["grpc"],
                           metrics_address=LOOPBACK, metrics_port=inner["metrics"],
                           allow_sagemaker=False, allow_vertex_ai=False, exit_on_error=True,
@@ -154,7 +144,6 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
                         contract=contract, stats=stats),
               HttpGuard(options.host, options.metrics_port, f"http://{LOOPBACK}:{inner['metrics']}",
                         METRICS_LIMIT, flag="--metrics-port", stats=stats, metrics=True)]
-    preferred = preferred_batch_sizes(bundle, options.max_batch_size) or None
     triton = Triton(config=config)
     started: list[Any] = []
 
@@ -164,15 +153,14 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
 
     _stop_on_signals(stop_guards)
     try:
-        triton.bind(model_name=model.name, infer_func=[make_infer(r) for r in runners],
-                    inputs=[Tensor(name=model.input_name, dtype=np.float32, shape=model.input_shape)],
-                    outputs=[Tensor(name=model.output_name, dtype=np.float32, shape=(model.classes,))],
-                    config=ModelConfig(max_batch_size=options.max_batch_size,
-                                       batcher=DynamicBatcher(
-                                           max_queue_delay_microseconds=options.queue_delay_us,
-                                           preferred_batch_size=preferred)),
-                    strict=True)
-        triton.run()
+        try:
+            triton.run()  # Triton loads the repository's model before it reports ready
+        except (PyTritonClientError, PyTritonError) as exc:  # it exited, or never became ready
+            raise EnvironmentUnavailable(f"serve: Triton did not start ({exc}); its log above "
+                                         f"says why") from None
+        if not model_ready(f"http://{LOOPBACK}:{inner['http']}", model.name):
+            raise EnvironmentUnavailable(f"serve: Triton did not load {model.name} from "
+                                         f"{model.model_file.name}; its log above says why")
         for guard in guards:
             guard.start()
             started.append(guard)
@@ -184,8 +172,16 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
     finally:
         stop_guards()
         triton.stop()
-        for runner in runners:
-            runner.close()
+        workspace.cleanup()
+
+
+def model_ready(url: str, name: str) -> bool:
+    """Whether the Triton at ``url`` has ``name`` loaded and ready."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/{name}/ready", timeout=10) as answer:  # noqa: S310
+            return answer.status == 200
+    except OSError:  # refused, 400 (not loaded), or gone
+        return False
 
 
 def endpoints(model: ServedModel, options: ServeOptions, limit: int) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pipeline.core.bundle import (
     write_text_atomic,
 )
 from pipeline.core.records import (
+    MODEL_ROLE,
     ImageLoop,
     LatencyDoc,
     LatencyRow,
@@ -290,7 +291,7 @@ def _outside_cpu_ms(row: ServerRow) -> float | None:
     cpu = row.cpu_ms_per_request
     if not cpu:
         return None
-    return sum(ms for role, ms in cpu.items() if role != "serve process")
+    return sum(ms for role, ms in cpu.items() if role != MODEL_ROLE)
 
 
 def target_lines(server: ServerSection) -> list[str]:
@@ -326,11 +327,11 @@ def target_lines(server: ServerSection) -> list[str]:
             bound = server.threads * 1e3 / (model_ms + outside)
             lines.append(f"On these {server.threads} shared cores the in-process model needs "
                          f"{model_ms:.2f} CPU ms per image at its best, and the processes that never "
-                         f"run it (clients, Triton, the stub, PyTriton's helpers) took {outside:.2f} "
-                         f"per request at concurrency {top.concurrency}: even a model as efficient "
-                         f"as in-process would top out near {bound:.1f} images/s "
-                         f"({bound / ceiling.images_per_s:.2f}x the ceiling) before the front and "
-                         f"PyTriton's proxy in serve's own process take their share.")
+                         f"run it (the clients, serve's fronts, Triton) took {outside:.2f} per "
+                         f"request at concurrency {top.concurrency}: even a model as efficient as "
+                         f"in-process would top out near {bound:.1f} images/s "
+                         f"({bound / ceiling.images_per_s:.2f}x the ceiling) before the Python "
+                         f"backend's own work around the runtime takes its share.")
         if base and base.images_per_s:
             gain = ceiling.images_per_s / base.images_per_s
             served = top.images_per_s / base.images_per_s

@@ -108,3 +108,39 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_bundle: Path, tmp_path: Path)
     changed = run_module("deploy", "triton", tiny_bundle, "--out", out)
     assert changed.returncode == 1 and "integrity" in changed.stderr
     assert not any(out.rglob("config.pbtxt"))
+
+
+def test_serves_repository_runs_the_bundles_file_in_the_python_backend(tiny_bundle: Path,
+                                                                       tmp_path: Path) -> None:
+    """serve's own repository: Triton's schema reads it; the Python backend gets the file,
+    precision and threads serve was given; model.py imports this checkout's backend."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from pipeline.core.bundle import Bundle
+    from pipeline.options import ServeOptions
+    from pipeline.runtimes.registry import served_model
+    from pipeline.serving.backend import parameters
+    from pipeline.serving.repository import served_repository
+
+    bundle = Bundle.open(tiny_bundle)
+    model = served_model(bundle, "fp32")
+    options = ServeOptions(max_batch_size=8, queue_delay_us=0, instances=2, threads=1)
+    root = served_repository(tmp_path / "models", model, options, [4, 8])
+    config = _parse(root / model.name / "config.pbtxt")
+    assert config.backend == "python" and not config.platform
+    assert config.max_batch_size == 8
+    (inp,), (outp,) = config.input, config.output
+    assert (inp.name, list(inp.dims)) == (model.input_name, list(model.input_shape))
+    assert (outp.name, list(outp.dims)) == (model.output_name, [model.classes])
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    (group,) = config.instance_group
+    assert group.count == 2 and group.kind == pb.ModelInstanceGroup.KIND_CPU
+    # Triton hands the backend its config as JSON; the backend reads its parameters from it
+    given = parameters(json_format.MessageToDict(config, preserving_proto_field_name=True))
+    assert given == {"model_file": str((tiny_bundle / model.model_file.name).resolve()),
+                     "precision": "fp32", "threads": "1"}
+    source = (root / model.name / "1" / "model.py").read_text()
+    assert "from pipeline.serving.backend import TritonPythonModel" in source
+    assert json.dumps(str(Path(__file__).resolve().parents[2])) in source

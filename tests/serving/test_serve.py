@@ -376,10 +376,10 @@ def test_the_metrics_port_adds_serves_own_stage_times(server) -> None:
     import grpc
     from tritonclient.grpc import service_pb2
 
-    from pipeline.stages.bench.breakdown import breakdown, scrape, value
+    from pipeline.stages.bench.breakdown import breakdown, settled_scrape, value
 
     metrics = f"http://127.0.0.1:{server['metrics_port']}/metrics"
-    before = scrape(metrics)
+    before = settled_scrape(metrics)
     batch = np.random.default_rng(1).standard_normal((2, 3, 32, 32), dtype=np.float32)
     took = []
     for _ in range(5):
@@ -393,7 +393,7 @@ def test_the_metrics_port_adds_serves_own_stage_times(server) -> None:
         for _ in range(3):
             service_pb2.ModelInferResponse().ParseFromString(
                 call(_grpc_request((1, 3, 32, 32)), timeout=30))
-    after = scrape(metrics)
+    after = settled_scrape(metrics)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

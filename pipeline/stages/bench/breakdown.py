@@ -1,34 +1,36 @@
 """Where a served request's time goes, from the server's own counters.
 
 ``scrape`` reads the metrics port of ``python -m pipeline serve``: Triton's Prometheus metrics
-(``nv_inference_*``) and the ones ``serve`` adds (``pipeline_*``, see
-``pipeline.serving.stats``). All are cumulative, so a load level's breakdown is the
-difference of two scrapes, one as its timed part starts and one as it ends, divided by the
-requests in between. The stages, outermost first, add up to the mean latency the clients saw:
+(``nv_inference_*``) and the ones ``serve`` adds (``pipeline_front_*``, see
+``pipeline.serving.stats``; ``pipeline_model_*``, see ``pipeline.serving.backend``). All are
+cumulative, so a load level's breakdown is the difference of two scrapes, one as its timed
+part starts and one as it ends, divided by the requests in between. The stages, outermost first, add up to the mean latency the clients saw:
 
     client          the client library and loopback: client mean minus the front's time
     front           serve's front (body read, contract check, forwarding), minus its wait on Triton
     triton_http     Triton's HTTP handling: the front's wait minus Triton's request time
     queue           Triton's scheduling queue (nv_inference_queue_duration_us)
     compute_input   Triton preparing the inputs (nv_inference_compute_input_duration_us)
-    handoff         PyTriton's hand-off between Triton's Python backend and serve's process:
-                    Triton's compute time minus the model function's own time
+    handoff         Triton's Python backend passing the batch to the model's stub process and
+                    back: Triton's compute time minus the model function's own time
     batching        the model function around the runtime: joining and splitting the batch
     model           the runtime's infer
     compute_output  Triton taking the outputs (nv_inference_compute_output_duration_us)
     triton_other    the rest of Triton's request time (scheduling, the response's release)
 
-Triton charges each request of a batch the batch's whole compute time, and ``serve`` does the
-same for the model function, so under load the stages are each request's experience, not the
+Triton charges each request of a batch the batch's whole compute time, and the model does the
+same for its function, so under load the stages are each request's experience, not the
 machine's work divided by requests.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
-from pipeline.core.records import StageBreakdown
+from pipeline.core.records import MODEL_ROLE, StageBreakdown
+from pipeline.serving.backend import FLUSH_S
 
 SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{([^}]*)\})?\s+(\S+)")
 LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -60,6 +62,13 @@ def scrape(url: str) -> Samples:
     """The metrics at ``url`` (``http://HOST:PORT/metrics``)."""
     with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as answer:  # noqa: S310 (loopback)
         return parse_prometheus(answer.read().decode("utf-8", errors="replace"))
+
+
+def settled_scrape(url: str) -> Samples:
+    """``scrape`` once the server is quiet: after the model's counters have reached Triton
+    (each instance sends them every ``FLUSH_S``), so they count every request answered."""
+    time.sleep(2 * FLUSH_S)
+    return scrape(url)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -114,10 +123,10 @@ def breakdown(before: Samples, after: Samples, model: str, client_mean_ms: float
 
 
 # Who uses the machine's CPU during a load level, by role: the clients (this process), serve's
-# own process (its fronts, PyTriton's proxy and the model's runtime), Triton, the Python
-# backend's stub, and PyTriton's helpers. On a machine whose cores the clients share, this is
-# where throughput goes that the model does not get.
-CPU_ROLES = ("load generator", "serve process", "tritonserver", "python backend stub", "other")
+# own process (its fronts), Triton, the Python backend's stub (which runs the model), and
+# anything else the server started. On a machine whose cores the clients share, this is where
+# throughput goes that the model does not get.
+CPU_ROLES = ("load generator", "serve process", "tritonserver", MODEL_ROLE, "other")
 
 
 def cpu_seconds(server_pid: int) -> dict[str, float]:
@@ -145,7 +154,7 @@ def cpu_seconds(server_pid: int) -> dict[str, float]:
         elif name == "tritonserver":
             role = "tritonserver"
         elif name.startswith("triton_python"):
-            role = "python backend stub"
+            role = MODEL_ROLE
         else:
             role = "other"
         totals[role] += times.user + times.system

@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.core.records import PoissonSearch, PoissonTrial
 from pipeline.errors import EnvironmentUnavailable
-from pipeline.stages.bench.breakdown import breakdown, scrape
+from pipeline.stages.bench.breakdown import breakdown, settled_scrape
 
 INSTALL_HINT = 'pip install -e ".[serving]"'
 MIN_REQUESTS = 100  # a p99 from fewer requests is one request's latency
@@ -134,7 +134,7 @@ def trial(url: str, model: Any, rate: float, bound_ms: float, seconds: float,
     settings.max_duration_ms = int(seconds * 3000)
     settings.min_query_count = MIN_REQUESTS
     settings.max_query_count = MAX_REQUESTS
-    before = scrape(metrics_url) if metrics_url else None
+    before = settled_scrape(metrics_url) if metrics_url else None
     try:
         with tempfile.TemporaryDirectory(prefix="loadgen-") as folder:
             log = lg.LogSettings()
@@ -147,7 +147,7 @@ def trial(url: str, model: Any, rate: float, bound_ms: float, seconds: float,
         lg.DestroySUT(sut)
         lg.DestroyQSL(qsl)
         sender.close()
-    after = scrape(metrics_url) if metrics_url else None
+    after = settled_scrape(metrics_url) if metrics_url else None
 
     def ms(key: str) -> float:
         return float(result.get(key) or 0) / 1e6
