@@ -65,16 +65,22 @@ def server(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _infer(url: str, array: np.ndarray, dtype: str = "FP32", name: str = "input"):
+    # Closed here, in the thread that made it: Triton's HTTP client runs on gevent, whose
+    # hub is per thread, and one garbage-collected in another thread fails in __del__.
     client = http.InferenceServerClient(url)
-    request = http.InferInput(name, list(array.shape), dtype)
-    request.set_data_from_numpy(array, binary_data=True)
-    return client.infer(MODEL, [request])
+    try:
+        request = http.InferInput(name, list(array.shape), dtype)
+        request.set_data_from_numpy(array, binary_data=True)
+        return client.infer(MODEL, [request])
+    finally:
+        client.close()
 
 
 def test_health_and_metadata_answer(server) -> None:
     client = http.InferenceServerClient(server["url"])
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     config = client.get_model_config(MODEL)
+    client.close()
     assert config["max_batch_size"] == 8 and "dynamic_batching" in config
     with urllib.request.urlopen(f"http://127.0.0.1:{server['metrics_port']}/metrics", timeout=10) as r:
         assert r.status == 200 and b"nv_inference_request_success" in r.read()
@@ -195,6 +201,7 @@ def test_a_compressed_bomb_is_refused_and_real_gzip_works(server) -> None:
     data.set_data_from_numpy(batch, binary_data=True)
     zipped = client.infer(MODEL, [data], request_compression_algorithm="gzip",
                           response_compression_algorithm="gzip").as_numpy("logits")
+    client.close()
     assert np.array_equal(zipped, _infer(server["url"], batch).as_numpy("logits"))
 
 
