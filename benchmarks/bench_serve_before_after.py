@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -31,6 +32,17 @@ from pipeline.serving.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "cee498d"  # serve through PyTriton's bind (model function in serve's process)
+
+
+def timed(call: Callable[[], object], requests: int, warmup: int) -> list[float]:
+    """``call``'s latency in ms, ``requests`` times after ``warmup`` untimed calls."""
+    took = []
+    for index in range(warmup + requests):
+        started = time.perf_counter()
+        call()
+        if index >= warmup:
+            took.append((time.perf_counter() - started) * 1e3)
+    return took
 
 
 def client_latencies(port: int, model: str, shape: tuple[int, ...], requests: int,
@@ -42,30 +54,19 @@ def client_latencies(port: int, model: str, shape: tuple[int, ...], requests: in
     tensor = http.InferInput("input", list(shape), "FP32")
     tensor.set_data_from_numpy(image, binary_data=True)
     wanted = [http.InferRequestedOutput("logits", binary_data=True)]
-    took = []
     try:
-        for index in range(warmup + requests):
-            started = time.perf_counter()
-            client.infer(model, [tensor], outputs=wanted).as_numpy("logits")
-            if index >= warmup:
-                took.append((time.perf_counter() - started) * 1e3)
+        return timed(lambda: client.infer(model, [tensor], outputs=wanted).as_numpy("logits"),
+                     requests, warmup)
     finally:
         client.close()
-    return took
 
 
 def in_process(model_file: Path, shape: tuple[int, ...], requests: int, warmup: int) -> list[float]:
     from pipeline.runtimes.registry import get_backend
 
     image = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    took = []
     with get_backend("ort-cpu").make_file(model_file) as runner:
-        for index in range(warmup + requests):
-            started = time.perf_counter()
-            runner.infer(image)
-            if index >= warmup:
-                took.append((time.perf_counter() - started) * 1e3)
-    return took
+        return timed(lambda: runner.infer(image), requests, warmup)
 
 
 def served(tree: Path, bundle: Path, model: str, shape: tuple[int, ...], requests: int,

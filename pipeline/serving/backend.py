@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-# name -> (description); all counters, labelled with the model's name
+# name -> description; all counters, labelled with the model's name
 MODEL_METRICS = {
     "pipeline_model_request_count": "Requests the model function ran (each request of a batch once)",
     "pipeline_model_function_duration_us": "Cumulative time of the model function Triton's Python "
@@ -94,22 +94,22 @@ class TritonPythonModel:
         images = [pb.get_input_tensor_by_name(request, self.input_name).as_numpy()
                   for request in requests]
         batch = images[0] if len(images) == 1 else np.concatenate(images)
-        ran = time.perf_counter()
+        infer_started = time.perf_counter()
         try:
             logits = self.runner.infer(batch)
         except Exception as exc:  # the runtime failed: a server fault, answered to each request
             error = pb.TritonError(f"the model failed on a batch of {len(batch)}: {exc}")
             return [pb.InferenceResponse(error=error) for _ in requests]
-        ran = time.perf_counter() - ran
+        infer_s = time.perf_counter() - infer_started
         ends = np.cumsum([len(part) for part in images])[:-1]
         answers = [pb.InferenceResponse(output_tensors=[pb.Tensor(self.output_name, rows)])
                    for rows in np.split(logits, ends)]
-        spent = time.perf_counter() - started
+        function_s = time.perf_counter() - started
         count = len(requests)
         with self.lock:
             self.pending["pipeline_model_request_count"] += count
-            self.pending["pipeline_model_function_duration_us"] += spent * 1e6 * count
-            self.pending["pipeline_model_infer_duration_us"] += ran * 1e6 * count
+            self.pending["pipeline_model_function_duration_us"] += function_s * 1e6 * count
+            self.pending["pipeline_model_infer_duration_us"] += infer_s * 1e6 * count
         return answers
 
     def flush(self) -> None:

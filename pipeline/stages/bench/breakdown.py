@@ -4,7 +4,8 @@
 (``nv_inference_*``) and the ones ``serve`` adds (``pipeline_front_*``, see
 ``pipeline.serving.stats``; ``pipeline_model_*``, see ``pipeline.serving.backend``). All are
 cumulative, so a load level's breakdown is the difference of two scrapes, one as its timed
-part starts and one as it ends, divided by the requests in between. The stages, outermost first, add up to the mean latency the clients saw:
+part starts and one as it ends, divided by the requests in between. The stages, outermost
+first, add up to the mean latency the clients saw:
 
     client          the client library and loopback: client mean minus the front's time
     front           serve's front (body read, contract check, forwarding), minus its wait on Triton
