@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,15 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 
 TINY_ARCH = "resnet18_cifar"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C tests need SIGINT to arrive. A shell without job control starts a background job
+    (``pytest &`` in a script) with SIGINT ignored, and children inherit that across exec, so
+    neither the suite nor the CLI it starts would ever see the signal: restore Python's own
+    handler (a child then starts with the default action, and Python's KeyboardInterrupt)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_cli(*args: str) -> "object":
