@@ -21,32 +21,28 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.core.machine import cpu_summary
-from pipeline.serving.serve import free_port
+from pipeline.serving.serve import free_port, model_ready
+from pipeline.stages.bench.timing import percentile_stats, timed_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "cee498d"  # serve through PyTriton's bind (model function in serve's process)
 
 
-def timed(call: Callable[[], object], requests: int, warmup: int) -> list[float]:
-    """``call``'s latency in ms, ``requests`` times after ``warmup`` untimed calls."""
-    took = []
-    for index in range(warmup + requests):
-        started = time.perf_counter()
-        call()
-        if index >= warmup:
-            took.append((time.perf_counter() - started) * 1e3)
-    return took
+def timed(call: Callable[[], object], requests: int, warmup: int) -> dict[str, Any]:
+    """The statistics of ``call``'s latency (bench's own: p99 needs 600 samples), ``requests``
+    times after ``warmup`` untimed calls."""
+    timed_loop(call, iterations=warmup, seconds=0)
+    return percentile_stats(timed_loop(call, iterations=requests, seconds=0))
 
 
 def client_latencies(port: int, model: str, shape: tuple[int, ...], requests: int,
-                     warmup: int) -> list[float]:
+                     warmup: int) -> dict[str, Any]:
     import tritonclient.http as http
 
     client = http.InferenceServerClient(f"127.0.0.1:{port}")
@@ -61,7 +57,7 @@ def client_latencies(port: int, model: str, shape: tuple[int, ...], requests: in
         client.close()
 
 
-def in_process(model_file: Path, shape: tuple[int, ...], requests: int, warmup: int) -> list[float]:
+def in_process(model_file: Path, shape: tuple[int, ...], requests: int, warmup: int) -> dict[str, Any]:
     from pipeline.runtimes.registry import get_backend
 
     image = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
@@ -70,7 +66,7 @@ def in_process(model_file: Path, shape: tuple[int, ...], requests: int, warmup: 
 
 
 def served(tree: Path, bundle: Path, model: str, shape: tuple[int, ...], requests: int,
-           warmup: int) -> list[float]:
+           warmup: int) -> dict[str, Any]:
     ports = [free_port() for _ in range(3)]
     command = [sys.executable, "-m", "pipeline", "serve", str(bundle), "--port", str(ports[0]),
                "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
@@ -81,13 +77,8 @@ def served(tree: Path, bundle: Path, model: str, shape: tuple[int, ...], request
         while True:
             if process.poll() is not None:
                 raise SystemExit(f"serve from {tree} exited {process.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/models/{model}/ready",
-                                            timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
+            if model_ready(f"http://127.0.0.1:{ports[0]}", model):
+                break
             if time.monotonic() > deadline:
                 raise SystemExit(f"serve from {tree} was not ready in 180 s")
             time.sleep(0.5)
@@ -97,9 +88,8 @@ def served(tree: Path, bundle: Path, model: str, shape: tuple[int, ...], request
         process.wait(timeout=60)
 
 
-def percentiles(took: list[float]) -> tuple[float, float, float]:
-    p50, p90, p99 = np.percentile(np.asarray(took), [50, 90, 99])
-    return float(p50), float(p90), float(p99)
+def per_round(rows: list[dict[str, Any]], key: str) -> str:
+    return ", ".join("n/a" if r[key] is None else f"{r[key]:.2f}" for r in rows)
 
 
 def main() -> None:
@@ -125,7 +115,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "pipeline", "export", "--arch", args.arch,
                             "--out", str(bundle), "--no-pt2"], check=True, stdout=subprocess.DEVNULL)
             model_file = bundle / "model.sim.onnx"
-            runs: dict[str, list[tuple[float, float, float]]] = {}
+            runs: dict[str, list[dict[str, Any]]] = {}
             for number in range(args.rounds):
                 for name, measure in (
                         ("in-process ONNX Runtime, batch 1",
@@ -134,12 +124,13 @@ def main() -> None:
                          lambda: served(earlier, bundle, args.arch, shape, args.requests, args.warmup)),
                         (f"serve at {after}{' + uncommitted changes' if dirty else ''}",
                          lambda: served(ROOT, bundle, args.arch, shape, args.requests, args.warmup))):
-                    runs.setdefault(name, []).append(percentiles(measure()))
-                    print(f"round {number + 1}: {name}: p50 {runs[name][-1][0]:.2f} ms", flush=True)
+                    runs.setdefault(name, []).append(measure())
+                    print(f"round {number + 1}: {name}: p50 {runs[name][-1]['p50_ms']:.2f} ms",
+                          flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(earlier)], cwd=ROOT,
                            capture_output=True)
-    base = statistics.median(r[0] for r in next(iter(runs.values())))
+    base = statistics.median(r["p50_ms"] for r in next(iter(runs.values())))
     lines = [f"# serve at concurrency 1: {args.before} against {after}, {args.arch} at 224 px", "",
              f"Command: `python benchmarks/bench_serve_before_after.py --before {args.before} "
              f"--rounds {args.rounds} --requests {args.requests}`", "",
@@ -150,10 +141,10 @@ def main() -> None:
              "p50 over in-process |",
              "|---|---|---|---|---|---|"]
     for name, rows in runs.items():
-        p50 = statistics.median(r[0] for r in rows)
-        lines.append(f"| {name} | {p50:.2f} | {', '.join(f'{r[0]:.2f}' for r in rows)} | "
-                     f"{', '.join(f'{r[1]:.2f}' for r in rows)} | "
-                     f"{', '.join(f'{r[2]:.2f}' for r in rows)} | +{p50 - base:.2f} ms |")
+        p50 = statistics.median(r["p50_ms"] for r in rows)
+        lines.append(f"| {name} | {p50:.2f} | {per_round(rows, 'p50_ms')} | "
+                     f"{per_round(rows, 'p90_ms')} | {per_round(rows, 'p99_ms')} | "
+                     f"+{p50 - base:.2f} ms |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
