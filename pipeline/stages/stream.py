@@ -2,9 +2,10 @@
 
 One engine serves ``predict FOLDER``, ``bench --scenario offline`` and ``pipeline.predict``:
 
-- **decode** runs in worker processes (``decode_crop``: PIL only, HWC uint8 crops), fed from
-  a lazy walk of the inputs and bounded to ``window`` files in flight, so memory does not grow
-  with the folder;
+- **decode** runs in worker processes (``pipeline.stages.decoders``: PIL only, HWC uint8
+  crops), fed from a lazy walk of the inputs that cannot loop or raise, and bounded to
+  ``window`` files in flight, so memory does not grow with the folder. The workers start
+  from any caller (no ``__main__`` guard needed), and a worker that dies costs its one file;
 - **batches** form in input order as decoded images arrive, up to ``batch`` images, or fewer
   when the next file has kept a started batch waiting ``max_wait_s``;
 - **inference** runs in this process on the chosen runner (ONNX Runtime and OpenVINO release
@@ -18,27 +19,22 @@ the machine's N cores, chosen from a short measurement of both costs on one core
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.data.images import (
-    IMAGE_SUFFIXES,
-    BadImage,
-    decode_crop,
-    is_image_name,
-    normalise,
-)
+from pipeline.data.images import IMAGE_SUFFIXES, is_image_name, normalise
 from pipeline.models.archs import Preprocessing
 from pipeline.runtimes.base import Runner
+from pipeline.stages.decoders import DecodePool, Ticket, decode_file
 
 DEFAULT_MAX_WAIT_S = 0.05
 CALIBRATION_FILES = 8
@@ -97,46 +93,100 @@ def split_rule(cores: int, decode_s: float, infer_s: float, *, device: str = "cp
 
 def walk(inputs: Iterable[Path]) -> Iterator[tuple[Path, str | None]]:
     """Image files named directly, and image files under folders in sorted order, walked
-    lazily (one directory listing in memory at a time); (path, error) for what is missing."""
+    lazily (one directory listing in memory at a time); (path, error) for what cannot be used.
+
+    Nothing here raises: an entry that cannot be ``stat``-ed (a link loop, a dangling link, no
+    permission, a name the file system rejects) and a folder that cannot be listed are error
+    lines for their paths, and the walk goes on. Each real folder is entered once per input
+    (by device and inode), so a link back to a folder already walked, an ancestor included,
+    is an error line rather than an endless walk."""
     for item in inputs:
         item = Path(item)
-        if item.is_dir():
+        info, problem = _stat(item)
+        if info is None:
+            yield item, problem
+        elif stat.S_ISDIR(info.st_mode):
             found = False
-            for path in _walk_dir(item):
+            for path, problem in _walk_dir(item, info):
                 found = True
-                yield path, None
+                yield path, problem
             if not found:
                 yield item, f"{item}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})"
-        elif item.is_file():
+        elif stat.S_ISREG(info.st_mode):
             yield item, None
         else:
-            yield item, f"{item}: no such file or folder"
+            yield item, f"{item}: not a regular file or a folder"
 
 
-def _walk_dir(folder: Path) -> Iterator[Path]:
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    for entry in entries:
-        path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=True):
-            yield from _walk_dir(path)
-        elif entry.is_file(follow_symlinks=True) and is_image_name(path):
-            yield path
-
-
-def _ignore_interrupts() -> None:
-    """Ctrl-C reaches the whole process group; the parent stops the workers, so they do not
-    each print a KeyboardInterrupt trace."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def decode_file(path: str, prep: Preprocessing, fast: bool) -> tuple[np.ndarray | None, str | None]:
-    """In a worker: the crop, or why the file is not usable."""
+def _stat(path: Path) -> tuple[os.stat_result | None, str | None]:
+    """The entry's stat, following links, or why it cannot be had."""
     try:
-        return decode_crop(path, prep, fast=fast), None
-    except BadImage as exc:
-        return None, str(exc)
+        return os.stat(path), None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, f"{path}: symbolic link loop ({exc.strerror}); skipped"
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return None, f"{path}: dangling symbolic link to {os.readlink(path)!r}; skipped"
+        if exc.errno == errno.ENOENT:
+            return None, f"{path}: no such file or folder"
+        return None, f"{path}: cannot read ({exc.strerror}); skipped"
+    except ValueError as exc:  # a name the OS cannot take (an embedded NUL)
+        return None, f"{path!s}: unusable file name ({exc}); skipped"
+
+
+def _walk_dir(root: Path, info: os.stat_result) -> Iterator[tuple[Path, str | None]]:
+    """Depth first, entries sorted by name; a stack of listings rather than recursion, so
+    the depth is bounded by the file system's path length, not Python's recursion limit."""
+    entered = {(info.st_dev, info.st_ino)}
+    listing, problem = _list(root)
+    if problem:
+        yield root, problem
+        return
+    stack = [listing]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        path = Path(entry.path)
+        target, problem = _stat(path)
+        if target is None:
+            if entry.is_symlink() or problem and "no such file" not in problem:
+                yield path, problem  # a loop, a dangling link, no permission
+            continue  # removed while we walked: gone, as if never listed
+        if stat.S_ISREG(target.st_mode):
+            if is_image_name(path):
+                yield path, None
+            continue
+        if not stat.S_ISDIR(target.st_mode):
+            continue  # a socket, fifo or device: not an image file
+        if entry.is_symlink() and _is_ancestor(os.path.realpath(path), os.path.realpath(root)):
+            yield path, (f"{path}: link to an ancestor folder ({os.path.realpath(path)}), "
+                         f"which would walk forever; skipped")
+            continue
+        if (target.st_dev, target.st_ino) in entered:
+            yield path, (f"{path}: link to a folder already walked "
+                         f"({os.path.realpath(path)}); skipped")
+            continue
+        entered.add((target.st_dev, target.st_ino))
+        listing, problem = _list(path)
+        if problem:
+            yield path, problem
+        else:
+            stack.append(listing)
+
+
+def _is_ancestor(folder: str, of: str) -> bool:
+    """``folder`` is ``of`` or a folder above it (both real paths)."""
+    return of == folder or of.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _list(folder: Path) -> tuple[Iterator[os.DirEntry], str | None]:
+    try:
+        with os.scandir(folder) as scan:
+            return iter(sorted(scan, key=lambda e: e.name)), None
+    except OSError as exc:
+        return iter(()), f"{folder}: cannot list folder ({exc.strerror}); skipped"
 
 
 class Engine:
@@ -151,6 +201,7 @@ class Engine:
         self.window = window or max(2 * batch, 4 * max(workers, 1))
         self.batches = 0
         self.images = 0
+        self.crashes = 0  # decode workers that died (and were replaced) in the last run
 
     def run(self, files: Iterable[tuple[Path, str | None]]) -> Iterator[Item]:
         """Items in input order, a batch at a time. Closing the generator (or Ctrl-C) stops
@@ -158,18 +209,15 @@ class Engine:
         if self.workers == 0:
             yield from self._run_inline(files)
             return
-        import multiprocessing
-
-        # spawn: a fork of a process that holds ONNX Runtime's or OpenVINO's threads is unsafe.
-        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_ignore_interrupts)
+        pool = DecodePool(self.workers, self.prep, self.fast_decode)
         try:
             yield from self._run_pool(pool, iter(files))
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            self.crashes = pool.crashes
+            pool.close()
 
-    def _run_pool(self, pool: ProcessPoolExecutor, files: Iterator[tuple[Path, str | None]]) -> Iterator[Item]:
-        pending: deque[tuple[Path, Future | str]] = deque()
+    def _run_pool(self, pool: DecodePool, files: Iterator[tuple[Path, str | None]]) -> Iterator[Item]:
+        pending: deque[tuple[Path, Ticket | str]] = deque()
         ready: list[tuple[Path, np.ndarray | None, str | None]] = []
         started = 0.0
         exhausted = False
@@ -180,8 +228,7 @@ class Engine:
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((path, problem if problem else
-                                pool.submit(decode_file, str(path), self.prep, self.fast_decode)))
+                pending.append((path, problem if problem else pool.submit(str(path))))
             if not pending:
                 break
             path, job = pending[0]
@@ -192,8 +239,8 @@ class Engine:
             good = sum(1 for _, pixels, _ in ready if pixels is not None)
             timeout = None if not good else max(0.0, started + self.max_wait_s - time.perf_counter())
             try:
-                pixels, problem = job.result(timeout=timeout)
-            except FutureTimeout:
+                pixels, problem = pool.result(job, timeout)
+            except TimeoutError:
                 yield from self._flush(ready)  # a started batch waited long enough
                 ready = []
                 continue

@@ -4,7 +4,7 @@ MLPerf's offline scenario scores one large query: every sample is available at o
 throughput counts. Here the query is a folder of image files, and three figures come from the
 same run on the same cores:
 
-- **decode-only**: decode and preprocess every file with one worker process per core;
+- **decode-only**: decode and preprocess every file with one decode worker per core;
 - **inference-only**: the chosen model at the chosen batch with one runtime thread per core,
   on decoded images, for ``seconds`` (the median of its windows);
 - **end to end**: ``predict``'s streaming engine over every file, its core split measured as
@@ -16,10 +16,8 @@ Decode and inference share the cores, so the end-to-end rate is bounded by
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -33,22 +31,21 @@ from pipeline.errors import InputError
 from pipeline.options import PredictOptions
 from pipeline.runtimes.base import Runner
 from pipeline.stages.predict import Predictor, make_runner, sample_files
-from pipeline.stages.stream import available_cores, decode_file
+from pipeline.stages.decoders import DecodePool
+from pipeline.stages.stream import available_cores
 
 WINDOW_S = 0.5
 
 
 def decode_only(paths: list[Path], predictor: Predictor, cores: int) -> tuple[float, list[np.ndarray]]:
-    """Images/s decoding every file on ``cores`` worker processes; the first crops."""
-    prep, fast = predictor.prep, predictor.options.fast_decode
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(cores, mp_context=context) as pool:
-        list(pool.map(decode_file, [str(p) for p in paths[:cores]], [prep] * cores, [fast] * cores))
+    """Images/s decoding every file on ``cores`` decode workers (predict's own); the first
+    crops."""
+    with DecodePool(cores, predictor.prep, predictor.options.fast_decode) as pool:
+        list(pool.imap([str(p) for p in paths[:cores]], window=2 * cores))  # workers started
         start = time.perf_counter()
-        results = list(pool.map(decode_file, [str(p) for p in paths], [prep] * len(paths),
-                                [fast] * len(paths), chunksize=4))
+        results = list(pool.imap([str(p) for p in paths], window=8 * cores))
         seconds = time.perf_counter() - start
-    crops = [pixels for pixels, _ in results if pixels is not None]
+    crops = [pixels for _, pixels, _ in results if pixels is not None]
     if not crops:
         raise InputError("none of the --images files can be decoded")
     return len(crops) / seconds, crops[:64]
