@@ -266,12 +266,14 @@ def export(arch: str | None = None, *, out: str | Path | None = None, weights: s
 def _verify_options(atol: float | None, rtol: float | None, max_top1_drop: float | None,
                     min_agreement: float | None, *, cuda: bool,
                     precisions: str | Sequence[str] | None = None,
-                    localize: bool = VerifyOptions.localize) -> VerifyOptions:
+                    localize: bool = VerifyOptions.localize,
+                    accept_inconclusive: bool = VerifyOptions.accept_inconclusive) -> VerifyOptions:
     """None means the default (the CLI passes its own defaults, which are the same)."""
     defaults = VerifyOptions()
     named = tuple(p.strip() for p in (names(precisions) or "").split(",") if p.strip())
     return VerifyOptions(
         atol=atol, rtol=rtol, cuda=cuda, precisions=named, localize=localize,
+        accept_inconclusive=accept_inconclusive,
         max_top1_drop=defaults.max_top1_drop if max_top1_drop is None else max_top1_drop,
         min_agreement=defaults.min_agreement if min_agreement is None else min_agreement)
 
@@ -280,18 +282,23 @@ def verify(bundle: str | Path, *, images: str | Path | None = None,
            atol: float | None = VerifyOptions.atol, rtol: float | None = VerifyOptions.rtol,
            max_top1_drop: float | None = None, min_agreement: float | None = None,
            cuda: bool = VerifyOptions.cuda, precisions: str | Sequence[str] | None = None,
-           localize: bool = VerifyOptions.localize) -> ParityReport:
+           localize: bool = VerifyOptions.localize,
+           accept_inconclusive: bool = VerifyOptions.accept_inconclusive) -> ParityReport:
     """Hashes, fp32 parity of every artifact against eager PyTorch, and the accuracy gate of
     every reduced-precision variant. The report is truthy when everything that decides the
     exit code passed: fp32 parity, the gates of the variant files (int8, fp16) and of the
     ``precisions`` named here; its ``environment_only`` says a failure came only from what this
-    machine lacks. ``localize`` compares every candidate layer by layer (a failed one always
-    is) and puts the first divergent layer in ``report.localized``."""
+    machine lacks. Each gate's ``verdict`` is pass, fail or inconclusive (its confidence
+    bounds cannot tell yet; ``images_needed`` says how many images would);
+    ``accept_inconclusive`` lets inconclusive gates through (never recommended). ``localize``
+    compares every candidate layer by layer (a failed one always is) and puts the first
+    divergent layer in ``report.localized``."""
     from pipeline.stages.verify import verify_bundle
 
     return verify_bundle(Path(bundle), _verify_options(atol, rtol, max_top1_drop, min_agreement,
                                                        cuda=cuda, precisions=precisions,
-                                                       localize=localize),
+                                                       localize=localize,
+                                                       accept_inconclusive=accept_inconclusive),
                          images=Path(images) if images else None)
 
 

@@ -36,7 +36,6 @@ from pipeline.options import (
     FLOOR_MULTIPLE,
     GATED_PRECISIONS,
     PREDICT_PRECISIONS,
-    PREDICT_RUNTIMES,
     SCALE_TERM,
     SCENARIOS,
     SWEEP,
@@ -54,7 +53,12 @@ from pipeline.options import (
     check_arrival,
     joined,
 )
-from pipeline.runtimes.registry import parse_targets, registry_help
+from pipeline.runtimes.registry import (
+    get_backend,
+    parse_targets,
+    predict_backends,
+    registry_help,
+)
 from pipeline.version import __version__
 
 # Every default the commands show comes from the option dataclasses, written once there.
@@ -232,8 +236,13 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
     else:
         click.echo(render.parity_table(report))
     for gate in report.advisories:
-        _log(f"warning: accuracy gate failed for {gate.candidate}, a runtime-only precision: "
-             f"{gate.failed_on}; it does not decide the exit code and is never recommended")
+        _log(f"warning: accuracy gate {gate.verdict or 'failed'} for {gate.candidate}, a "
+             f"runtime-only precision: {gate.failed_on}; it does not decide the exit code and "
+             f"is never recommended")
+    for gate in report.gates:
+        if gate.accepted_inconclusive:
+            _log(f"warning: accuracy gate inconclusive for {gate.candidate}, let through by "
+                 f"--accept-inconclusive (never recommended): {gate.failed_on}")
     if not report:
         _log(f"error: {report.failure_summary()}")
         ctx.exit(EXIT_ENVIRONMENT if report.environment_only else EXIT_CHECK_FAILED)
@@ -253,16 +262,26 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
 @click.option("--localize", is_flag=True,
               help="Compare every candidate layer by layer against eager PyTorch and name the "
                    "first layer that diverges (failed candidates always are).")
+@click.option("--accept-inconclusive", is_flag=True,
+              help="Let a gate that is inconclusive (too few images to tell) through with a "
+                   "warning; it is still never recommended.")
 @click.option("--json", "as_json", is_flag=True, help="Print parity JSON only on stdout.")
 @click.pass_context
 def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | None,
            rtol: float | None, max_top1_drop: float, min_agreement: float, cpu_only: bool,
-           precisions: str | None, localize: bool, as_json: bool) -> None:
+           precisions: str | None, localize: bool, accept_inconclusive: bool,
+           as_json: bool) -> None:
     """Check artifact hashes, fp32 parity vs PyTorch, and the accuracy gate for int8/fp16/bf16.
 
+    The gate states its uncertainty: 95% one-sided bounds on the disagreement with fp32
+    (Clopper-Pearson) and on the top-1 drop (Newcombe, paired). It passes when the worst end
+    of each is within its limit, fails when the best end of one is outside it, and is
+    inconclusive otherwise, saying how many images would decide it at the observed rates.
+
     Exit 1 when a file changed, a pair exceeds its tolerance, or a gate that decides the exit
-    code fails: the int8/fp16 files' and those named with --precisions (bf16 and OpenVINO's
-    auto otherwise only advise). Exit 3 when a CPU comparison cannot run in this environment.
+    code fails or is inconclusive (unless --accept-inconclusive): the int8/fp16 files' and
+    those named with --precisions (bf16 and OpenVINO's auto otherwise only advise). Exit 3
+    when a CPU comparison cannot run in this environment.
     The gate evaluates on --images (labelled when its sub-folders are the model's classes),
     or on the validation split of a bundle trained here. A failed ONNX or .pt2 pair, and a
     failed int8 gate, is compared layer by layer: the table names the first divergent layer.
@@ -277,7 +296,8 @@ def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | 
     """
     report = api.verify(bundle, atol=atol, rtol=rtol, images=images, cuda=not cpu_only,
                         max_top1_drop=max_top1_drop, min_agreement=min_agreement,
-                        precisions=precisions, localize=localize)
+                        precisions=precisions, localize=localize,
+                        accept_inconclusive=accept_inconclusive)
     _finish_verify(ctx, report, as_json)
 
 
@@ -537,17 +557,19 @@ def _bench_offline(bundle: Path, images: Path | None, backends: str | None, batc
                    threads: int | None, fast_decode: bool, seconds: float, as_json: bool) -> None:
     if images is None:
         raise InputError("--scenario offline needs --images DIR: the folder to classify")
-    precision, runtime = "auto", None
+    precision, runtime, provider = "auto", None, "cpu"
     if backends:
         targets = parse_targets(backends)
-        if len(targets) != 1 or targets[0][0] not in ("ort-cpu", "ort-cuda", "openvino-cpu"):
-            raise InputError(f"--scenario offline runs one target of ort-cpu, ort-cuda or "
-                             f"openvino-cpu (e.g. ort-cpu:int8), not {backends!r}; or leave "
-                             f"--backends out to run what predict --precision auto picks")
-        backend, precision = targets[0]
-        runtime = "openvino" if backend.startswith("openvino") else "ort"
+        runnable = [b.name for b in predict_backends()]
+        if len(targets) != 1 or targets[0][0] not in runnable:
+            raise InputError(f"--scenario offline runs one target of {', '.join(runnable)} "
+                             f"(e.g. ort-cpu:int8), not {backends!r}; or leave --backends out "
+                             f"to run what predict --precision auto picks")
+        name, precision = targets[0]
+        backend = get_backend(name)
+        runtime, provider = backend.runtime, backend.provider or backend.device
     sizes = [] if batch_sizes == SWEEP else [int(b) for b in batch_sizes.split(",") if b.strip()]
-    run = api.bench_offline(bundle, images, precision=precision, runtime=runtime,
+    run = api.bench_offline(bundle, images, precision=precision, runtime=runtime, provider=provider,
                             batch_size=sizes[0] if len(sizes) == 1 else PREDICT.batch,
                             threads=threads, fast_decode=fast_decode, seconds=seconds, log=_log)
     if as_json:
@@ -699,7 +721,8 @@ def serve(bundle: Path, host: str, port: int, grpc_port: int, metrics_port: int,
 @click.option("--top-k", type=int, default=PREDICT.top_k, show_default=True, help="How many classes to show.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=PREDICT.provider, show_default=True,
               help="ONNX Runtime execution provider; cuda fails (exit 3) rather than fall back.")
-@click.option("--runtime", type=click.Choice(PREDICT_RUNTIMES), default=None,
+@click.option("--runtime", type=click.Choice(sorted({b.runtime for b in predict_backends()})),
+              default=None,
               help="ONNX Runtime, OpenVINO (the openvino extra), or PyTorch on the bundle's "
                    "model.pt2 (a .pt2 file always runs in PyTorch). Default: ort, or what "
                    "--precision auto picks.")

@@ -72,8 +72,9 @@ def gate_lines(report: "ParityReport") -> list[str]:
     if not report.gates and not report.not_verified:
         return []
     rule = report.gate_rule
+    level = f", each shown at {100 * rule['confidence']:g}% confidence" if rule.get("confidence") else ""
     lines = ["", f"accuracy gate vs eager fp32 (top-1 drop <= {rule['max_top1_drop_points']:g} "
-                 f"points, agreement >= {100 * rule['min_top1_agreement']:g}%)"]
+                 f"points, agreement >= {100 * rule['min_top1_agreement']:g}%{level})"]
     if report.evaluation:
         ev = report.evaluation
         lines.append(f"evaluation: {ev['images']} images from {ev['source']}; held apart from "
@@ -112,9 +113,19 @@ def latency_table(rows: list[LatencyRow]) -> str:
 def gate_verdict(gate: "GateResult") -> str:
     if gate.not_meaningful:
         return gate.not_meaningful
+    bounds = ""
+    if gate.disagreement_bounds:
+        low, high = gate.disagreement_bounds
+        bounds = f" [agreement {100 * (1 - high):.2f}-{100 * (1 - low):.2f}%"
+        if gate.drop_bounds_points:
+            bounds += f", drop {gate.drop_bounds_points[0]:+.2f} to {gate.drop_bounds_points[1]:+.2f}"
+        bounds += "]"
     if gate.passed:
-        return "ok"
-    return ("FAIL: " if gate.decides_exit else "advisory FAIL (not recommended): ") + \
+        return "pass" + bounds
+    word = "INCONCLUSIVE" if gate.verdict == "inconclusive" else "FAIL"
+    if gate.accepted_inconclusive:
+        return f"inconclusive, accepted (not recommended): {gate.failed_on or ''}"
+    return (f"{word}: " if gate.decides_exit else f"advisory {word} (not recommended): ") + \
         (gate.failed_on or "")
 
 

@@ -457,7 +457,13 @@ class PairResult(Record):
 
 @dataclass
 class GateResult(Record):
-    """A reduced-precision candidate judged on predictions against eager fp32."""
+    """A reduced-precision candidate judged on predictions against eager fp32: counts, their
+    confidence bounds and a three-way verdict (``pipeline.core.confidence``)."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(  # absent from files verify wrote before
+        {"verdict", "confidence", "disagreements", "disagreement_bounds", "both_right",
+         "fp32_only_right", "candidate_only_right", "both_wrong", "drop_bounds_points",
+         "images_needed", "accepted_inconclusive"})
 
     candidate: str  # backend:precision, as bench rows name it
     backend: str
@@ -483,6 +489,35 @@ class GateResult(Record):
     decides_exit: bool = True
     # Why the gate's figures mean nothing (a random-weight model has no margins to keep).
     not_meaningful: str | None = None
+    verdict: str | None = None  # pass | fail | inconclusive (None: it could not run)
+    confidence: float | None = None  # of each one-sided bound
+    disagreements: int | None = None  # images whose top-1 differs from fp32's
+    disagreement_bounds: list[float] | None = None  # [lower, upper] on the disagreement rate
+    both_right: int | None = None  # with labels: the paired counts behind the drop
+    fp32_only_right: int | None = None
+    candidate_only_right: int | None = None
+    both_wrong: int | None = None
+    drop_bounds_points: list[float] | None = None  # [lower, upper] on the top-1 drop
+    images_needed: int | None = None  # for a conclusive verdict at the observed rates
+    accepted_inconclusive: bool | None = None  # --accept-inconclusive let it through
+
+    @property
+    def blocks(self) -> bool:
+        """Does this gate stop verify (when it decides the exit code)? A failed or
+        inconclusive gate does, unless the user accepted inconclusive verdicts."""
+        return not self.passed and not self.accepted_inconclusive
+
+    @property
+    def status(self) -> str:
+        """What bench rows and reports say of it."""
+        if self.not_meaningful:
+            return "gate not meaningful"
+        if self.passed:
+            return "gate passed"
+        if self.verdict == "inconclusive":
+            needs = f" (needs {self.images_needed} images)" if self.images_needed else ""
+            return f"gate inconclusive{needs}"
+        return "gate failed"
 
 
 @dataclass
@@ -554,7 +589,7 @@ class ParityReport(Record):
 
     def __bool__(self) -> bool:
         return self.has_cpu_onnx_pair and all(p.passed for p in self.pairs) \
-            and all(g.passed for g in self.binding_gates)
+            and not any(g.blocks for g in self.binding_gates)
 
     @property
     def has_cpu_onnx_pair(self) -> bool:
@@ -567,7 +602,7 @@ class ParityReport(Record):
 
     @property
     def failures(self) -> list[PairResult | GateResult]:
-        return [p for p in self.pairs if not p.passed] + [g for g in self.binding_gates if not g.passed]
+        return [p for p in self.pairs if not p.passed] + [g for g in self.binding_gates if g.blocks]
 
     @property
     def advisories(self) -> list[GateResult]:
@@ -586,7 +621,7 @@ class ParityReport(Record):
         if not self.has_cpu_onnx_pair:
             return "parity FAILED: no CPU ONNX comparison ran, so nothing was verified"
         pairs = [p for p in self.pairs if not p.passed]
-        gates = [g for g in self.binding_gates if not g.passed]
+        gates = [g for g in self.binding_gates if g.blocks]
         parts = []
         if pairs:
             worst = max(pairs, key=lambda p: p.max_abs_vs_fp64 if p.max_abs_vs_fp64 is not None
@@ -602,7 +637,10 @@ class ParityReport(Record):
             parts.append(f"parity FAILED for {len(pairs)} pair(s); worst: {worst.candidate} on "
                          f"{worst.inputs}: {detail}")
         for gate in gates:
-            parts.append(f"accuracy gate FAILED for {gate.candidate}: {gate.failed_on}"
+            word = "INCONCLUSIVE" if gate.verdict == "inconclusive" else "FAILED"
+            fix = (" (give more evaluation images, or --accept-inconclusive)"
+                   if gate.verdict == "inconclusive" else "")
+            parts.append(f"accuracy gate {word} for {gate.candidate}: {gate.failed_on}{fix}"
                          + (f" ({gate.error})" if gate.error else ""))
         return "; ".join(parts)
 

@@ -347,6 +347,24 @@ def recorded_split(manifest: dict[str, Any], part: str, *,
     return chosen, names, f"the {'training' if part == 'train' else 'validation'} split of {spec} (seed {seed})"
 
 
+# The accuracy gate on synthetic data: the validation split topped up to this many images, the
+# rest drawn from a seed stream no training or calibration run uses, so that a candidate as
+# good as fp32 can be shown to agree >= 99% at 95% confidence (0 disagreements need 299
+# images, 5 need 912; see pipeline.core.confidence).
+SYNTHETIC_GATE_IMAGES = 1200
+HELD_APART_SEED_OFFSET = 7_919
+
+
+def synthetic_held_apart(manifest: dict[str, Any], count: int) -> tuple[list[tuple[Any, int]], str]:
+    """``count`` more labelled synthetic images for a bundle trained on synthetic data, from
+    another seed than its training run's (so none is a training or calibration image)."""
+    config = manifest["stages"]["train"]["config"]
+    seed = config["seed"] + HELD_APART_SEED_OFFSET
+    per_class = -(-count // len(SYNTHETIC_CLASSES))
+    return (synthetic_samples(per_class, seed)[:count],
+            f"{count} more synthetic images (seed {seed}, never trained or calibrated on)")
+
+
 def recorded_data_missing(manifest: dict[str, Any]) -> str | None:
     """Why the data that trained this bundle cannot be read here (moved, another machine),
     or None when it can; nothing is downloaded to find out."""

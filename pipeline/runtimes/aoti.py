@@ -5,6 +5,7 @@ and on the CPU only where it has every instruction-set flag the package was comp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import EnvironmentUnavailable
 from pipeline.formats.pt2 import isa_problem, load_aoti
@@ -32,3 +33,14 @@ class AotiRunner(TorchCallRunner):
                 raise EnvironmentUnavailable(f"aoti-cpu: {Path(path).name}: {problem}")
         super().__init__(load_aoti(Path(path), device), name="aoti", device=device,
                          precision="fp32", model_path=Path(path))
+
+
+def open_runner(backend: Any, path: Path, precision: str, *, threads: int | None = None,
+                bundle: Any = None) -> AotiRunner:
+    """The registry's way in: a bundle's package is checked against the instruction-set flags
+    its manifest says it was compiled for."""
+    isa_flags = None
+    if bundle is not None:
+        record = bundle.read_manifest().get("export", {}).get("aoti", {}).get(backend.device, {})
+        isa_flags = record.get("isa_flags")
+    return AotiRunner(path, device=backend.device, isa_flags=isa_flags)

@@ -77,7 +77,7 @@ class OpenVinoRunner(Runner):
         self.throughput = throughput
         self.streams = int(compiled.get_property("NUM_STREAMS"))
         self.requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        self.name = "openvino-cpu-throughput" if throughput else "openvino-cpu"
+        self.name = "openvino"  # the registry names it after its backend
         mode = (f", THROUGHPUT: {self.streams} streams, {self.requests} requests" if throughput
                 else "")
         self.provider = f"openvino:CPU ({self.inference_precision}{mode})"
@@ -151,3 +151,7 @@ def _openvino_metadata(model: Any) -> dict[str, str]:
         return {}
 
 
+def open_runner(backend: Any, path: Path, precision: str, *, threads: int | None = None,
+                bundle: Any = None) -> OpenVinoRunner:
+    """The registry's way in: latency or throughput mode as ``backend`` says."""
+    return OpenVinoRunner(path, precision=precision, threads=threads, throughput=backend.throughput)

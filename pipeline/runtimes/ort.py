@@ -180,7 +180,7 @@ class OrtRunner(Runner):
                 f"{_load_failure_reason(chatter.text)}")
         self.provider = actual[0]
         self.device = "cpu" if provider == "cpu" else "cuda"
-        self.name = f"ort-{provider}" + ("-iobinding" if iobinding else "")
+        self.name = "ort"  # the registry names it after its backend
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.iobinding = iobinding and provider != "cpu"
@@ -258,3 +258,10 @@ def _open_session(ort: Any, path: Path | str, options: Any, providers: list[Any]
             raise InputError(f"{str(path)!r} is not an ONNX model; give a .onnx file "
                              f"written by `python -m pipeline export`") from None
         raise
+
+
+def open_runner(backend: Any, path: Path, precision: str, *, threads: int | None = None,
+                bundle: Any = None) -> OrtRunner:
+    """The registry's way in: a session as ``backend`` (its provider, IO binding) says."""
+    return OrtRunner(path, provider=backend.provider or "cpu", threads=threads,
+                     iobinding=backend.iobinding, precision=precision)

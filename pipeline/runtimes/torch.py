@@ -155,3 +155,13 @@ def record_nodes(graph_module: Any, batch: Any, names: set[str] | None = None,
     with torch.inference_mode():
         Recorder(graph_module).run(batch)
     return kept
+
+
+def open_runner(backend: Any, path: Path, precision: str, *, threads: int | None = None,
+                bundle: Any = None) -> TorchRunner:
+    """The registry's way in: eager weights, TorchScript or a .pt2, by ``backend.runtime``."""
+    if backend.runtime == "torchscript":
+        return TorchRunner.from_torchscript(path, device=backend.device)
+    if backend.runtime == "torch-export":
+        return TorchRunner.from_program(path, device=backend.device)
+    return TorchRunner.from_weights(path, device=backend.device, precision=precision)

@@ -63,7 +63,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils  # only inside Triton's stub
 
-        from pipeline.runtimes.registry import get_backend
+        from pipeline.runtimes.registry import served_backend
 
         self._pb = pb_utils
         config = json.loads(args["model_config"])
@@ -71,8 +71,8 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
         threads = int(given["threads"]) if given["threads"] else None
-        self.runner = get_backend("ort-cpu").make_file(Path(given["model_file"]),
-                                                       given["precision"] or "fp32", threads=threads)
+        self.runner = served_backend().make_file(Path(given["model_file"]),
+                                                 given["precision"] or "fp32", threads=threads)
         labels = {"model": args["model_name"]}
         # The families must outlive their metrics, so both are kept.
         self.families = {name: pb_utils.MetricFamily(name=name, description=text,

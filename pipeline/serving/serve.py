@@ -36,7 +36,7 @@ from typing import Any, Callable
 from pipeline.core.bundle import Bundle
 from pipeline.errors import EnvironmentUnavailable
 from pipeline.options import ServeOptions
-from pipeline.runtimes.registry import get_backend, served_model
+from pipeline.runtimes.registry import served_backend, served_model
 from pipeline.runtimes.triton import ServedModel
 from pipeline.serving.guard import GrpcGuard, HttpGuard, default_limit
 from pipeline.serving.repository import preferred_batch_sizes, served_repository
@@ -120,7 +120,7 @@ def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
     # Triton's stub opens the model again. Opening it here first turns a model the runtime
     # refuses into a clear error before Triton starts (Triton would exit, and PyTriton wait
     # out its start-up timeout first).
-    get_backend("ort-cpu").make_file(model.model_file, options.precision, threads=options.threads).close()
+    served_backend().make_file(model.model_file, options.precision, threads=options.threads).close()
     stats = ServeStats()
     workspace = tempfile.TemporaryDirectory(prefix="pipeline-serve-")
     repository = served_repository(Path(workspace.name) / "models", model, options,

@@ -30,9 +30,10 @@ from pipeline.models.archs import Preprocessing
 from pipeline.options import PredictOptions, output_format
 from pipeline.runtimes.base import Runner
 from pipeline.runtimes.registry import (
+    BACKENDS,
     Backend,
     check_precision_name,
-    get_backend,
+    predict_backend,
     remote,
     served_model,
 )
@@ -48,13 +49,7 @@ class Prediction:
 
 def backend_for(runtime: str, provider: str) -> Backend:
     """The registry entry for ``--runtime``/``--provider``."""
-    if runtime == "openvino":
-        if provider != "cpu":
-            raise InputError(f"--runtime openvino runs on the CPU here; drop --provider {provider}")
-        return get_backend("openvino-cpu")
-    if runtime == "torch-export":
-        return get_backend(f"torch-export-{provider}")
-    return get_backend(f"ort-{provider}")
+    return predict_backend(runtime, provider)
 
 
 # ----------------------------------------------------------------------------- choosing the model
@@ -86,8 +81,8 @@ def choose(target: Path, options: PredictOptions) -> Choice:
                                                 f"({parity.machine}); run verify here: fp32")
     gated = []
     for gate in parity.gates:
-        backend = get_backend(gate.backend) if gate.backend in _RUNNABLE else None
-        if backend is None or not gate.passed or gate.not_meaningful:
+        backend = BACKENDS.get(gate.backend)
+        if backend is None or not backend.predict or not gate.passed or gate.not_meaningful:
             continue
         if options.runtime and backend.runtime != options.runtime:
             continue
@@ -120,7 +115,6 @@ def choose(target: Path, options: PredictOptions) -> Choice:
                                     f"{100 * agreement:.2f}%" if agreement is not None else how)
 
 
-_RUNNABLE = ("ort-cpu", "ort-cuda", "openvino-cpu")
 _PREFERENCE = ("int8", "auto", "fp16")
 
 
@@ -158,7 +152,7 @@ def make_runner(target: Path, backend: Backend, precision: str, threads: int | N
         if precision != "fp32" or backend.runtime == "openvino":
             raise InputError(f"a .pt2 runs in PyTorch at fp32; drop --precision {precision} "
                              f"and --runtime {backend.runtime}")
-        return get_backend(f"torch-export-{backend.device}").make_file(target)
+        return predict_backend("torch-export", backend.device).make_file(target)
     if precision != "fp32":
         raise InputError(f"--precision {precision} chooses a variant inside a bundle; a bare "
                          f".onnx runs as it is: give the bundle folder, or the variant's file")

@@ -1,8 +1,10 @@
 """Which timed row may be recommended, and the recommendation.
 
-A row is matched with verify's results (parity.json) on the very model file it timed: fp32 rows
-by their parity pairs, reduced precision by the accuracy gate of the same backend and precision.
-Only fp32 rows whose parity held and reduced-precision rows whose gate passed are eligible.
+A row is matched with verify's results (parity.json) for the very backend and model file it
+timed: fp32 rows by the parity pairs verify ran on that backend (or the one it is verified as)
+on that file, reduced precision by the accuracy gate of the same backend and precision. A
+backend verify did not run says so and is never recommended; only fp32 rows whose parity held
+(or that no verify has judged yet) and reduced-precision rows whose gate passed are eligible.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from pipeline.runtimes.registry import BACKENDS
 
 
 def attach_verification(rows: list[LatencyRow], parity: ParityReport | None) -> None:
-    """Say for each row whether verify vouched for the very model file it timed.
+    """Say for each row whether verify vouched for the very backend and model file it timed.
 
-    fp32 rows: the parity pairs on the same file (sha256); eager torch is the reference itself.
-    Reduced precision: the accuracy gate of the same backend and precision on the same file.
-    Anything else is ``not verified``, and ``recommend`` never picks a reduced precision that is.
+    fp32 rows: the parity pairs verify ran on the same backend and file (sha256); eager torch
+    is the reference itself. A backend verify did not run is ``not verified on this machine``,
+    whatever else ran the same file. Reduced precision: the accuracy gate of the same backend
+    and precision on the same file. Anything else is ``not verified``, and ``recommend`` never
+    picks a reduced precision that is.
     """
     pairs = parity.pairs if parity else []
     gates = {g.candidate: g for g in parity.gates} if parity else {}
@@ -31,22 +35,27 @@ def attach_verification(rows: list[LatencyRow], parity: ParityReport | None) -> 
             if backend.runtime == "torch":
                 row.verified = "reference"
                 continue
-            same = [p for p in pairs if p.model_sha256 == row.model_sha256]
+            ran = [p for p in pairs if p.backend == backend.verified_as]
+            same = [p for p in ran if p.model_sha256 == row.model_sha256]
             if same:
                 row.verified = "parity passed" if all(p.passed for p in same) else "parity failed"
+            elif parity is not None and not ran:
+                row.verified = NOT_ON_THIS_MACHINE
             continue
         gate = gates.get(target_name(backend.gate_as or backend.name, row.requested))
         if gate and gate.model_sha256 == row.model_sha256:
-            row.verified = ("gate not meaningful" if gate.not_meaningful else
-                            "gate passed" if gate.passed else "gate failed")
+            row.verified = gate.status  # passed, inconclusive (needs N images), failed ...
             row.top1_agreement, row.top1_drop_points = gate.top1_agreement, gate.top1_drop_points
 
 
+NOT_ON_THIS_MACHINE = "not verified on this machine"
+
+
 def eligible(row: LatencyRow) -> bool:
-    """May this row be recommended? fp32 unless its parity failed; reduced precision only
-    with a passed accuracy gate."""
+    """May this row be recommended? fp32 unless its parity failed or verify never ran its
+    backend; reduced precision only with a passed accuracy gate."""
     if row.requested == "fp32":
-        return row.verified != "parity failed"
+        return row.verified not in ("parity failed", NOT_ON_THIS_MACHINE)
     return row.verified == "gate passed"
 
 

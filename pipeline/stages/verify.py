@@ -33,6 +33,7 @@ from pipeline.core.bundle import (
     Bundle,
     sha256_of,
 )
+from pipeline.core.confidence import CONFIDENCE, FAIL, INCONCLUSIVE, PASS, Counts, judge
 from pipeline.core.machine import cpu_summary
 from pipeline.core.records import (
     CalibrationRecord,
@@ -43,10 +44,12 @@ from pipeline.core.records import (
     ParityReport,
 )
 from pipeline.data.datasets import (
+    SYNTHETIC_GATE_IMAGES,
     labelled_folder,
     preprocess_samples,
     recorded_data_missing,
     recorded_split,
+    synthetic_held_apart,
 )
 from pipeline.data.images import find_images
 from pipeline.errors import EnvironmentUnavailable, InputError
@@ -60,10 +63,12 @@ from pipeline.options import (
 from pipeline.runtimes.base import Runner
 from pipeline.runtimes.registry import (
     BACKENDS,
+    ONNX_FILES,
     REDUCED_PRECISIONS,
     Backend,
     VariantMissing,
-    get_backend,
+    int8_layer_backend,
+    parity_backends,
     target_name,
 )
 from pipeline.stages.localize import MAX_ROWS, Reference, first_divergence, int8_shares
@@ -76,6 +81,9 @@ NOT_MEANINGFUL_RANDOM = "not meaningful: random weights"
 GATE_VERDICT_RULE = ("gates of the variant files (int8, fp16) and of --precisions decide the exit "
                      "code; other runtime-only precisions (bf16, auto) are advisory; none on "
                      "random weights")
+GATE_STATISTICS = ("pass when the worst end of each bound is within its limit, fail when the "
+                   "best end of one is outside it, else inconclusive; disagreement: one-sided "
+                   "Clopper-Pearson bounds; top-1 drop: one-sided Newcombe (paired) bounds")
 
 
 # ----------------------------------------------------------------------------- comparisons
@@ -179,6 +187,10 @@ def evaluation_images(bundle: Bundle, manifest: dict[str, Any], images: Path | N
     if missing:
         return None, f"{NO_EVALUATION}; {missing}"
     samples, _, source = recorded_split(manifest, "val")
+    if manifest["stages"]["train"]["config"]["data"] == "synthetic" and \
+            len(samples) < SYNTHETIC_GATE_IMAGES:
+        extra, what = synthetic_held_apart(manifest, SYNTHETIC_GATE_IMAGES - len(samples))
+        samples, source = samples + extra, f"{source}, and {what}"
     if len(samples) > MAX_EVAL_IMAGES:
         order = np.random.default_rng(0).permutation(len(samples))[:MAX_EVAL_IMAGES]
         samples = [samples[i] for i in sorted(order)]
@@ -223,32 +235,22 @@ def parity_candidates(bundle: Bundle, *, with_cuda: bool) -> tuple[Candidates, d
         else:
             factories[key] = (backend, make)
 
-    torchscript = get_backend("torchscript-cpu")
-    offer(torchscript.name, torchscript, lambda: torchscript.make(bundle))
     onnx_files = {"onnx": ONNX}
     if bundle.path(ONNX_SIMPLIFIED).is_file():
         onnx_files["onnx-sim"] = ONNX_SIMPLIFIED
-    ort_cpu = get_backend("ort-cpu")
-    for label, name in onnx_files.items():
-        offer(f"{label}-{ort_cpu.name}", ort_cpu, lambda n=name: ort_cpu.make_file(bundle.path(n)))
-    fp32 = bundle.fp32_onnx()
-    openvino = get_backend("openvino-cpu")
-    offer(f"{'onnx-sim' if fp32 == ONNX_SIMPLIFIED else 'onnx'}-{openvino.name}", openvino,
-          lambda: openvino.make_file(bundle.path(fp32)))
-    if with_cuda:
-        ort_cuda = get_backend("ort-cuda")
-        for label, name in onnx_files.items():
-            offer(f"{label}-{ort_cuda.name}", ort_cuda,
-                  lambda n=name: ort_cuda.make_file(bundle.path(n)))
-    # The PyTorch artifacts the bundle has: model.pt2, and AOTInductor packages per device.
-    for backend in BACKENDS.values():
-        if backend.runtime not in ("torch-export", "aoti") or (backend.device == "cuda" and not with_cuda):
+    label_of = {name: label for label, name in onnx_files.items()}
+    for backend in parity_backends(with_cuda=with_cuda):
+        if backend.parity == ONNX_FILES:
+            for label, name in onnx_files.items():
+                offer(f"{label}-{backend.name}", backend,
+                      lambda b=backend, n=name: b.make_file(bundle.path(n)))
             continue
-        try:
-            backend.model_file(bundle, "fp32")
+        try:  # MODEL_FILE: the one file it reads, where the bundle has one (.pt2, AOTInductor)
+            path = backend.model_file(bundle, "fp32")
         except VariantMissing:
             continue
-        offer(backend.name, backend, lambda b=backend: b.make(bundle))
+        key = f"{label_of[path.name]}-{backend.name}" if backend.reads_onnx else backend.name
+        offer(key, backend, lambda b=backend: b.make(bundle))
     return factories, skipped
 
 
@@ -265,9 +267,9 @@ def gate_candidates(bundle: Bundle, *, with_cuda: bool,
         for precision in backend.precisions:
             if precision not in REDUCED_PRECISIONS:
                 continue
-            name = PRECISION_FILES.get(precision)
-            if name and not bundle.path(name).is_file() and not (backend.provider == "tensorrt"
-                                                                 and precision == "fp16"):
+            try:
+                backend.model_file(bundle, precision)
+            except VariantMissing:
                 continue  # no such variant: nothing to gate
             key = target_name(backend.name, precision)
             # A precision this CPU would only emulate is neither timed nor gated here, unless
@@ -346,7 +348,7 @@ def _pair_rows(key: str, backend: Backend, make: Callable[[], Runner], inputs: d
 def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluation,
           reference: np.ndarray, max_drop: float, min_agreement: float,
           known: dict[str, str], not_meaningful: str | None = None,
-          named: tuple[str, ...] = ()) -> GateResult:
+          named: tuple[str, ...] = (), accept_inconclusive: bool = False) -> GateResult:
     gate = GateResult(target_name(backend.name, precision), backend.name, precision,
                       images=len(evaluation.batch),
                       decides_exit=precision in PRECISION_FILES or precision in named,
@@ -366,22 +368,42 @@ def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluati
     cosines = cosine_rows(logits, reference)
     gate.cosine_mean, gate.cosine_min = float(cosines.mean()), float(cosines.min())
     gate.max_abs = float(np.abs(logits.astype(np.float64) - reference).max())
-    failed = []
+    counts = _gate_counts(gate, logits, reference, evaluation.labels)
+    judgement = judge(counts, min_agreement=min_agreement, max_drop_points=max_drop)
+    gate.verdict, gate.confidence = judgement.verdict, CONFIDENCE
+    gate.disagreement_bounds = [*judgement.disagreement]
+    gate.drop_bounds_points = [*judgement.drop_points] if judgement.drop_points else None
+    gate.images_needed = judgement.images_needed
     if not np.isfinite(logits).all():
-        failed.append("non-finite logits")
-    if evaluation.labels is not None:
-        gate.fp32_top1 = float(np.mean(reference.argmax(1) == evaluation.labels))
-        gate.candidate_top1 = float(np.mean(logits.argmax(1) == evaluation.labels))
-        gate.top1_drop_points = 100.0 * (gate.fp32_top1 - gate.candidate_top1)
-        if gate.top1_drop_points > max_drop:
-            failed.append(f"top-1 drop {gate.top1_drop_points:.2f} points > {max_drop:g}")
-    if gate.top1_agreement < min_agreement:
-        failed.append(f"top-1 agreement {100 * gate.top1_agreement:.2f}% < {100 * min_agreement:g}%")
+        gate.verdict = FAIL
+        gate.failed_on = "non-finite logits"
     if gate.not_meaningful:
         return gate  # figures shown, no verdict: passed stays False, so never recommended
-    gate.passed = not failed
-    gate.failed_on = "; ".join(failed) or None
+    gate.passed = gate.verdict == PASS
+    if not gate.passed:
+        gate.failed_on = gate.failed_on or judgement.why
+    if gate.verdict == INCONCLUSIVE and accept_inconclusive:
+        gate.accepted_inconclusive = True
     return gate
+
+
+def _gate_counts(gate: GateResult, logits: np.ndarray, reference: np.ndarray,
+                 labels: np.ndarray | None) -> Counts:
+    """The counts the gate judges (kept in parity.json), and the accuracies they give."""
+    ours, theirs = logits.argmax(1), reference.argmax(1)
+    gate.disagreements = int((ours != theirs).sum())
+    if labels is None:
+        return Counts(len(ours), gate.disagreements)
+    fp32_right, ours_right = theirs == labels, ours == labels
+    gate.both_right = int((fp32_right & ours_right).sum())
+    gate.fp32_only_right = int((fp32_right & ~ours_right).sum())
+    gate.candidate_only_right = int((~fp32_right & ours_right).sum())
+    gate.both_wrong = int((~fp32_right & ~ours_right).sum())
+    gate.fp32_top1 = float(fp32_right.mean())
+    gate.candidate_top1 = float(ours_right.mean())
+    gate.top1_drop_points = 100.0 * (gate.fp32_top1 - gate.candidate_top1)
+    return Counts(len(ours), gate.disagreements, gate.both_right, gate.fp32_only_right,
+                  gate.candidate_only_right, gate.both_wrong)
 
 
 def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
@@ -407,7 +429,10 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
     report = ParityReport(rule=rule, integrity_checked=integrity, machine=cpu_summary(),
                           gate_rule={"max_top1_drop_points": max_top1_drop,
                                      "min_top1_agreement": min_agreement,
-                                     "decides_exit": GATE_VERDICT_RULE})
+                                     "decides_exit": GATE_VERDICT_RULE,
+                                     "statistics": GATE_STATISTICS,
+                                     "confidence": CONFIDENCE,
+                                     "accept_inconclusive": options.accept_inconclusive})
     model = load_model(checkpoint=bundle.path(WEIGHTS)).model.eval()
     section = ModelSection.of(manifest, str(bundle.manifest_path))
     inputs = random_inputs(section.input_size)
@@ -436,7 +461,7 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
         reference = _eager_logits(model, evaluation.batch)
         report.gates = [_gate(b, p, bundle, evaluation, reference, max_top1_drop, min_agreement,
                               known, NOT_MEANINGFUL_RANDOM if section.random_weights else None,
-                              named)
+                              named, options.accept_inconclusive)
                         for b, p in gates]
     report.localized = localize_candidates(bundle, report, factories, model, inputs,
                                            everything=options.localize)
@@ -445,7 +470,6 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
 
 
 # ----------------------------------------------------------------------------- localizing
-LOCALIZED_BACKENDS = ("ort-cpu", "torch-export-cpu")  # runners that return intermediate layers
 
 
 def localize_candidates(bundle: Bundle, report: ParityReport, factories: Candidates, model: Any,
@@ -454,10 +478,12 @@ def localize_candidates(bundle: Bundle, report: ParityReport, factories: Candida
     asked): the first divergent layer, or int8's largest error shares."""
     failed = {p.candidate: p.inputs for p in report.pairs if not p.passed and not p.environment}
     chosen = [key for key, (backend, _) in factories.items()
-              if backend.name in LOCALIZED_BACKENDS and (everything or key in failed)]
-    failed_int8 = any(g.precision_requested == "int8" and g.backend == "ort-cpu" and g.decides_exit
-                      and not g.passed and not g.not_meaningful for g in report.gates)
-    int8 = ([target_name("ort-cpu", "int8")] if bundle.path(PRECISION_FILES["int8"]).is_file()
+              if backend.layers and (everything or key in failed)]
+    int8_backend = int8_layer_backend()
+    failed_int8 = any(g.precision_requested == "int8" and g.backend == int8_backend.name
+                      and g.decides_exit and not g.passed and not g.not_meaningful
+                      for g in report.gates)
+    int8 = ([target_name(int8_backend.name, "int8")] if bundle.path(PRECISION_FILES["int8"]).is_file()
             and (everything or failed_int8) else [])
     if not chosen and not int8:
         return []
@@ -483,7 +509,7 @@ def localize_candidates(bundle: Bundle, report: ParityReport, factories: Candida
     for candidate in int8:
         reference, batch = reference_for(default)
         results.append(_localized(candidate, default, len(batch),
-                                  lambda: get_backend("ort-cpu").make(bundle, "int8"),
+                                  lambda: int8_backend.make(bundle, "int8"),
                                   lambda runner: int8_shares(candidate, runner, reference,
                                                              batch, default, raw)))
     return results
