@@ -306,13 +306,21 @@ def quantize(bundle: str | Path, *, precisions: str | Sequence[str] = QuantizeOp
              calibration: str | Path | None = QuantizeOptions.calibration,
              count: int = QuantizeOptions.count, method: str = QuantizeOptions.method,
              seed: int = QuantizeOptions.seed, reduce_range: bool | None = QuantizeOptions.reduce_range,
+             repair: bool = QuantizeOptions.repair,
+             repair_images: str | Path | None = QuantizeOptions.repair_images,
              log: Log = stderr_log) -> QuantizeResult:
-    """Write model.int8.onnx / model.fp16.onnx; returns the manifest's quantize record."""
+    """Write model.int8.onnx / model.fp16.onnx; returns the manifest's quantize record.
+    ``repair`` repairs an int8 model that falls short of the gate's agreement limit on the
+    repair images (``repair_images``, else the calibration images): cross-layer equalization,
+    then the layers with the largest error share kept in float; the record's ``repair`` says
+    what was done."""
     from pipeline.stages.quantize import quantize_bundle
 
     wanted = tuple(p.strip() for p in (names(precisions) or "").split(",") if p.strip())
     options = QuantizeOptions(precisions=wanted, calibration=str(calibration) if calibration else None,
-                              count=count, method=method, seed=seed, reduce_range=reduce_range)
+                              count=count, method=method, seed=seed, reduce_range=reduce_range,
+                              repair=repair,
+                              repair_images=str(repair_images) if repair_images else None)
     return QuantizeResult(Path(bundle), quantize_bundle(Path(bundle), options, log=log))
 
 

@@ -115,8 +115,18 @@ class QuantizeOptions:
     method: str = "minmax"
     seed: int = 0
     reduce_range: bool | None = None  # None: 7-bit weights exactly when this CPU lacks VNNI
+    # Repair an int8 model that falls short of the gate's limits on the repair images
+    # (equalize, then keep the worst layers in float); they default to the calibration images.
+    repair: bool = False
+    repair_images: str | None = None
+    min_agreement: float = DEFAULT_MIN_AGREEMENT  # the limit repair aims for
+    max_float_share: float = 0.10  # at most this share of the quantized Conv/Gemm kept in float
 
     def check(self) -> None:
+        if self.repair_images is not None and not self.repair:
+            raise InputError("--repair-images is for --repair; add --repair, or drop it")
+        if self.repair and "int8" not in self.precisions:
+            raise InputError("--repair repairs the int8 model; add int8 to --precision")
         unknown = [p for p in self.precisions if p not in QUANT_PRECISIONS]
         if unknown or not self.precisions:
             raise InputError(f"unknown precision {', '.join(unknown) or '(none)'!r} for quantize; "

@@ -318,9 +318,17 @@ def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | 
 @click.option("--reduce-range/--full-range", default=None,
               help="7-bit int8 weights, which cannot saturate ORT's AVX2 kernels. Default: "
                    "7-bit on CPUs without VNNI, 8-bit with it.")
+@click.option("--repair", is_flag=True,
+              help="If int8 falls short of the gate's agreement limit on the repair images, "
+                   "repair it: cross-layer equalization, then the layers with the largest error "
+                   "share kept in float (at most 10% of them), each re-checked.")
+@click.option("--repair-images", default=None,
+              help="Images to judge the repair on (default: the calibration images); verify "
+                   "refuses them as evaluation images.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quantization record as JSON only.")
 def quantize(bundle: Path, precisions: str, calibration: str | None, count: int, method: str,
-             seed: int, reduce_range: bool | None, as_json: bool) -> None:
+             seed: int, reduce_range: bool | None, repair: bool, repair_images: str | None,
+             as_json: bool) -> None:
     """Write model.int8.onnx and model.fp16.onnx from the exported fp32 model.
 
     Then `verify` gates them on accuracy and `bench` times them.
@@ -328,12 +336,14 @@ def quantize(bundle: Path, precisions: str, calibration: str | None, count: int,
     \b
     Example:
       python -m pipeline quantize exported/resnet18 --calibration photos/
+      python -m pipeline quantize exported/resnet18 --calibration photos/ --repair
       python -m pipeline quantize exported/resnet18 --precision int8 --method entropy
       python -m pipeline quantize exported/resnet18 --calibration synthetic --count 200
     """
     _log(f"quantizing {bundle}/")
     record = api.quantize(bundle, precisions=precisions, calibration=calibration, count=count,
-                          method=method, seed=seed, reduce_range=reduce_range, log=_log)
+                          method=method, seed=seed, reduce_range=reduce_range, repair=repair,
+                          repair_images=repair_images, log=_log)
     if as_json:
         emit_json(record)
     else:

@@ -718,11 +718,46 @@ def read_parity(bundle: Any) -> ParityReport | None:
 
 # ----------------------------------------------------------------------------- calibration.json
 @dataclass
+class FloatLayer(Record):
+    """A layer ``quantize --repair`` kept in float, and why it was chosen."""
+
+    pytorch: str  # layer3.1.conv2
+    node: str  # the ONNX node left unquantized
+    logit_error_share: float | None  # its share of plain int8's logit error (verify --localize's)
+    agreement_after: float  # on the repair images, once it was kept in float
+
+
+@dataclass
+class RepairRecord(Record):
+    """What ``quantize --repair`` did to model.int8.onnx, in the manifest's quantize section."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"kept_in_float": FloatLayer}
+
+    images: int  # repair images: int8 against fp32 on these
+    source: str
+    min_agreement: float  # the limit it aimed for
+    agreement_before: float  # plain int8
+    agreement_after: float
+    met: bool
+    equalized_pairs: int = 0  # Conv-Relu-Conv pairs cross-layer equalization rescaled
+    equalization_kept: bool = False  # kept only when it raised the agreement
+    agreement_equalized: float | None = None
+    largest_channel_scale: float | None = None  # how uneven the channels it moved were
+    kept_in_float: list[FloatLayer] = field(default_factory=list)
+    undone: list[str] = field(default_factory=list)  # reverts that did not help, put back
+    quantized_nodes: int = 0  # Conv/Gemm nodes int8 quantizes
+    max_in_float: int = 0
+    seconds: float = 0.0
+    note: str | None = None
+
+
+@dataclass
 class CalibrationRecord(Record):
     """Where int8's calibration images came from, with the sha256 of each file, so verify can
     refuse to evaluate on them."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"schema_version"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"schema_version", "repair_source",
+                                                     "repair_files_sha256"})
     REMAKE: ClassVar[str] = "python -m pipeline quantize BUNDLE --precision int8"
 
     source: str
@@ -732,6 +767,10 @@ class CalibrationRecord(Record):
     method: str
     files_sha256: list[str] | None
     schema_version: int | None = CALIBRATION_SCHEMA_VERSION
+    # quantize --repair chose what to repair on these images (when not the calibration ones):
+    # verify refuses them as evaluation images too.
+    repair_source: str | None = None
+    repair_files_sha256: list[str] | None = None
 
     @classmethod
     def load(cls, path: Path | str) -> "CalibrationRecord":

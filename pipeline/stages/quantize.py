@@ -69,6 +69,7 @@ class Calibration:
     source: str
     split: str | None  # "train" when it is the recorded training split
     files_sha256: list[str] | None
+    repair: "Calibration | None" = None  # --repair-images, once read
 
     def record(self, method: str, requested: int) -> CalibrationRecord:
         return CalibrationRecord(source=self.source, split=self.split, count=int(len(self.batch)),
@@ -166,7 +167,9 @@ def reduce_range_choice(requested: bool | None) -> tuple[bool, str]:
 
 
 def quantize_int8(source: Path, target: Path, calibration: Calibration, method: str,
-                  input_name: str, reduce_range: bool | None = None) -> dict[str, Any]:
+                  input_name: str, reduce_range: bool | None = None,
+                  exclude: list[str] | None = None) -> dict[str, Any]:
+    """Static QDQ int8 of ``source`` into ``target``; ``exclude`` names nodes kept in float."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -188,7 +191,7 @@ def quantize_int8(source: Path, target: Path, calibration: Calibration, method: 
             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
             activation_type=getattr(QuantType, ACTIVATION_TYPE),
             weight_type=getattr(QuantType, WEIGHT_TYPE), calibrate_method=methods[method],
-            extra_options={"CalibMovingAverage": False}))
+            nodes_to_exclude=list(exclude or []), extra_options={"CalibMovingAverage": False}))
     return {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8",
             "why_u8s8": "VNNI multiplies u8 x s8 natively and ORT's MLAS kernels expect it; S8S8 "
                         "measured 3.6x slower than U8S8 on a Xeon with VNNI",
@@ -255,16 +258,14 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
         _forget(bundle, target.name)
         step = time.perf_counter()
         try:
-            with captured():
-                if precision == "int8":
-                    assert calibration is not None
-                    info = quantize_int8(source, target, calibration, options.method,
-                                         input_name, options.reduce_range)
-                    described = calibration.record(options.method, options.count).to_dict()
-                    info["calibration"] = {k: v for k, v in described.items()
-                                           if k not in ("files_sha256", "schema_version")}
-                else:
+            if precision == "int8":
+                assert calibration is not None
+                info = _int8_variant(bundle, manifest, source, target, calibration, input_name,
+                                     options, log)
+            else:
+                with captured():
                     info = convert_fp16(source, target)
+            with captured():
                 _stamp(target, meta, precision, info)
         except Exception:
             target.unlink(missing_ok=True)
@@ -274,9 +275,70 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
         record[precision] = info
         log(f"  {precision:<5} {target.name} ({info['duration_s']:.1f}s)")
     if calibration is not None:
-        calibration.record(options.method, options.count).dump(bundle.path(CALIBRATION))
+        described = calibration.record(options.method, options.count)
+        if calibration.repair is not None:
+            described.repair_source = calibration.repair.source
+            described.repair_files_sha256 = calibration.repair.files_sha256
+        described.dump(bundle.path(CALIBRATION))
     _record(bundle, record, time.perf_counter() - started)
     return record
+
+
+def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target: Path,
+                  calibration: Calibration, input_name: str, options: QuantizeOptions,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """model.int8.onnx as always; then, with ``options.repair``, repaired until it meets the
+    gate's agreement limit on the repair images, or without it a quick check on the
+    calibration images that says when ``--repair`` is worth running."""
+    from pipeline.stages.repair import Attempt, Repair, agreement_with_fp32, keep
+
+    def make(src: Path, dst: Path, exclude: list[str]) -> None:
+        with captured():
+            quantize_int8(src, dst, calibration, options.method, input_name,
+                          options.reduce_range, exclude)
+
+    with captured():
+        info = quantize_int8(source, target, calibration, options.method, input_name,
+                             options.reduce_range)
+    described = calibration.record(options.method, options.count).to_dict()
+    info["calibration"] = {k: v for k, v in described.items()
+                           if k not in ("files_sha256", "schema_version")}
+    if not options.repair:
+        agreement = agreement_with_fp32(source, target, calibration.batch)
+        info["agreement_on_calibration_images"] = round(agreement, 6)
+        if agreement < options.min_agreement:
+            log(f"warning: int8 agrees with fp32 on {100 * agreement:.2f}% of the "
+                f"{len(calibration.batch)} calibration images, below the gate's "
+                f"{100 * options.min_agreement:g}%; verify will likely not pass it: run "
+                f"python -m pipeline quantize {bundle.root} --repair")
+        return info
+    repair_set = calibration
+    if options.repair_images is not None:
+        from dataclasses import replace
+
+        repair_set = calibration_images(bundle, manifest, replace(options, calibration=options.repair_images),
+                                        log)
+        calibration.repair = repair_set
+    else:
+        calibration.repair = Calibration(calibration.batch, "the calibration images",
+                                         calibration.split, calibration.files_sha256)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".repair.") as scratch:
+        repair = Repair(bundle, source, repair_set.batch, repair_set.source, make, Path(scratch), log)
+        plain_logits = repair.logits(target, "int8")  # the plain file, as made
+        plain = Attempt(target, float(np.mean(plain_logits.argmax(1) == repair.fp32.argmax(1))),
+                        plain_logits)
+        chosen, record = repair.run(plain, options.min_agreement, options.max_float_share)
+        if chosen.path != target:
+            keep(chosen, target)
+    info["repair"] = record.to_dict()
+    verdict = "met" if record.met else "NOT met"
+    log(f"  repair: agreement with fp32 on {record.images} repair images "
+        f"{100 * record.agreement_before:.2f}% -> {100 * record.agreement_after:.2f}% "
+        f"(limit {100 * options.min_agreement:g}%: {verdict}); "
+        f"equalization {'kept' if record.equalization_kept else 'not kept'}, "
+        f"{len(record.kept_in_float)} layer(s) in float"
+        + (f": {', '.join(f.pytorch for f in record.kept_in_float)}" if record.kept_in_float else ""))
+    return info
 
 
 def _forget(bundle: Bundle, name: str) -> None:

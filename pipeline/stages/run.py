@@ -1,5 +1,6 @@
 """``run``: train -> export -> quantize -> verify -> bench -> report into one bundle, callable
-without click. int8 is calibrated on the training split and gated on the validation split."""
+without click. int8 is calibrated on the training split (and repaired there if it falls short,
+``quantize --repair``) and gated on the validation split, topped up with held-apart images."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def run_all(config: TrainOptions, bench_config: BenchOptions, *, command: str,
     log("== export")
     export_bundle(load_model(checkpoint=bundle / "checkpoint.pt"), bundle, ExportOptions(), StageTimer())
     log("== quantize")
-    quantize_bundle(bundle, QuantizeOptions(precisions=("int8",), calibration="train"), log=log)
+    quantize_bundle(bundle, QuantizeOptions(precisions=("int8",), calibration="train", repair=True),
+                    log=log)
     log("== verify")
     parity = verify_bundle(bundle)
     log("== bench")

@@ -211,9 +211,20 @@ def held_apart(bundle: Bundle, evaluation: Evaluation) -> str:
         raise InputError(f"{len(shared)} evaluation image(s) were also calibration images "
                          f"({record.source}); the accuracy gate needs images held apart: give "
                          f"--images a folder not used for --calibration")
+    repaired_on = set(record.repair_files_sha256 or []) & set(evaluation.files_sha256 or [])
+    if repaired_on:
+        raise InputError(f"{len(repaired_on)} evaluation image(s) were also the images quantize "
+                         f"--repair chose its repair on ({record.repair_source}); the accuracy "
+                         f"gate needs images held apart from them too: give --images a folder "
+                         f"used for neither --calibration nor --repair-images")
+    repair = (f" and the {len(record.repair_files_sha256)} repair images"
+              if record.repair_files_sha256 and record.repair_files_sha256 != record.files_sha256
+              else "")
     if record.split == "train" and "validation split" in evaluation.source:
-        return "yes: calibration used the training split, evaluation the validation split"
-    return f"yes: no evaluation image is among the {record.count} calibration images (sha256)"
+        return (f"yes: calibration used the training split{repair and ', repair' + repair[4:]}, "
+                f"evaluation the validation split")
+    return (f"yes: no evaluation image is among the {record.count} calibration images{repair} "
+            f"(sha256)")
 
 
 # ----------------------------------------------------------------------------- candidates
