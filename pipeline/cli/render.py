@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.records import ImageLoop, LatencyRow, OfflineRun, ServerSection
+from pipeline.core.records import (
+    ImageLoop,
+    LatencyRow,
+    OfflineRun,
+    ServerSection,
+    not_run_lines,
+)
 from pipeline.stages.report import server_lines
 
 if TYPE_CHECKING:  # verify loads numpy and the data modules: off the --help path
@@ -100,6 +106,8 @@ def latency_table(rows: list[LatencyRow]) -> str:
              f"{'img/s':>9} {'GFLOP/s':>8}  {'verified':<14} provider"]
     for row in rows:
         precision = row.precision_label
+        if row.status == "unavailable":
+            continue  # one line per reason, below
         if not row.ok:
             lines.append(f"{row.backend:<20} {precision:<10} {row.batch:>5}  {row.status}: {row.reason}")
             continue
@@ -107,6 +115,7 @@ def latency_table(rows: list[LatencyRow]) -> str:
         lines.append(f"{row.backend:<20} {precision:<10} {row.batch:>5} {row.p50_ms:9.2f} "
                      f"{row.p90_ms:9.2f} {row.ms_per_image:8.2f} {row.images_per_s:9.1f} "
                      f"{gflops}  {row.verified:<14} {row.provider}")
+    lines += [f"not run: {line}" for line in not_run_lines(rows)]
     return "\n".join(lines)
 
 

@@ -199,6 +199,20 @@ def unavailable(rows: list[LatencyRow]) -> list[LatencyRow]:
     return [row for row in rows if not row.ok]
 
 
+def not_run_lines(rows: list[LatencyRow]) -> list[str]:
+    """The targets that could not run here, one line per reason ("no CUDA GPU ...: 7 targets
+    not run: ..."), so that a CPU machine's report is not a wall of identical reason rows.
+    latency.json keeps every row; rows that ran and failed are not summarised here."""
+    by_reason: dict[str, list[str]] = {}
+    for row in rows:
+        if row.status == "unavailable":
+            targets = by_reason.setdefault(row.reason or "no reason given", [])
+            if row.target not in targets:
+                targets.append(row.target)
+    return [f"{reason}: {len(targets)} target{'s' if len(targets) != 1 else ''} not run "
+            f"({', '.join(targets)})" for reason, targets in by_reason.items()]
+
+
 @dataclass
 class StageBreakdown(Record):
     """Where a served request's time goes: per-request means over one load level, in ms, from

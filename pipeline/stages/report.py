@@ -28,6 +28,7 @@ from pipeline.core.records import (
     LatencyRow,
     ServerRow,
     ServerSection,
+    not_run_lines,
     ok_rows,
     precision_label,
     read_parity,
@@ -53,6 +54,8 @@ def rows_table(rows: list[LatencyRow], *, with_machine: bool) -> list[str]:
              "provider"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        if row.status == "unavailable":
+            continue  # one line per reason, below the table
         cells = [row.machine or ""] if with_machine else []
         if not row.ok:
             cells += [row.backend, row.precision_label, str(row.batch),
@@ -67,6 +70,10 @@ def rows_table(rows: list[LatencyRow], *, with_machine: bool) -> list[str]:
                       _fmt(row.gflops, ".1f"), _fmt(row.cold_create_ms, ".0f"),
                       _fmt(row.cold_first_infer_ms, ".0f"), _verified(row), str(row.provider)]
         lines.append("| " + " | ".join(cells) + " |")
+    not_run = not_run_lines(rows)
+    if not_run:
+        lines += ["", "Not run here (each target's reason is in latency.json):", ""]
+        lines += [f"- {line}" for line in not_run]
     return lines
 
 

@@ -48,11 +48,40 @@ def test_latency_table_shows_numbers_and_reasons():
                        p90_ms=1.5, ms_per_image=1.25, images_per_s=800.0, gflops=2.0,
                        verified="parity passed", provider="CPUExecutionProvider"),
             LatencyRow("openvino-cpu", 1, precision="bf16", precision_requested="auto",
+                       status="error", reason="the session crashed"),
+            LatencyRow("openvino-cpu", 1, precision="fp32", precision_requested="fp32",
                        status="unavailable", reason="OpenVINO is not installed")]
     text = render.latency_table(rows).splitlines()
     assert text[1].split()[:5] == ["ort-cpu", "fp32", "1", "1.25", "1.50"]
     assert "parity passed" in text[1] and text[1].endswith("CPUExecutionProvider")
-    assert "auto=bf16" in text[2] and "unavailable: OpenVINO is not installed" in text[2]
+    assert "auto=bf16" in text[2] and "error: the session crashed" in text[2]  # failures stay rows
+    assert text[3] == "not run: OpenVINO is not installed: 1 target not run (openvino-cpu:fp32)"
+
+
+def test_targets_that_cannot_run_here_collapse_into_one_line_per_reason():
+    """A CPU machine's bench: every GPU target at every batch size is one line, not 8 rows,
+    in the terminal and in report.md; latency.json keeps the rows."""
+    from pipeline.core.records import LatencyDoc, reason_rows
+    from pipeline.stages.report import rows_table
+
+    no_gpu = "no CUDA GPU visible (torch.cuda.is_available() is False)"
+    rows = [LatencyRow("ort-cpu", 1, precision="fp32", precision_requested="fp32", p50_ms=1.0,
+                       p90_ms=1.1, p95_ms=1.2, mean_ms=1.0, std_ms=0.1, n=50, ms_per_image=1.0,
+                       images_per_s=1000.0, provider="CPU")]
+    for backend, precision in [("torch-cuda", "fp32"), ("ort-cuda", "fp32"), ("ort-cuda", "fp16"),
+                               ("aoti-cuda", "fp32")]:
+        rows += reason_rows(backend, precision, (1, 8), no_gpu)
+    terminal = render.latency_table(rows).splitlines()
+    assert len(terminal) == 3  # header, the row that ran, one line for the GPU targets
+    assert terminal[2] == (f"not run: {no_gpu}: 4 targets not run (torch-cuda:fp32, "
+                           f"ort-cuda:fp32, ort-cuda:fp16, aoti-cuda:fp32)")
+    markdown = rows_table(rows, with_machine=False)
+    assert sum(line.startswith("| ort-cpu") for line in markdown) == 1
+    assert not any("cuda" in line for line in markdown if line.startswith("|"))
+    assert f"- {no_gpu}: 4 targets not run" in "\n".join(markdown)
+    doc = LatencyDoc.from_dict(LatencyDoc(model={}, config={}, machine={}, rows=rows,
+                                          created="now").to_dict(), where="test")
+    assert len(doc.rows) == 9  # every row is still recorded
 
 
 def test_server_table_compares_with_single_stream():
