@@ -254,3 +254,26 @@ def _preprocessing(spec: ArchSpec, stored: dict[str, Any], input_size: int | Non
     if input_size is None and isinstance(stored.get("preprocessing"), dict):
         return Preprocessing.from_dict(stored["preprocessing"])
     return spec.preprocessing(input_size)
+
+
+def inject_outlier_channel(checkpoint: Path | str, block: str, channel: int, factor: float) -> None:
+    """Give a ResNet block an outlier activation channel without changing the network: the
+    block's bn1 scales one channel's gamma and beta by ``factor`` (> 0) and its conv2 divides
+    the matching input channel by it, so in exact arithmetic nothing changes (ReLU commutes
+    with a positive scale), while that channel's activations are ``factor`` times their
+    neighbours' and int8's per-tensor activation scale turns coarse. It is how ``quantize
+    --repair`` is tested and benchmarked (benchmarks/bench_int8_repair.py); the checkpoint is
+    rewritten in place."""
+    import torch
+
+    data = read_checkpoint(checkpoint)
+    state = data["state_dict"]
+    names = [f"{block}.bn1.weight", f"{block}.bn1.bias", f"{block}.conv2.weight"]
+    missing = [n for n in names if n not in state]
+    if missing or factor <= 0:
+        raise InputError(f"cannot inject an outlier into {block!r} (factor {factor}): "
+                         f"{'no ' + missing[0] if missing else 'the factor must be > 0'}")
+    state[names[0]][channel] *= factor
+    state[names[1]][channel] *= factor
+    state[names[2]][:, channel] /= factor
+    torch.save(data, Path(checkpoint))

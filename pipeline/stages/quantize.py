@@ -332,6 +332,11 @@ def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target
             keep(chosen, target)
     info["repair"] = record.to_dict()
     verdict = "met" if record.met else "NOT met"
+    if record.agreement_before >= options.min_agreement:
+        log(f"  repair: int8 agrees with fp32 on {100 * record.agreement_before:.2f}% of the "
+            f"{record.images} repair images, within the {100 * options.min_agreement:g}% "
+            f"limit: nothing to repair")
+        return info
     log(f"  repair: agreement with fp32 on {record.images} repair images "
         f"{100 * record.agreement_before:.2f}% -> {100 * record.agreement_after:.2f}% "
         f"(limit {100 * options.min_agreement:g}%: {verdict}); "

@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from pipeline.core.bundle import Bundle, sha256_of
 from pipeline.core.records import LatencyRow
+from pipeline.models.weights import inject_outlier_channel
 from pipeline.options import QuantizeOptions
 from pipeline.stages.quantize import quantize_bundle
 from pipeline.stages.recommend import recommend
@@ -497,6 +498,7 @@ def test_predict_auto_runs_the_gated_int8_model_on_this_cpu_only(trained_verifie
 
 
 # ----------------------------------------------------------------------------- quantize --repair
+# inject_outlier_channel (pipeline.models.weights) is function-preserving: fp32 is unchanged.
 # This 4-colour model keeps its answers through a lot: one outlier channel in one block costs
 # int8 at most 1.6 points even at 10,000x (measured here), so the repair test puts one in
 # every block (300x: plain int8 agrees 90.6%), and the revert test one very large one.
@@ -505,28 +507,10 @@ BLOCKS = ("layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"
 OUTLIER_CHANNEL = 5
 
 
-def inject_outlier_channel(bundle: Path, block: str, channel: int = OUTLIER_CHANNEL,
-                           factor: float = 300.0) -> None:
-    """A function-preserving outlier: ``block``'s bn1 scales one channel's gamma and beta by
-    ``factor`` and its conv2 divides that input channel by it. In exact arithmetic the network
-    is unchanged (ReLU commutes with a positive scale); its activation is ``factor`` times its
-    neighbours', which makes int8's per-tensor activation scale coarse for the whole tensor."""
-    import torch
-
-    from pipeline.models.weights import read_checkpoint
-
-    checkpoint = read_checkpoint(bundle / "checkpoint.pt")
-    state = checkpoint["state_dict"]
-    state[f"{block}.bn1.weight"][channel] *= factor
-    state[f"{block}.bn1.bias"][channel] *= factor
-    state[f"{block}.conv2.weight"][:, channel] /= factor
-    torch.save(checkpoint, bundle / "checkpoint.pt")
-
-
 def _outlier_bundle(trained_master, folder: Path, outliers: dict[str, float]) -> Path:
     out = Path(shutil.copytree(trained_master, folder / "b"))
     for block, factor in outliers.items():
-        inject_outlier_channel(out, block, factor=factor)
+        inject_outlier_channel(out / "checkpoint.pt", block, OUTLIER_CHANNEL, factor)
     exported = run_cli("export", "--checkpoint", out / "checkpoint.pt", "--out", out)
     assert exported.exit_code == 0, exported.output  # fp32 parity holds: nothing changed
     quantized = run_cli("quantize", out, "--precision", "int8")
