@@ -110,11 +110,11 @@ class _Worker:
         except OSError:
             pass  # it died; the reader sees its pipe close and re-sends what it held
 
-    def stop(self) -> None:
+    def kill(self) -> None:
         try:
-            self.inbox.send(None)
+            self.process.kill()
         except OSError:
-            pass
+            pass  # already gone
 
     def reap(self, timeout: float) -> int | None:
         try:
@@ -178,12 +178,13 @@ class DecodePool:
             yield (ticket.path, *self.result(ticket))
 
     def close(self) -> None:
-        """Stop the workers (what is in flight is dropped) and the reader."""
+        """Stop the workers at once (they hold nothing but what is in flight, which is
+        dropped: a Ctrl-C does not wait for a large image to finish) and the reader."""
         with self.changed:
             self.closing = True
             workers = list(self.workers)
         for worker in workers:
-            worker.stop()
+            worker.kill()
         os.write(self._wake_w, b"x")
         self.reader.join(STOP_GRACE_S)
         for worker in workers:
