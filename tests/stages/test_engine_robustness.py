@@ -182,6 +182,7 @@ def test_the_api_works_from_every_kind_of_caller(tiny_bundle, tmp_path, kind):
     assert got == [(item["file"], item["top"][0]["label"]) for item in expected]
 
 
+@pytest.mark.slow  # quick coverage: the caller-kind test (script) and the worker killed twice
 def test_classify_and_bench_offline_work_from_an_unguarded_script(tiny_bundle, tmp_path):
     photos = tmp_path / "photos"
     write_images(photos, count=9, seed=22)
@@ -224,6 +225,7 @@ def test_a_file_that_kills_its_decoder_twice_is_one_error_line(tiny_bundle, tmp_
     assert sum("top" in i for i in items) == 11
 
 
+@pytest.mark.slow  # quick coverage: the caller-kind test (script) and the worker killed twice
 def test_a_worker_killed_once_costs_nothing(tiny_bundle, tmp_path):
     """Killed once (say by the OOM killer), the file is decoded again on a fresh worker: the
     run's output equals an undisturbed run's."""
