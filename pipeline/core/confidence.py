@@ -107,7 +107,7 @@ def drop_bounds(counts: Counts, confidence: float = CONFIDENCE) -> tuple[float, 
 
 
 def _verdict(counts: Counts, max_disagreement: float, max_drop_points: float,
-             confidence: float) -> tuple[str, tuple[float, float], tuple[float, float] | None, str]:
+             confidence: float) -> tuple[str, tuple[float, float], tuple[float, float] | None]:
     dis = disagreement_bounds(counts.disagree, counts.n, confidence)
     passes, fails = [], []
     if max_disagreement <= 0:  # exact: any disagreement fails
@@ -128,8 +128,8 @@ def _verdict(counts: Counts, max_disagreement: float, max_drop_points: float,
             passes.append(drop[1] <= max_drop_points)
             fails.append(drop[0] > max_drop_points)
     if any(fails):
-        return FAIL, dis, drop, ""
-    return (PASS if all(passes) else INCONCLUSIVE), dis, drop, ""
+        return FAIL, dis, drop
+    return (PASS if all(passes) else INCONCLUSIVE), dis, drop
 
 
 def judge(counts: Counts, *, min_agreement: float, max_drop_points: float,
@@ -137,7 +137,7 @@ def judge(counts: Counts, *, min_agreement: float, max_drop_points: float,
     """The three-way verdict for ``counts`` against the gate's limits (``find_images_needed``
     False skips that search, for simulations that only count verdicts)."""
     max_disagreement = 1.0 - min_agreement
-    verdict, dis, drop, _ = _verdict(counts, max_disagreement, max_drop_points, confidence)
+    verdict, dis, drop = _verdict(counts, max_disagreement, max_drop_points, confidence)
     needed = None
     if verdict == INCONCLUSIVE and find_images_needed:
         needed = images_needed(counts, max_disagreement, max_drop_points, confidence)

@@ -142,7 +142,6 @@ class DecodePool:
         self.failed_starts = 0
         self.fatal: str | None = None
         self.closing = False
-        self.crashes = 0
         self.workers = [_Worker(prep, fast) for _ in range(max(1, workers))]
         self._wake_r, self._wake_w = os.pipe()
         self.reader = threading.Thread(target=self._read, name="decode-pool-reader", daemon=True)
@@ -261,7 +260,6 @@ class DecodePool:
             fresh = _Worker(self.prep, self.fast)
             if held and worker.ready:  # it died on the first file it held
                 culprit, held = held[0], held[1:]
-                self.crashes += 1
                 culprit.crashes.append(cause)
                 if len(culprit.crashes) >= 2:
                     self._answer(culprit, None, f"{culprit.path}: decoder crashed: "

@@ -22,9 +22,10 @@ A failure at any point leaves neither the variant nor a manifest entry for it.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -290,7 +291,7 @@ def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target
     """model.int8.onnx as always; then, with ``options.repair``, repaired until it meets the
     gate's agreement limit on the repair images, or without it a quick check on the
     calibration images that says when ``--repair`` is worth running."""
-    from pipeline.stages.repair import Attempt, Repair, agreement_with_fp32, keep
+    from pipeline.stages.repair import Attempt, Repair, agreement_with_fp32
 
     def make(src: Path, dst: Path, exclude: list[str]) -> None:
         with captured():
@@ -312,16 +313,11 @@ def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target
                 f"{100 * options.min_agreement:g}%; verify will likely not pass it: run "
                 f"python -m pipeline quantize {bundle.root} --repair")
         return info
-    repair_set = calibration
+    repair_set = calibration  # by default; calibration.json's sha256 list already guards them
     if options.repair_images is not None:
-        from dataclasses import replace
-
-        repair_set = calibration_images(bundle, manifest, replace(options, calibration=options.repair_images),
-                                        log)
+        repair_set = calibration_images(bundle, manifest,
+                                        replace(options, calibration=options.repair_images), log)
         calibration.repair = repair_set
-    else:
-        calibration.repair = Calibration(calibration.batch, "the calibration images",
-                                         calibration.split, calibration.files_sha256)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".repair.") as scratch:
         repair = Repair(bundle, source, repair_set.batch, repair_set.source, make, Path(scratch), log)
         plain_logits = repair.logits(target, "int8")  # the plain file, as made
@@ -329,7 +325,7 @@ def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target
                         plain_logits)
         chosen, record = repair.run(plain, options.min_agreement, options.max_float_share)
         if chosen.path != target:
-            keep(chosen, target)
+            save_atomic(target, lambda tmp: shutil.copyfile(chosen.path, tmp))
     info["repair"] = record.to_dict()
     verdict = "met" if record.met else "NOT met"
     if record.agreement_before >= options.min_agreement:

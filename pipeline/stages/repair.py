@@ -21,7 +21,6 @@ both the calibration and the repair images.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +198,3 @@ def agreement_with_fp32(source: Path, int8: Path, images: np.ndarray) -> float:
             shares.append(fp32.infer(chunk).argmax(1) == quant.infer(chunk).argmax(1))
     return float(np.mean(np.concatenate(shares)))
 
-
-def keep(attempt: Attempt, target: Path) -> None:
-    """Put the chosen attempt in place of the variant."""
-    shutil.copyfile(attempt.path, target)

@@ -151,8 +151,8 @@ def _walk_dir(root: Path, info: os.stat_result) -> Iterator[tuple[Path, str | No
         path = Path(entry.path)
         target, problem = _stat(path)
         if target is None:
-            if entry.is_symlink() or problem and "no such file" not in problem:
-                yield path, problem  # a loop, a dangling link, no permission
+            if os.path.lexists(path):  # a loop, a dangling link, no permission
+                yield path, problem
             continue  # removed while we walked: gone, as if never listed
         if stat.S_ISREG(target.st_mode):
             if is_image_name(path):
@@ -201,7 +201,6 @@ class Engine:
         self.window = window or max(2 * batch, 4 * max(workers, 1))
         self.batches = 0
         self.images = 0
-        self.crashes = 0  # decode workers that died (and were replaced) in the last run
 
     def run(self, files: Iterable[tuple[Path, str | None]]) -> Iterator[Item]:
         """Items in input order, a batch at a time. Closing the generator (or Ctrl-C) stops
@@ -213,7 +212,6 @@ class Engine:
         try:
             yield from self._run_pool(pool, iter(files))
         finally:
-            self.crashes = pool.crashes
             pool.close()
 
     def _run_pool(self, pool: DecodePool, files: Iterator[tuple[Path, str | None]]) -> Iterator[Item]:

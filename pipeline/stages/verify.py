@@ -217,14 +217,12 @@ def held_apart(bundle: Bundle, evaluation: Evaluation) -> str:
                          f"--repair chose its repair on ({record.repair_source}); the accuracy "
                          f"gate needs images held apart from them too: give --images a folder "
                          f"used for neither --calibration nor --repair-images")
-    repair = (f" and the {len(record.repair_files_sha256)} repair images"
-              if record.repair_files_sha256 and record.repair_files_sha256 != record.files_sha256
-              else "")
+    repaired = len(record.repair_files_sha256 or [])
     if record.split == "train" and "validation split" in evaluation.source:
-        return (f"yes: calibration used the training split{repair and ', repair' + repair[4:]}, "
-                f"evaluation the validation split")
-    return (f"yes: no evaluation image is among the {record.count} calibration images{repair} "
-            f"(sha256)")
+        return ("yes: calibration used the training split, evaluation the validation split"
+                + (f"; none is among the {repaired} repair images (sha256)" if repaired else ""))
+    return (f"yes: no evaluation image is among the {record.count} calibration images"
+            + (f" and the {repaired} repair images" if repaired else "") + " (sha256)")
 
 
 # ----------------------------------------------------------------------------- candidates
