@@ -28,6 +28,7 @@ def test_api_lists_every_stage() -> None:
         assert callable(getattr(pipeline, name)) and getattr(pipeline, name).__doc__
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_notebook_export_verify_bench_predict(tmp_path: Path) -> None:
     lines: list[str] = []
     result = pipeline.export(TINY_ARCH, out=tmp_path / "b", class_names=CLASSES, simplify=False,

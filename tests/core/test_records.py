@@ -196,6 +196,7 @@ def _as_previous_version(bundle: Path) -> None:
     opened.update_manifest(lambda m: opened.record_artifact(m, "calibration.json", stage="quantize"))
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_a_previous_version_bundle_benchmarks_and_verifies(tiny_bundle):
     assert run_cli("quantize", tiny_bundle, "--calibration", "synthetic", "--count", "16",
                    "--precision", "int8").exit_code == 0

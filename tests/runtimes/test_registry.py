@@ -113,6 +113,7 @@ def _install_plugin(site: Path) -> dict:
                                                                      os.environ.get("PYTHONPATH")])))
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_a_backend_added_by_one_entry_point_is_parity_checked_timed_and_recommended(tiny_bundle, tmp_path):
     """No edit anywhere in pipeline: verify parity-checks the new backend at fp32 because its
     entry says so, bench times it (in its own worker process), and the recommendation may

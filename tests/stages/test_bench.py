@@ -140,6 +140,7 @@ def test_strict_turns_reason_rows_into_exit_3(tiny_bundle, cuda_available):
     assert result.exit_code == 3 and "ort-cuda" in result.stderr
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_images_loop_prints_the_familiar_summary(tiny_bundle, tmp_path):
     write_images(tmp_path / "photos", count=5)
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -357,6 +358,7 @@ def test_stability_windows_agree_within_ten_percent():
     assert stable_loop(lambda: None, iterations=5, seconds=0.0, max_seconds=0.0)[1:] == (None, None)
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_bench_sweeps_and_recommends_best_throughput(tiny_bundle):
     result = run_cli("bench", tiny_bundle, "--backends", "ort-cpu:fp32", "--iterations", "5",
                      "--seconds", "0.2", "--warmup-seconds", "0", "--threads", "1")

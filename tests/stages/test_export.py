@@ -137,6 +137,7 @@ def test_opset_and_legacy_exporter_are_honoured(tmp_path):
     assert manifest["export"]["simplify"] == {"enabled": False}
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_reexport_replaces_only_its_own_files(tiny_bundle):
     keep = tiny_bundle / "history.json"
     keep.write_text("{}")

@@ -159,6 +159,7 @@ def test_gate_passes_int8_and_openvino_on_the_trained_model(trained_verified):
     assert "accuracy gate vs eager fp32" in result.stdout and "ort-cpu:int8" in result.stdout
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_gate_fails_int8_calibrated_on_constant_images(trained, held_apart, tmp_path):
     from PIL import Image
 
@@ -197,6 +198,7 @@ def test_gate_fails_a_corrupted_weight_scale(trained, held_apart):
     assert found["largest"][0]["pytorch"].startswith("conv1")
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_localize_ranks_the_int8_layer_whose_activation_range_is_wrong(trained):
     """One activation's scale made 40x too coarse: its layer takes the largest share of the
     int8 model's logit error, measured by quantizing each layer alone."""
@@ -219,6 +221,7 @@ def test_localize_ranks_the_int8_layer_whose_activation_range_is_wrong(trained):
     assert top["logit_error_share"] > 0.5 and found["logit_relative_error"] > 0
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_a_small_evaluation_set_is_inconclusive_and_says_how_many_images_decide(trained, tmp_path):
     """The 48 validation images cannot show 99% agreement however well int8 does: the gate
     is inconclusive, verify exits 1 and names the number of images that would decide it;
@@ -250,6 +253,7 @@ def test_a_small_evaluation_set_is_inconclusive_and_says_how_many_images_decide(
     assert latency["recommendation"]["fastest_batch1"]["precision_requested"] == "fp32"
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_gate_thresholds_are_options(trained_verified, tmp_path):
     bundle, _ = trained_verified
     copy = shutil.copytree(bundle, tmp_path / "b")
@@ -281,6 +285,7 @@ def test_without_evaluation_images_reduced_precision_is_not_verified(tiny_bundle
 
 
 # ----------------------------------------------------------------------------- bench and report
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_bench_times_precisions_and_recommends_only_verified(trained_verified, tmp_path,
                                                             forced_bf16):
     bundle, _ = trained_verified
@@ -530,6 +535,7 @@ def _int8_gate(bundle, held_apart, *extra):
     return result, {g["candidate"]: g for g in parity["gates"]}
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_plain_int8_says_when_repair_is_worth_running(outlier_master, tmp_path):
     bundle = shutil.copytree(outlier_master, tmp_path / "b")
     result = run_cli("quantize", bundle, "--precision", "int8")
@@ -540,6 +546,7 @@ def test_plain_int8_says_when_repair_is_worth_running(outlier_master, tmp_path):
     assert f"quantize {bundle} --repair" in result.stderr
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_an_injected_outlier_channel_is_repaired_and_the_repair_is_gated(outlier_master, held_apart,
                                                                         tmp_path):
     bundle = Path(shutil.copytree(outlier_master, tmp_path / "b"))

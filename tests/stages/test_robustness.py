@@ -43,6 +43,7 @@ def test_a_real_export_interrupted_by_a_signal_leaves_nothing_verify_accepts(tin
     assert result.exit_code == 2 and "has no exported models" in result.stderr
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_onnxsim_failure_keeps_the_raw_model_with_a_warning(tmp_path, monkeypatch):
     import onnxsim
 
@@ -66,6 +67,7 @@ def test_onnxsim_failure_keeps_the_raw_model_with_a_warning(tmp_path, monkeypatc
     assert report and {"onnx-ort-cpu", "onnx-openvino-cpu"} <= {p.candidate for p in report.pairs}
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 @pytest.mark.parametrize("command", [
     ["verify", "{bundle}", "--json"],
     ["bench", "{bundle}", "--json", "--backends", "ort-cpu:fp32", "--batch-sizes", "1",

@@ -154,6 +154,7 @@ def _peak_rss_mb(command):
     return int(done.stdout.split()[-1]) / 1024
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_memory_does_not_grow_with_the_number_of_files(tiny_bundle, tmp_path):
     """At a small scale: 5x the files, the same peak (no list of results, a bounded window
     of decoded images). The engine decodes here (--workers 0) so one process is measured."""

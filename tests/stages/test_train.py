@@ -135,6 +135,7 @@ def test_fine_tune_with_frozen_backbone_on_folders(tmp_path):
     assert not torch.equal(final["fc.weight"], fresh["fc.weight"])  # head trained
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_cifar10_training_and_export_keeps_class_names(tmp_path, fake_cifar_passes_md5):
     names = write_cifar(tmp_path / "cifar")
     result = run_cli("train", "--arch", "resnet18_cifar", "--data", f"cifar10:{tmp_path / 'cifar'}",
@@ -170,6 +171,7 @@ def test_resume_from_another_arch_is_refused(tmp_path):
     assert result.exit_code == 2 and "arch 'resnet18', not 'resnet34'" in result.stderr
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_ddp_two_cpu_processes_end_with_the_same_weights(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -128,6 +128,7 @@ def test_verify_on_real_images(tiny_bundle, tmp_path):
     assert image_rows and all(p["batch"] == 4 and p["passed"] for p in image_rows)
 
 
+@pytest.mark.slow  # heavy; .ci/run runs it after the quick suite
 def test_random_weight_gates_are_not_meaningful_on_every_cpu(tiny_bundle, tmp_path, forced_bf16):
     """On a random-weight bundle a reduced-precision gate reports its figures but no verdict,
     whether or not the CPU has bf16 units: verify's exit code is fp32 parity's alone."""
