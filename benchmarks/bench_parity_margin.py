@@ -75,18 +75,18 @@ def measure(arch: str, size: int) -> dict:
     caught = None
     for d in LADDER:
         drifted = runs["ort"] + (bias * d * signs)[None, :]
-        if not compare_to_floor(drifted, fp32, fp64)["passed"]:
+        if not compare_to_floor(drifted, fp32, fp64).passed:
             change = float(np.abs(bias * d).max())
-            old = compare(drifted, fp32, atol=OLD_ATOL, rtol=OLD_RTOL)["passed"]
+            old = compare(drifted, fp32, atol=OLD_ATOL, rtol=OLD_RTOL).passed
             caught = {"d": d, "logit_change": change, "old_rule_caught": not old}
             break
-    floor = outcomes["ort"]["fp32_floor"]
+    floor = outcomes["ort"].fp32_floor
     del model, runs
     gc.collect()
-    return {"floor": floor, "tolerance": outcomes["ort"]["tolerance"],
-            "errors": {k: v["max_abs_vs_fp64"] for k, v in outcomes.items()},
-            "margin": min(v["margin"] for v in outcomes.values()),
-            "passed": all(v["passed"] for v in outcomes.values()), "caught": caught}
+    return {"floor": floor, "tolerance": outcomes["ort"].tolerance,
+            "errors": {k: v.max_abs_vs_fp64 for k, v in outcomes.items()},
+            "margin": min(v.margin for v in outcomes.values()),
+            "passed": all(v.passed for v in outcomes.values()), "caught": caught}
 
 
 def main() -> None:

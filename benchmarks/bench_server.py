@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.core.machine import cpu_summary, library_versions
 from pipeline.core.records import LatencyDoc
-from pipeline.stages.report import server_lines
+from pipeline.stages.bench.writeup import server_lines
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     result = pipeline.export("resnet18", out="exported/resnet18")
     report = pipeline.verify("exported/resnet18")          # truthy when it passed
     bench = pipeline.bench("exported/resnet18", backends="ort-cpu,torch-export-cpu", batch_sizes=[1])
-    print(bench.recommendation["fastest_batch1"])
+    print(bench.recommendation.fastest_batch1)
     top = pipeline.predict("exported/resnet18/model.pt2", ["cat.jpg"])
 
 Every function returns a result object and prints nothing to stdout; progress lines go to
@@ -26,9 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pipeline.core.console import log as stderr_log
-from pipeline.core.records import LatencyDoc, LatencyRow, ParityReport, unavailable
+from pipeline.core.records import (
+    LatencyDoc,
+    LatencyRow,
+    ModelSection,
+    ParityReport,
+    Recommendation,
+    TrainSummary,
+    TritonRepository,
+    unavailable,
+)
 from pipeline.errors import InputError
 from pipeline.options import (
+    MODEL,
     SCENARIOS,
     SWEEP,
     BenchOptions,
@@ -49,6 +59,7 @@ from pipeline.runtimes.registry import parse_targets, target_name
 
 if TYPE_CHECKING:  # these modules load numpy: imported inside the calls, off `import pipeline`
     from pipeline.core.records import OfflineRun
+    from pipeline.serving.serve import Endpoints
     from pipeline.stages.predict import Prediction, StreamSummary
     from pipeline.stages.run import RunResult
 
@@ -57,37 +68,51 @@ Log = Callable[[str], None]
 
 def quiet_log(message: str) -> None:
     """Say nothing (the list-returning ``predict`` is a library call)."""
-DEFAULT_BUNDLE_ROOT = Path("exported")
+DEFAULT_BUNDLE_ROOT = Path(MODEL.BUNDLE_ROOT)
 
 
 # ----------------------------------------------------------------------------- results
-# Every stage's result has the same three parts: ``path`` (what it wrote), ``summary`` (one
-# line for a person) and ``record`` (the typed document, or the manifest section it wrote).
+# Every stage's result is a ``StageResult`` (pipeline.core.records): ``path`` (what it wrote),
+# ``summary`` (one line for a person) and ``record`` (the typed record). verify returns its
+# ParityReport and bench --scenario offline its OfflineRun, documents that are results
+# themselves; the others are below.
 @dataclass
 class TrainResult:
+    """The trained bundle and ``fit``'s TrainSummary."""
+
     bundle: Path
-    best_val_acc: float
-    epochs: int
-    classes: list[str]
-    record: dict[str, Any]  # the training summary: arch, weights' sha256, world size ...
+    record: TrainSummary
 
     @property
     def path(self) -> Path:
         return self.bundle
 
     @property
+    def best_val_acc(self) -> float:
+        return self.record.best_val_acc
+
+    @property
+    def epochs(self) -> int:
+        return self.record.epochs
+
+    @property
+    def classes(self) -> list[str]:
+        return self.record.classes
+
+    @property
     def summary(self) -> str:
-        return (f"{self.record['arch']}: best validation accuracy {self.best_val_acc:.4f} "
+        return (f"{self.record.arch}: best validation accuracy {self.best_val_acc:.4f} "
                 f"after {self.epochs} epochs, in {self.bundle}")
 
 
 @dataclass
 class ExportResult:
     """The bundle written, its manifest, and verify's report (None with ``verify=False``).
-    Truthy when the export verified (or was not asked to)."""
+    Truthy when the export verified (or was not asked to). ``record`` is the manifest's model
+    section."""
 
     bundle: Path
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # manifest.json as written, for reading any section of it
     parity: ParityReport | None
     durations: dict[str, float] = field(default_factory=dict)
 
@@ -99,39 +124,43 @@ class ExportResult:
         return self.bundle
 
     @property
-    def record(self) -> dict[str, Any]:
-        return self.manifest
+    def record(self) -> ModelSection:
+        return ModelSection.of(self.manifest, str(self.bundle / "manifest.json"))
 
     @property
     def summary(self) -> str:
         verdict = "not verified" if self.parity is None else self.parity.summary
-        return f"exported {self.manifest['model']['arch']} to {self.bundle}; {verdict}"
+        return f"exported {self.record.arch} to {self.bundle}; {verdict}"
 
 
-class QuantizeResult(dict):
-    """The manifest's quantize record, one entry per precision written (a dict, as before),
-    with the common ``path``, ``summary`` and ``record``."""
+@dataclass
+class QuantizeResult:
+    """The variants written: ``record`` is the manifest's quantize section, one entry per
+    precision (its file, source, duration, and for int8 the calibration and any repair)."""
 
-    def __init__(self, bundle: Path, record: dict[str, Any]) -> None:
-        super().__init__(record)
-        self.path = bundle
+    bundle: Path
+    record: dict[str, dict[str, Any]]
 
     @property
-    def record(self) -> dict[str, Any]:
-        return dict(self)
+    def path(self) -> Path:
+        return self.bundle
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.record)
 
     @property
     def summary(self) -> str:
-        return f"wrote {', '.join(f'model.{p}.onnx' for p in self)} in {self.path}"
+        return f"wrote {', '.join(f'model.{p}.onnx' for p in self.record)} in {self.bundle}"
 
 
 @dataclass
 class BenchResult:
-    """latency.json's document, the recommendation, and warnings about stale results."""
+    """latency.json's document, its recommendation, and warnings about stale results."""
 
     bundle: Path
     doc: LatencyDoc
-    recommendation: dict[str, Any]
+    recommendation: Recommendation
     warnings: list[str]
 
     @property
@@ -152,48 +181,39 @@ class BenchResult:
 
     @property
     def summary(self) -> str:
-        best = self.recommendation.get("fastest_batch1")
-        return (f"fastest verified at batch 1: {best['backend']} {best['precision']} (p50 "
-                f"{best['p50_ms']:.2f} ms)" if best else "no verified backend produced numbers")
+        return self.recommendation.summary
 
 
 @dataclass
 class ReportResult:
-    """The comparison's recommendation and warnings; unpacks as the ``(recommendation,
-    warnings)`` pair it was before, and has the common three parts."""
+    """The comparison's recommendation and its warnings; ``path`` is report.md."""
 
-    recommendation: dict[str, Any]
+    recommendation: Recommendation
     warnings: list[str]
-    path: Path  # report.md
+    path: Path
 
     @property
-    def record(self) -> dict[str, Any]:
+    def record(self) -> Recommendation:
         return self.recommendation
 
     @property
     def summary(self) -> str:
-        best = self.recommendation.get("fastest_batch1")
-        return (f"fastest verified at batch 1: {best['backend']} {best['precision']} on "
-                f"{best['machine']}" if best else "no verified backend produced numbers")
-
-    def __iter__(self) -> Any:
-        return iter((self.recommendation, self.warnings))
+        return self.recommendation.summary
 
 
-class DeployResult(dict):
-    """What ``deploy triton`` wrote (a dict, as before), with the common three parts."""
+@dataclass
+class DeployResult:
+    """What ``deploy triton`` wrote: ``record`` says where, and what it serves."""
+
+    record: TritonRepository
 
     @property
     def path(self) -> Path:
-        return Path(self["repository"])
-
-    @property
-    def record(self) -> dict[str, Any]:
-        return dict(self)
+        return Path(self.record.repository)
 
     @property
     def summary(self) -> str:
-        return f"wrote {self['config']} ({self['target']}, {self['onnx']})"
+        return f"wrote {self.record.config} ({self.record.target}, {self.record.onnx})"
 
 
 def targets(backends: str | Sequence[str] | None,
@@ -216,14 +236,13 @@ def train(arch: str | None = None, data: str | None = None, *, resume: str | Pat
     config = build_config({"arch": arch, "data": data, **options},
                           resume=str(resume) if resume else None)
     summary = fit(config, log=log)
-    return TrainResult(Path(summary["bundle"]), summary["best_val_acc"], summary["epochs"],
-                       summary["classes"], summary)
+    return TrainResult(Path(summary.bundle), summary)
 
 
-def export(arch: str | None = None, *, out: str | Path | None = None, weights: str = "random",
+def export(arch: str | None = None, *, out: str | Path | None = None, weights: str = MODEL.weights,
            checkpoint: str | Path | None = None, num_classes: int | None = None,
            class_names: str | Sequence[str] | None = None, input_size: int | None = None,
-           seed: int = 0, exporter: str = ExportOptions.exporter,
+           seed: int = MODEL.seed, exporter: str = ExportOptions.exporter,
            opset: int = ExportOptions.opset, simplify: bool = ExportOptions.simplify,
            pt2: bool = ExportOptions.pt2, aoti: bool = ExportOptions.aoti, verify: bool = True,
            images: str | Path | None = None, atol: float | None = VerifyOptions.atol,
@@ -337,8 +356,8 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
           progress: bool = False, command: str | None = None, scenario: str = SCENARIOS[0],
           concurrency: str | Sequence[int] = _SCENARIO.concurrency,
           arrival: str = _SCENARIO.arrival, p99_ms: float | None = None,
-          poisson_trials: int = _SCENARIO.poisson_trials,
-          log: Log = stderr_log) -> BenchResult:
+          poisson_trials: int = _SCENARIO.poisson_trials, fast_decode: bool = False,
+          log: Log = stderr_log) -> "BenchResult | OfflineRun":
     """Time every backend (each in its own process); writes latency.json, report.md and
     latency.png into the bundle. ``command`` is recorded as what made the numbers.
 
@@ -347,19 +366,27 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     (batch 1 and the batching ceiling), each level broken down by stage from the server's
     metrics; ``arrival="poisson"`` then searches the highest Poisson request rate whose p99 is
     within ``p99_ms`` (MLPerf LoadGen, at most ``poisson_trials`` runs). The results go into
-    latency.json's ``server`` section."""
+    latency.json's ``server`` section.
+
+    ``scenario="offline"`` is ``bench_offline`` on the folder ``images`` (returns its
+    OfflineRun): ``backends`` names at most one target predict can run (default: what
+    ``precision="auto"`` picks), and one batch size in ``batch_sizes`` sets its batch."""
     from pipeline.core.bundle import Bundle
 
     if scenario not in SCENARIOS:
         raise InputError(f"unknown --scenario {scenario!r}; choose from: {', '.join(SCENARIOS)}")
     check_arrival(scenario, arrival, p99_ms)
     if scenario == "offline":
-        raise InputError("the offline scenario reads a folder of images: use "
-                         "pipeline.bench_offline(bundle, images) (CLI: bench --scenario offline "
-                         "--images DIR)")
+        if images is None:
+            raise InputError("--scenario offline needs --images DIR: the folder to classify")
+        target = _offline_target(backends, precisions)
+        sizes = batch_list(batch_sizes)  # () for the sweep: predict's default batch
+        return bench_offline(bundle, images, **target,
+                             batch_size=sizes[0] if len(sizes) == 1 else _PREDICT.batch,
+                             threads=threads, fast_decode=fast_decode, seconds=seconds, log=log)
     if scenario == "server":
         from pipeline.stages.bench.server import server_bench
-        from pipeline.stages.report import stale_parity_warnings
+        from pipeline.stages.bench.writeup import stale_parity_warnings
 
         target = Bundle.open(Path(bundle))
         doc, advice = server_bench(
@@ -373,7 +400,7 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
         return BenchResult(target.root, doc, advice, stale_parity_warnings(target))
     from pipeline.data.images import find_images
     from pipeline.stages.bench.protocol import run_bench
-    from pipeline.stages.report import save_bench, stale_parity_warnings
+    from pipeline.stages.bench.writeup import save_bench, stale_parity_warnings
 
     if threads is not None and threads < 1:
         raise InputError(f"--threads {threads} must be at least 1")
@@ -389,6 +416,26 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     doc.command = command or f"pipeline.bench({str(bundle)!r})"
     advice = save_bench(doc, target.root, budget_ms, started=started)
     return BenchResult(target.root, doc, advice, stale_parity_warnings(target))
+
+
+def _offline_target(backends: str | Sequence[str] | None,
+                    precisions: str | Sequence[str] | None) -> dict[str, Any]:
+    """The one target the offline scenario runs, as predict's precision, runtime and provider
+    (none named: what predict's ``precision="auto"`` picks)."""
+    from pipeline.runtimes.registry import get_backend, predict_backends
+
+    if not backends:
+        return {"precision": "auto", "runtime": None, "provider": "cpu"}
+    chosen = parse_targets(names(backends), names(precisions))
+    runnable = [b.name for b in predict_backends()]
+    if len(chosen) != 1 or chosen[0][0] not in runnable:
+        raise InputError(f"--scenario offline runs one target of {', '.join(runnable)} "
+                         f"(e.g. ort-cpu:int8), not {names(backends)!r}; or leave --backends out "
+                         f"to run what predict --precision auto picks")
+    name, precision = chosen[0]
+    backend = get_backend(name)
+    return {"precision": precision, "runtime": backend.runtime,
+            "provider": backend.provider or backend.device}
 
 
 def bench_offline(bundle: str | Path, images: str | Path, *, precision: str = "auto",
@@ -475,10 +522,10 @@ def serve(bundle: str | Path, *, host: str = _SERVE.host, port: int = _SERVE.por
           max_batch_size: int = _SERVE.max_batch_size, queue_delay_us: int = _SERVE.queue_delay_us,
           instances: int = _SERVE.instances, threads: int | None = _SERVE.threads,
           precision: str = _SERVE.precision, max_request_mb: float | None = _SERVE.max_request_mb,
-          on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+          on_ready: Callable[["Endpoints"], None] | None = None) -> None:
     """Serve the bundle with Triton (HTTP, gRPC, dynamic batching) until SIGTERM or Ctrl-C.
     Request bodies over ``max_request_mb`` (default: the largest batch as binary tensors +
-    1 MiB) are refused unread."""
+    1 MiB) are refused unread. ``on_ready`` receives the ``Endpoints`` once the model is ready."""
     from pipeline.serving.serve import serve as run_serve
 
     run_serve(Path(bundle), ServeOptions(host=host, port=port, grpc_port=grpc_port,
@@ -512,7 +559,7 @@ def run(arch: str | None = None, data: str | None = None, *,
 def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget_ms: float | None = None,
            force: bool = False, command: str | None = None) -> ReportResult:
     """Merge latency.json files from several machines into out/report.md and report.png;
-    returns the recommendation and any warnings (and unpacks as that pair)."""
+    returns the recommendation and any warnings."""
     from pipeline.core.bundle import ensure_writable_dir
     from pipeline.stages.report import write_comparison
 

@@ -338,6 +338,28 @@ class TritonOptions:
             raise InputError(f"--name {self.name!r} must use letters, digits, '_', '.' and '-' only")
 
 
+# ----------------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model a stage builds and where its bundle goes: the choice export, train and run
+    share. The CLI's options, the API's keyword defaults and TrainOptions all read these
+    defaults, so each is written once."""
+
+    arch: str = "resnet18"
+    weights: str = "random"  # random (seeded) | imagenet
+    seed: int = 0
+    classes: tuple[str, ...] | None = None  # class names; None: the arch's or the data's
+    out: str | None = None  # None: bundle_root/<arch>
+
+    BUNDLE_ROOT = "exported"  # where bundles go when no --out is given
+
+    def bundle_dir(self, arch: str | None = None) -> str:
+        """``out``, or ``exported/<arch>`` for the model actually built."""
+        return self.out or os.path.join(self.BUNDLE_ROOT, arch or self.arch)
+
+
+MODEL = ModelOptions()
+
 # ----------------------------------------------------------------------------- train and run
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "plateau", "none")
@@ -345,7 +367,7 @@ SCHEDULES = ("cosine", "step", "plateau", "none")
 
 @dataclass
 class TrainOptions:
-    arch: str = "resnet18"
+    arch: str = MODEL.arch
     data: str = "synthetic"
     out: str | None = None
     epochs: int = 10
@@ -356,11 +378,11 @@ class TrainOptions:
     weight_decay: float = 0.05
     schedule: str = "cosine"
     label_smoothing: float = 0.0
-    weights: str = "random"
+    weights: str = MODEL.weights
     freeze_backbone: bool = False
     input_size: int | None = None
     val_split: float = 0.2
-    seed: int = 0
+    seed: int = MODEL.seed
     workers: int = 2
     device: str = "auto"
     resume: str | None = None

@@ -45,15 +45,48 @@ def test_notebook_export_verify_bench_predict(tmp_path: Path) -> None:
     bench = pipeline.bench(result.bundle, backends=["ort-cpu:fp32", "torch-export-cpu"],
                            batch_sizes=[1], iterations=5, seconds=0, warmup_seconds=0)
     assert {r.backend for r in bench.rows if r.ok} == {"ort-cpu", "torch-export-cpu"}
-    assert bench.recommendation["fastest_batch1"]["backend"] in {"ort-cpu", "torch-export-cpu"}
+    assert bench.recommendation.fastest_batch1.backend in {"ort-cpu", "torch-export-cpu"}
     assert json.loads((result.bundle / "latency.json").read_text())["rows"] == \
         [row.to_dict() for row in bench.rows]
 
     images = write_images(tmp_path / "imgs", count=2)
     by_onnx = pipeline.predict(result.bundle, images, top_k=3)
     by_pt2 = pipeline.predict(result.bundle / "model.pt2", tmp_path / "imgs", top_k=3)
-    assert [p.top[0]["label"] for p in by_onnx] == [p.top[0]["label"] for p in by_pt2]
+    assert [p.top[0].label for p in by_onnx] == [p.top[0].label for p in by_pt2]
     assert all(len(p.top) == 3 and p.error is None for p in by_pt2)
+
+
+def test_every_stage_result_has_the_one_shape(tiny_bundle: Path, tmp_path: Path) -> None:
+    """path, summary and record, on every stage's result: a StageResult, with typed records
+    (no dict where a stage hands something on)."""
+    from pipeline.core.records import (
+        CalibrationRecord,
+        LatencyDoc,
+        ParityReport,
+        Recommendation,
+        StageResult,
+        TritonRepository,
+    )
+
+    quantized = pipeline.quantize(tiny_bundle, precisions="int8", calibration="synthetic",
+                                  count=16, log=lambda line: None)
+    report = pipeline.verify(tiny_bundle, cuda=False)
+    bench = pipeline.bench(tiny_bundle, backends="ort-cpu", batch_sizes=[1], iterations=5,
+                           seconds=0, warmup_seconds=0, log=lambda line: None)
+    merged = pipeline.report([tiny_bundle / "latency.json"], out=tmp_path / "cmp")
+    deployed = pipeline.deploy_triton(tiny_bundle, tmp_path / "repo")
+    calibration = CalibrationRecord.load(tiny_bundle / "calibration.json")
+    for result, record in ((quantized, dict), (report, ParityReport), (bench, LatencyDoc),
+                           (merged, Recommendation), (deployed, TritonRepository),
+                           (calibration, CalibrationRecord)):
+        assert isinstance(result, StageResult), type(result)
+        assert isinstance(result.record, record), (type(result), type(result.record))
+        assert result.path is not None and Path(result.path).exists(), (type(result), result.path)
+        assert isinstance(result.summary, str) and result.summary
+    assert quantized.precisions == ["int8"] and report.path == tiny_bundle / "parity.json"
+    assert isinstance(bench.recommendation, Recommendation)
+    assert LatencyDoc.load(bench.path).recommendation == bench.recommendation
+    assert not hasattr(merged, "__iter__") and not isinstance(quantized, dict)
 
 
 def test_verify_report_is_falsy_when_a_pair_fails(tiny_bundle: Path) -> None:
@@ -102,4 +135,4 @@ def test_train_and_resume_through_the_api(tmp_path: Path) -> None:
     assert first.epochs == 1 and first.classes and (first.bundle / "last.pt").is_file()
     resumed = pipeline.train(resume=first.bundle / "last.pt", epochs=2, log=lambda line: None)
     assert resumed.epochs == 2 and resumed.bundle == first.bundle
-    assert resumed.record["arch"] == TINY_ARCH and TINY_ARCH in resumed.summary
+    assert resumed.record.arch == TINY_ARCH and TINY_ARCH in resumed.summary

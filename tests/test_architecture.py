@@ -4,6 +4,7 @@ module type with API names that submodules cannot shadow, and every benchmark sc
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import subprocess
 import sys
@@ -25,7 +26,25 @@ def test_layers_contract_and_no_cycles_hold():
     result = subprocess.run([str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 kept, 0 broken" in result.stdout
+    assert "3 kept, 0 broken" in result.stdout
+
+
+def test_the_stage_contract_refuses_bench_importing_report(tmp_path):
+    """The stages contract is not decoration: a copy of the package in which bench (the
+    producer) imports report (its consumer) breaks it, naming the import."""
+    import shutil
+
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    writeup = tmp_path / "pipeline" / "stages" / "bench" / "writeup.py"
+    writeup.write_text(writeup.read_text() + "\nfrom pipeline.stages.report import stale_rows\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Stages: run > report" in result.stdout and "BROKEN" in result.stdout
+    assert "pipeline.stages.bench.writeup -> pipeline.stages.report" in result.stdout
 
 
 def test_the_package_is_a_plain_module_and_api_names_survive_every_submodule():

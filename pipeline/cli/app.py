@@ -11,23 +11,24 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pipeline import api
 from pipeline.cli import render
-from pipeline.core.records import ImageLoop
+from pipeline.core.records import ImageLoop, OfflineRun
 from pipeline.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_CHECK_FAILED,
     EXIT_ENVIRONMENT,
     EXIT_INTERNAL,
-    InputError,
+    EXIT_INTERRUPTED,
     PipelineError,
 )
 from pipeline.models.archs import ARCHS, describe
 from pipeline.options import (
+    MODEL,
     ARRIVALS,
     CALIBRATION_METHODS,
     DEFAULT_MAX_TOP1_DROP,
@@ -54,12 +55,13 @@ from pipeline.options import (
     joined,
 )
 from pipeline.runtimes.registry import (
-    get_backend,
-    parse_targets,
     predict_backends,
     registry_help,
 )
 from pipeline.version import __version__
+
+if TYPE_CHECKING:  # loads the runtimes: only for the annotation
+    from pipeline.serving.serve import Endpoints
 
 # Every default the commands show comes from the option dataclasses, written once there.
 EXPORT, QUANTIZE, TRAIN, RUN = ExportOptions(), QuantizeOptions(), TrainOptions(), RunOptions()
@@ -153,18 +155,18 @@ def _apply(options: list[Any], func: Any) -> Any:
 def model_options(func: Any) -> Any:
     """Options that choose an architecture and its weights (export, train)."""
     options = [
-        click.option("--arch", default=None, help="Architecture (see `archs`). Default resnet18, "
+        click.option("--arch", default=None, help=f"Architecture (see `archs`). Default {MODEL.arch}, "
                      "or the checkpoint's arch."),
         click.option("--num-classes", type=int, default=None,
                      help="Output classes (default 1000 ImageNet archs, 10 CIFAR archs)."),
-        click.option("--weights", default="random", show_default=True,
+        click.option("--weights", default=MODEL.weights, show_default=True,
                      help="random (fixed seed) or imagenet (torchvision's pretrained weights)."),
         click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
                      help="A state dict or a training checkpoint to load."),
         click.option("--class-names", default=None, help="Comma-separated class names."),
         click.option("--input-size", type=int, default=None,
                      help="Override the input size; preprocessing follows."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=int, default=MODEL.seed, show_default=True,
                      help="Seed for random initialisation."),
     ]
     return _apply(options, func)
@@ -343,7 +345,7 @@ def quantize(bundle: Path, precisions: str, calibration: str | None, count: int,
     _log(f"quantizing {bundle}/")
     record = api.quantize(bundle, precisions=precisions, calibration=calibration, count=count,
                           method=method, seed=seed, reduce_range=reduce_range, repair=repair,
-                          repair_images=repair_images, log=_log)
+                          repair_images=repair_images, log=_log).record
     if as_json:
         emit_json(record)
     else:
@@ -358,7 +360,7 @@ def quantize(bundle: Path, precisions: str, calibration: str | None, count: int,
 # ----------------------------------------------------------------------------- train
 def train_options(func: Any) -> Any:
     options = [
-        click.option("--arch", default=None, help="Architecture (see `archs`). Default resnet18."),
+        click.option("--arch", default=None, help=f"Architecture (see `archs`). Default {MODEL.arch}."),
         click.option("--data", default=TRAIN.data, show_default=True,
                      help="Image folder (train/ + val/, or class folders), cifar10:DIR, or synthetic."),
         click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -373,14 +375,14 @@ def train_options(func: Any) -> Any:
         click.option("--schedule", default=TRAIN.schedule, show_default=True,
                      help="cosine, step, plateau or none."),
         click.option("--label-smoothing", type=float, default=TRAIN.label_smoothing, show_default=True),
-        click.option("--weights", default="random", show_default=True,
+        click.option("--weights", default=MODEL.weights, show_default=True,
                      help="random (train from scratch) or imagenet (fine-tune torchvision's weights)."),
         click.option("--freeze-backbone", is_flag=True, help="Train the classifier head only."),
         click.option("--input-size", type=int, default=None,
                      help="Override the input size (default: the arch's; 64 for synthetic data)."),
         click.option("--val-split", type=float, default=TRAIN.val_split, show_default=True,
                      help="Validation share when --data is one folder of classes."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=MODEL.seed, show_default=True),
         click.option("--workers", type=int, default=TRAIN.workers, show_default=True,
                      help="DataLoader worker processes."),
         click.option("--device", default=TRAIN.device, show_default=True, help="auto, cpu or cuda."),
@@ -420,10 +422,10 @@ def train(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
         result = api.train(resume=resume, log=_log, **_given(ctx, kwargs, bool(resume)))
     except KeyboardInterrupt:
         _log("error: interrupted")
-        ctx.exit(130)
+        ctx.exit(EXIT_INTERRUPTED)
     if as_json:
-        emit_json(result.record)
-    elif result.record["rank"] == 0:
+        emit_json(result.record.to_dict())
+    elif result.record.rank == 0:
         click.echo(f"best val accuracy {result.best_val_acc:.4f}; checkpoint "
                    f"{result.bundle}/checkpoint.pt")
 
@@ -456,10 +458,10 @@ def run(ctx: click.Context, backends: str, batch_sizes: str, bench_seconds: floa
                          log=_log, **kwargs)
     except KeyboardInterrupt:
         _log("error: interrupted")
-        ctx.exit(130)
+        ctx.exit(EXIT_INTERRUPTED)
     click.echo(render.parity_table(result.parity))
     click.echo(render.latency_table(result.latency.rows))
-    click.echo(f"bundle {result.bundle}: best val accuracy {result.training['best_val_acc']:.4f}, "
+    click.echo(f"bundle {result.bundle}: best val accuracy {result.training.best_val_acc:.4f}, "
                f"parity {'passed' if result.parity else 'FAILED'}; see {result.bundle}/report.md")
     if not result.parity:
         ctx.exit(EXIT_CHECK_FAILED)
@@ -529,16 +531,19 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18 --scenario offline --images photos/
     """
     check_arrival(scenario, arrival, p99_ms)
-    if scenario == "offline":
-        _bench_offline(bundle, images, backends, batch_sizes, threads, fast_decode, seconds,
-                       as_json)
-        return
     result = api.bench(bundle, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
                        iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
                        threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
                        command=_command_line("bench", bundle), scenario=scenario,
                        concurrency=concurrency, arrival=arrival, p99_ms=p99_ms,
-                       poisson_trials=poisson_trials, log=_log)
+                       poisson_trials=poisson_trials, fast_decode=fast_decode, log=_log)
+    if isinstance(result, OfflineRun):
+        if as_json:
+            emit_json(result.to_dict())
+        else:
+            click.echo(render.offline_table(result))
+            _log(f"wrote {result.path}")
+        return
     if as_json:
         emit_json(result.doc.to_dict())
     elif scenario == "server":
@@ -546,14 +551,14 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
     else:
         click.echo(render.latency_table(result.rows))
         _print_image_loops(result.doc.images, verbose)
-        best = result.recommendation["fastest_batch1"]
+        best = result.recommendation.fastest_batch1
         if best:
-            click.echo(f"best latency, fastest verified at batch 1: {best['backend']} "
-                       f"{best['precision']} (p50 {best['p50_ms']:.2f} ms)")
-        bulk = result.recommendation.get("best_throughput")
+            click.echo(f"best latency, fastest verified at batch 1: {best.backend} "
+                       f"{best.precision} (p50 {best.p50_ms:.2f} ms)")
+        bulk = result.recommendation.best_throughput
         if bulk:
-            click.echo(f"best throughput, verified: {bulk['backend']} {bulk['precision']} at "
-                       f"batch {bulk['batch']} ({bulk['images_per_s']:.1f} images/s)")
+            click.echo(f"best throughput, verified: {bulk.backend} {bulk.precision} at "
+                       f"batch {bulk.batch} ({bulk.images_per_s:.1f} images/s)")
         for warning in result.warnings:
             _log(f"warning: {warning}")
         _log(f"wrote {result.bundle}/latency.json, report.md, latency.png")
@@ -561,32 +566,6 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
         names = sorted({row.backend for row in result.unavailable})
         _log(f"error: --strict: backends could not run: {', '.join(names)}")
         ctx.exit(EXIT_ENVIRONMENT)
-
-
-def _bench_offline(bundle: Path, images: Path | None, backends: str | None, batch_sizes: str,
-                   threads: int | None, fast_decode: bool, seconds: float, as_json: bool) -> None:
-    if images is None:
-        raise InputError("--scenario offline needs --images DIR: the folder to classify")
-    precision, runtime, provider = "auto", None, "cpu"
-    if backends:
-        targets = parse_targets(backends)
-        runnable = [b.name for b in predict_backends()]
-        if len(targets) != 1 or targets[0][0] not in runnable:
-            raise InputError(f"--scenario offline runs one target of {', '.join(runnable)} "
-                             f"(e.g. ort-cpu:int8), not {backends!r}; or leave --backends out "
-                             f"to run what predict --precision auto picks")
-        name, precision = targets[0]
-        backend = get_backend(name)
-        runtime, provider = backend.runtime, backend.provider or backend.device
-    sizes = [] if batch_sizes == SWEEP else [int(b) for b in batch_sizes.split(",") if b.strip()]
-    run = api.bench_offline(bundle, images, precision=precision, runtime=runtime, provider=provider,
-                            batch_size=sizes[0] if len(sizes) == 1 else PREDICT.batch,
-                            threads=threads, fast_decode=fast_decode, seconds=seconds, log=_log)
-    if as_json:
-        emit_json(run.to_dict())
-    else:
-        click.echo(render.offline_table(run))
-        _log(f"wrote {run.path}")
 
 
 def _print_image_loops(loops: list[ImageLoop], verbose: bool) -> None:
@@ -613,16 +592,16 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, 
     Example:
       python -m pipeline report cpu-box/latency.json gpu-box/latency.json --out compare/
     """
-    advice, warnings = api.report(list(latency_files), out=out, budget_ms=budget_ms, force=force)
-    for warning in warnings:
+    result = api.report(list(latency_files), out=out, budget_ms=budget_ms, force=force)
+    for warning in result.warnings:
         _log(f"warning: {warning}")
     if as_json:
-        emit_json(advice)
+        emit_json(result.recommendation.to_dict())
     else:
-        best = advice["fastest_batch1"]
+        best = result.recommendation.fastest_batch1
         if best:
-            click.echo(f"fastest verified at batch 1: {best['backend']} {best['precision']} on "
-                       f"{best['machine']} (p50 {best['p50_ms']:.2f} ms)")
+            click.echo(f"fastest verified at batch 1: {best.backend} {best.precision} on "
+                       f"{best.machine} (p50 {best.p50_ms:.2f} ms)")
         _log(f"wrote {out}/report.md and {out}/report.png")
 
 
@@ -663,14 +642,14 @@ def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precis
       python -m pipeline deploy triton exported/resnet18 --out repo --target gpu --precision int8
     """
     written = api.deploy_triton(bundle, out, name=name, target=target, precision=precision,
-                                max_batch_size=max_batch_size, instances=instances)
+                                max_batch_size=max_batch_size, instances=instances).record
     if as_json:
-        emit_json(written)
+        emit_json(written.to_dict())
     else:
-        click.echo(f"wrote {written['config']} ({written['target']}, {written['onnx']}, "
-                   f"max_batch_size {written['max_batch_size']}, preferred batch sizes "
-                   f"{written['preferred_batch_size'] or 'none (run bench for them)'})")
-        click.echo(f"start it with: tritonserver --model-repository {written['repository']}")
+        click.echo(f"wrote {written.config} ({written.target}, {written.onnx}, "
+                   f"max_batch_size {written.max_batch_size}, preferred batch sizes "
+                   f"{written.preferred_batch_size or 'none (run bench for them)'})")
+        click.echo(f"start it with: tritonserver --model-repository {written.repository}")
 
 
 # ----------------------------------------------------------------------------- serve
@@ -707,13 +686,13 @@ def serve(bundle: Path, host: str, port: int, grpc_port: int, metrics_port: int,
       python -m pipeline predict exported/resnet18 photo.jpg --server http://127.0.0.1:8000
     """
 
-    def ready(info: dict) -> None:
-        _log(f"serving {info['model']} ({info['model_file']}): {info['model_url']}")
-        _log(f"  infer    POST {info['infer']}  input {info['input']} FP32 "
-             f"[batch, {', '.join(map(str, info['input_shape']))}]")
-        _log(f"  ready    GET  {info['ready']}")
-        _log(f"  grpc     {info['grpc']}   metrics {info['metrics']}")
-        _log(f"  requests over {info['max_request_bytes'] / (1 << 20):.1f} MiB are refused "
+    def ready(info: Endpoints) -> None:
+        _log(f"serving {info.model} ({info.model_file}): {info.model_url}")
+        _log(f"  infer    POST {info.infer}  input {info.input} FP32 "
+             f"[batch, {', '.join(map(str, info.input_shape))}]")
+        _log(f"  ready    GET  {info.ready}")
+        _log(f"  grpc     {info.grpc}   metrics {info.metrics}")
+        _log(f"  requests over {info.max_request_bytes / (1 << 20):.1f} MiB are refused "
              f"(--max-request-mb)")
         _log("stop with Ctrl-C or SIGTERM")
 
@@ -802,7 +781,7 @@ def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: in
             click.echo(("[" if first[0] else ",") + json.dumps(as_record(prediction)))
             first[0] = False
         elif output is None and not prediction.error:
-            best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in prediction.top)
+            best = ", ".join(f"{t.label} {t.probability:.3f}" for t in prediction.top)
             click.echo(f"{prediction.file}: {best}")
 
     try:
@@ -818,7 +797,7 @@ def predict(ctx: click.Context, model: Path, images: tuple[Path, ...], top_k: in
             click.echo("[]" if first[0] else "]")
         where = f"; {output} holds whole lines only: add --resume to continue" if output else ""
         _log(f"interrupted{where}")
-        ctx.exit(130)
+        ctx.exit(EXIT_INTERRUPTED)
     if as_json:
         click.echo("[]" if first[0] else "]")
     if summary.errors:

@@ -14,7 +14,7 @@ from pipeline.core.records import (
     ServerSection,
     not_run_lines,
 )
-from pipeline.stages.report import server_lines
+from pipeline.stages.bench.writeup import server_lines
 
 if TYPE_CHECKING:  # verify loads numpy and the data modules: off the --help path
     from pipeline.stages.verify import GateResult, ParityReport

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -119,6 +120,16 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Artifact:
+    """One file the manifest records: which stage wrote it, its size and its sha256."""
+
+    path: str
+    stage: str
+    bytes: int
+    sha256: str
+
+
 class Bundle:
     """A bundle directory and its manifest."""
 
@@ -221,10 +232,25 @@ class Bundle:
                     self.record_artifact(manifest, name, stage=stage)
         return self.update_manifest(update)
 
+    def artifacts(self, manifest: dict[str, Any] | None = None) -> dict[str, Artifact]:
+        """The files the manifest records (``manifest``: one already read), by name."""
+        recorded = (manifest if manifest is not None else self.read_manifest()).get("artifacts", {})
+        try:
+            return {name: Artifact(**entry) for name, entry in recorded.items()}
+        except TypeError as exc:  # a key renamed, missing or added by hand
+            raise InputError(f"{self.manifest_path}: an artifacts entry does not read ({exc}); "
+                             f"re-create the bundle with python -m pipeline export") from None
+
     def artifact_sha256(self, name: str) -> str | None:
         """The sha256 the manifest records for ``name`` (None when it is not recorded)."""
-        entry = self.read_manifest().get("artifacts", {}).get(name)
-        return entry["sha256"] if entry else None
+        entry = self.artifacts().get(name)
+        return entry.sha256 if entry else None
+
+    def require_export(self, manifest: dict[str, Any] | None = None) -> None:
+        """Raise (exit 2, naming the command) unless ``export`` has written the ONNX model."""
+        if ONNX not in self.artifacts(manifest):
+            raise InputError(f"{self.root} has no exported ONNX model; run: python -m pipeline "
+                             f"export --out {self.root}")
 
     def fp32_onnx(self) -> str:
         """The fp32 ONNX file runtimes use: the simplified model when there is one."""
@@ -232,21 +258,21 @@ class Bundle:
 
     def check_integrity(self, names: list[str] | None = None) -> list[str]:
         """Check the listed artifacts (default all) against the manifest; raise on mismatch."""
-        artifacts = self.read_manifest().get("artifacts", {})
+        artifacts = self.artifacts()
         checked = []
         for name in names if names is not None else list(artifacts):
             entry = artifacts.get(name)
             if entry is None:
                 raise CheckFailed(f"{name} is not recorded in {self.manifest_path}; "
                                   f"re-run the stage that makes it")
-            path = self.path(entry["path"])
+            path = self.path(entry.path)
             if not path.is_file():
                 raise CheckFailed(f"integrity: {path} is missing")
             size = path.stat().st_size
-            if size != entry["bytes"]:
+            if size != entry.bytes:
                 raise CheckFailed(f"integrity: {path} is {size} bytes, manifest says "
-                                  f"{entry['bytes']} (truncated or replaced)")
-            if sha256_of(path) != entry["sha256"]:
+                                  f"{entry.bytes} (truncated or replaced)")
+            if sha256_of(path) != entry.sha256:
                 raise CheckFailed(f"integrity: {path} sha256 differs from the manifest "
                                   f"(the file was changed after export)")
             checked.append(name)

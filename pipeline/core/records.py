@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from pipeline.core.bundle import PARITY, write_json_atomic
 from pipeline.errors import InputError
@@ -60,6 +60,7 @@ class Record:
 
     OPTIONAL: ClassVar[frozenset[str]] = frozenset()
     NESTED: ClassVar[dict[str, type["Record"]]] = {}
+    WRITE_NONE: ClassVar[bool] = False  # True: optional fields are written even when None
 
     @classmethod
     def from_dict(cls: type[R], data: Any, *, where: str) -> R:
@@ -90,7 +91,7 @@ class Record:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in self.OPTIONAL and value is None:
+            if f.name in self.OPTIONAL and value is None and not self.WRITE_NONE:
                 continue
             if isinstance(value, Record):
                 value = value.to_dict()
@@ -116,6 +117,68 @@ def check_version(data: dict[str, Any], path: Path, version: int, remake: str) -
     if found != version:
         raise InputError(f"{str(path)!r} has schema_version {found!r}; this pipeline reads "
                          f"{version}. Make a new one with {remake}")
+
+
+@dataclass
+class Document(Record):
+    """A record that is a file of its own (latency.json, parity.json, calibration.json,
+    offline.json): ``load`` reads it strictly, upgrading what older versions wrote, and names
+    the command that remakes it when it cannot; ``dump`` writes it atomically. A loaded or
+    dumped document knows its ``path``; with ``summary`` and ``record`` (itself) it is a
+    ``StageResult``."""
+
+    FILE: ClassVar[str] = "file"  # its name in messages: latency.json ...
+    REMAKE: ClassVar[str] = "python -m pipeline"
+    VERSION: ClassVar[int | None] = None  # the schema_version this code reads; None: not checked
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], path: Path) -> dict[str, Any]:
+        """What an earlier version wrote, in this version's shape (or an error naming why not)."""
+        return data
+
+    @classmethod
+    def load(cls: type[D], path: Path | str) -> D:
+        path = Path(path)
+        data = read_json(path, remake=cls.REMAKE)
+        if not isinstance(data, dict):
+            raise InputError(f"{str(path)!r} is not a {cls.FILE} written by {cls.REMAKE}")
+        data = cls.upgrade(data, path)
+        if cls.VERSION is not None:
+            check_version(data, path, cls.VERSION, cls.REMAKE)
+        document = cls.from_dict(data, where=str(path))
+        document._path = path
+        return document
+
+    def dump(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+        self._path = path
+
+    @property
+    def path(self) -> Path | None:
+        """Where it was read from or last written (None for one only built in memory)."""
+        return getattr(self, "_path", None)
+
+    @property
+    def record(self: D) -> D:
+        return self
+
+
+D = TypeVar("D", bound=Document)
+
+
+@runtime_checkable
+class StageResult(Protocol):
+    """The one shape of every stage's result, in the API and between stages: what it wrote
+    (``path``), one line for a person (``summary``) and the typed record itself (``record``)."""
+
+    @property
+    def path(self) -> Path | None: ...
+
+    @property
+    def summary(self) -> str: ...
+
+    @property
+    def record(self) -> Any: ...
 
 
 # ----------------------------------------------------------------------------- latency.json
@@ -211,6 +274,76 @@ def not_run_lines(rows: list[LatencyRow]) -> list[str]:
                 targets.append(row.target)
     return [f"{reason}: {len(targets)} target{'s' if len(targets) != 1 else ''} not run "
             f"({', '.join(targets)})" for reason, targets in by_reason.items()]
+
+
+@dataclass(kw_only=True)
+class Advice(Record):
+    """A row as a recommendation quotes it: what ran, how fast, and what verify said of it."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(  # absent from files of earlier versions
+        {"machine", "precision_requested", "device", "p90_ms", "images_per_s", "stable",
+         "verified", "top1_agreement", "top1_drop_points"})
+    WRITE_NONE: ClassVar[bool] = True
+
+    machine: str | None = None  # set in a comparison across machines
+    backend: str
+    precision: str | None
+    precision_requested: str | None = None
+    device: str | None = None
+    batch: int
+    p50_ms: float
+    p90_ms: float | None = None
+    images_per_s: float | None = None
+    stable: bool | None = None
+    verified: str | None = None
+    top1_agreement: float | None = None
+    top1_drop_points: float | None = None
+
+    @classmethod
+    def of(cls, row: LatencyRow) -> "Advice":
+        return cls(machine=row.machine, backend=row.backend, precision=row.precision,
+                   precision_requested=row.precision_requested, device=row.device,
+                   batch=row.batch, p50_ms=row.p50_ms, p90_ms=row.p90_ms,
+                   images_per_s=row.images_per_s, stable=row.stable, verified=row.verified,
+                   top1_agreement=row.top1_agreement, top1_drop_points=row.top1_drop_points)
+
+    @property
+    def name(self) -> str:
+        """``backend precision`` (``auto=bf16`` when what ran differs from what was asked)."""
+        return f"{self.backend} {precision_label(self.precision, self.precision_requested)}"
+
+
+@dataclass
+class Recommendation(Record):
+    """bench's and report's answer: the fastest verified model at batch 1 and at any batch,
+    its speed-up over fp32, who meets a p90 budget, where a GPU overtakes the CPU, and which
+    targets were never eligible (see ``pipeline.stages.recommend``)."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"fastest_fp32_batch1", "best_throughput", "speedup_vs_fp32", "budget_ms",
+         "meets_budget", "gpu_overtakes_cpu_at_batch", "gpu_vs_cpu", "not_verified"})
+    NESTED: ClassVar[dict[str, type[Record]]] = {
+        "fastest_batch1": Advice, "fastest_fp32_batch1": Advice, "best_throughput": Advice,
+        "meets_budget": Advice}
+    WRITE_NONE: ClassVar[bool] = True
+
+    fastest_batch1: Advice | None = None
+    fastest_fp32_batch1: Advice | None = None
+    best_throughput: Advice | None = None
+    speedup_vs_fp32: float | None = None
+    budget_ms: float | None = None
+    meets_budget: list[Advice] | None = None  # None: no budget was given
+    gpu_overtakes_cpu_at_batch: int | None = None
+    gpu_vs_cpu: dict[str, float] | str | None = None  # batch -> GPU/CPU images/s, or why not
+    not_verified: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        best = self.fastest_batch1
+        if best is None:
+            return "no verified backend produced numbers"
+        where = f" on {best.machine}" if best.machine else ""
+        return f"fastest verified at batch 1: {best.name}{where} (p50 {best.p50_ms:.2f} ms)"
 
 
 @dataclass
@@ -400,12 +533,13 @@ class ImageLoop(Record):
 
 
 @dataclass
-class LatencyDoc(Record):
+class LatencyDoc(Document):
     """latency.json: what bench measured on one machine, and what it recommends."""
 
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"recommendation", "command", "server"})
     NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow, "server": ServerSection,
-                                                 "images": ImageLoop}
+                                                 "images": ImageLoop,
+                                                 "recommendation": Recommendation}
 
     model: dict[str, Any]
     config: dict[str, Any]
@@ -415,26 +549,28 @@ class LatencyDoc(Record):
     images: list[ImageLoop] = field(default_factory=list)
     schema_version: int = LATENCY_SCHEMA_VERSION
     kind: str = LATENCY_KIND
-    recommendation: dict[str, Any] | None = None
+    recommendation: Recommendation | None = None
     command: str | None = None
     server: ServerSection | None = None
 
+    FILE: ClassVar[str] = "latency.json"
     REMAKE: ClassVar[str] = "python -m pipeline bench BUNDLE"
+    VERSION: ClassVar[int | None] = LATENCY_SCHEMA_VERSION
 
     @classmethod
-    def load(cls, path: Path | str) -> "LatencyDoc":
-        path = Path(path)
-        data = read_json(path, remake=cls.REMAKE)
-        if not isinstance(data, dict) or data.get("kind") != LATENCY_KIND:
+    def upgrade(cls, data: dict[str, Any], path: Path) -> dict[str, Any]:
+        if data.get("kind") != LATENCY_KIND:
             raise InputError(f"{str(path)!r} is not a latency.json written by python -m pipeline "
                              f"bench")
         if data.get("schema_version") == 2:  # rows had no stability fields: they are optional
             data = {**data, "schema_version": LATENCY_SCHEMA_VERSION}
-        check_version(data, path, LATENCY_SCHEMA_VERSION, cls.REMAKE)
-        return cls.from_dict(data, where=str(path))
+        return data
 
-    def dump(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
+    @property
+    def summary(self) -> str:
+        ran = len(ok_rows(self.rows))
+        best = self.recommendation.summary if self.recommendation else "no recommendation"
+        return f"{ran} of {len(self.rows)} rows measured; {best}"
 
     @property
     def machine_label(self) -> str:
@@ -576,13 +712,15 @@ class Localization(Record):
 
 
 @dataclass
-class ParityReport(Record):
+class ParityReport(Document):
     """parity.json: verify's verdict. Truthy only when every pair and every gate that decides
     the exit code passed, and at least one CPU ONNX comparison ran."""
 
     NESTED: ClassVar[dict[str, type[Record]]] = {"pairs": PairResult, "gates": GateResult,
                                                  "localized": Localization}
+    FILE: ClassVar[str] = "parity.json"
     REMAKE: ClassVar[str] = "python -m pipeline verify BUNDLE"
+    VERSION: ClassVar[int | None] = PARITY_SCHEMA_VERSION
 
     rule: dict[str, Any]
     pairs: list[PairResult] = field(default_factory=list)
@@ -658,13 +796,6 @@ class ParityReport(Record):
                          + (f" ({gate.error})" if gate.error else ""))
         return "; ".join(parts)
 
-    # The common shape of a stage's result: what it wrote, one line, the record itself.
-    path: ClassVar[Path | None] = None  # set per instance by ``dump``
-
-    @property
-    def record(self) -> "ParityReport":
-        return self
-
     @property
     def summary(self) -> str:
         checked = f"{len(self.pairs)} comparisons, {len(self.gates)} gates"
@@ -683,21 +814,12 @@ class ParityReport(Record):
         return super().from_dict(data, where=where)
 
     @classmethod
-    def load(cls, path: Path | str) -> "ParityReport":
-        path = Path(path)
-        data = read_json(path, remake=cls.REMAKE)
-        if isinstance(data, dict) and "schema_version" not in data:
+    def upgrade(cls, data: dict[str, Any], path: Path) -> dict[str, Any]:
+        if "schema_version" not in data:
             data = _parity_v1_to_v2(data)
-        if isinstance(data, dict) and data.get("schema_version") == 2:
+        if data.get("schema_version") == 2:
             data = {**data, "schema_version": 3, "localized": [], "machine": None}
-        if not isinstance(data, dict):
-            raise InputError(f"{str(path)!r} is not a parity.json written by python -m pipeline verify")
-        check_version(data, path, PARITY_SCHEMA_VERSION, cls.REMAKE)
-        return cls.from_dict(data, where=str(path))
-
-    def dump(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
-        self.path = path
+        return data
 
 
 def _parity_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
@@ -766,12 +888,13 @@ class RepairRecord(Record):
 
 
 @dataclass
-class CalibrationRecord(Record):
+class CalibrationRecord(Document):
     """Where int8's calibration images came from, with the sha256 of each file, so verify can
     refuse to evaluate on them."""
 
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"schema_version", "repair_source",
                                                      "repair_files_sha256"})
+    FILE: ClassVar[str] = "calibration.json"
     REMAKE: ClassVar[str] = "python -m pipeline quantize BUNDLE --precision int8"
 
     source: str
@@ -786,23 +909,21 @@ class CalibrationRecord(Record):
     repair_source: str | None = None
     repair_files_sha256: list[str] | None = None
 
-    @classmethod
-    def load(cls, path: Path | str) -> "CalibrationRecord":
-        path = Path(path)
-        return cls.from_dict(read_json(path, remake=cls.REMAKE), where=str(path))
-
-    def dump(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
+    @property
+    def summary(self) -> str:
+        return f"calibrated on {self.count} images from {self.source} ({self.method})"
 
 
 # ----------------------------------------------------------------------------- offline.json
 @dataclass
-class OfflineRun(Record):
+class OfflineRun(Document):
     """offline.json: ``bench --scenario offline`` (MLPerf's offline scenario: images/s over one
     large query), end to end from files to labels, beside the two ceilings that bound it on
     the same cores, measured in the same run."""
 
+    FILE: ClassVar[str] = "offline.json"
     REMAKE: ClassVar[str] = "python -m pipeline bench BUNDLE --scenario offline --images DIR"
+    VERSION: ClassVar[int | None] = OFFLINE_SCHEMA_VERSION
 
     created: str
     machine: dict[str, Any]
@@ -824,25 +945,6 @@ class OfflineRun(Record):
     ratio_to_bound: float
     seconds: float  # the end-to-end run
     schema_version: int = OFFLINE_SCHEMA_VERSION
-
-    @classmethod
-    def load(cls, path: Path | str) -> "OfflineRun":
-        path = Path(path)
-        data = read_json(path, remake=cls.REMAKE)
-        if not isinstance(data, dict):
-            raise InputError(f"{str(path)!r} is not an offline.json written by bench")
-        check_version(data, path, OFFLINE_SCHEMA_VERSION, cls.REMAKE)
-        return cls.from_dict(data, where=str(path))
-
-    path: ClassVar[Path | None] = None  # set per instance by ``dump``
-
-    def dump(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
-        self.path = path
-
-    @property
-    def record(self) -> "OfflineRun":
-        return self
 
     @property
     def summary(self) -> str:
@@ -877,3 +979,80 @@ class ModelSection(Record):
     @property
     def random_weights(self) -> bool:
         return (self.weights or {}).get("source") == "random"
+
+
+@dataclass(kw_only=True)
+class TrainSection(Record):
+    """manifest.json's ``stages.train``: how the bundle was trained, so that calibration can
+    read the training split and the accuracy gate the validation split of the same data."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"duration_s", "data", "classes", "epochs", "best_val_acc", "skipped_images"})
+
+    config: dict[str, Any]  # TrainOptions as the run recorded them
+    duration_s: float | None = None
+    data: str | None = None  # where the images came from, in words
+    classes: list[str] | None = None
+    epochs: int | None = None
+    best_val_acc: float | None = None
+    skipped_images: list[str] | None = None
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any], where: str = "manifest.json") -> "TrainSection | None":
+        """The section, or None when ``train`` did not make this bundle."""
+        section = (manifest.get("stages") or {}).get("train")
+        if not section or "config" not in section:
+            return None
+        return cls.from_dict(section, where=f"{where}: stages.train")
+
+    @property
+    def data_spec(self) -> str:
+        """``--data`` as given: a folder, ``cifar10:ROOT`` or ``synthetic``."""
+        return self.config["data"]
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+    @property
+    def val_split(self) -> float:
+        return self.config["val_split"]
+
+    @property
+    def synthetic_per_class(self) -> int | None:
+        return self.config.get("synthetic_per_class")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data_spec == "synthetic"
+
+
+@dataclass(kw_only=True)
+class TrainSummary(Record):
+    """What ``fit`` hands back: the bundle it trained, its best validation accuracy, and the
+    identity of the final weights (the same on every rank of a distributed run)."""
+
+    bundle: str
+    arch: str
+    best_val_acc: float
+    epochs: int
+    classes: list[str]
+    weights_sha256: str
+    world_size: int
+    rank: int
+    skipped_images: int
+
+
+@dataclass(kw_only=True)
+class TritonRepository(Record):
+    """What ``deploy triton`` wrote: the repository, the model's folder and config, and what
+    it serves."""
+
+    repository: str
+    model: str
+    config: str  # config.pbtxt's path
+    onnx: str  # the model file's name inside the version folder
+    precision: str
+    target: str  # cpu | gpu
+    max_batch_size: int
+    preferred_batch_size: list[int]

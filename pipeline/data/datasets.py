@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from pipeline.core.records import TrainSection
 from pipeline.data.images import BadImage, eval_transform, is_image_name, open_rgb
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.models.archs import SMALL_INPUT, Preprocessing
@@ -332,14 +333,13 @@ def recorded_split(manifest: dict[str, Any], part: str, *,
     Calibration reads the training part and the accuracy gate the validation part, so the two
     never share an image.
     """
-    train = manifest.get("stages", {}).get("train")
-    if not train or "config" not in train:
+    train = TrainSection.of(manifest)
+    if train is None:
         raise InputError("this bundle was not trained by python -m pipeline train, so it has no "
                          "recorded data split; give an image folder instead")
-    config = train["config"]
-    spec, seed, val_split = config["data"], config["seed"], config["val_split"]
+    spec, seed, val_split = train.data_spec, train.seed, train.val_split
     train_part, val_part, names, _, _ = raw_split(
-        spec, val_split, seed, config.get("synthetic_per_class", SYNTHETIC_PER_CLASS),
+        spec, val_split, seed, train.synthetic_per_class or SYNTHETIC_PER_CLASS,
         warn or (lambda message: None),
         missing=f"the training data {spec!r} recorded in the manifest is not here; give an "
                 f"image folder instead")
@@ -358,8 +358,10 @@ HELD_APART_SEED_OFFSET = 7_919
 def synthetic_held_apart(manifest: dict[str, Any], count: int) -> tuple[list[tuple[Any, int]], str]:
     """``count`` more labelled synthetic images for a bundle trained on synthetic data, from
     another seed than its training run's (so none is a training or calibration image)."""
-    config = manifest["stages"]["train"]["config"]
-    seed = config["seed"] + HELD_APART_SEED_OFFSET
+    train = TrainSection.of(manifest)
+    if train is None or not train.synthetic:
+        raise InputError("held-apart synthetic images are for bundles trained on synthetic data")
+    seed = train.seed + HELD_APART_SEED_OFFSET
     per_class = -(-count // len(SYNTHETIC_CLASSES))
     return (synthetic_samples(per_class, seed)[:count],
             f"{count} more synthetic images (seed {seed}, never trained or calibrated on)")
@@ -368,10 +370,10 @@ def synthetic_held_apart(manifest: dict[str, Any], count: int) -> tuple[list[tup
 def recorded_data_missing(manifest: dict[str, Any]) -> str | None:
     """Why the data that trained this bundle cannot be read here (moved, another machine),
     or None when it can; nothing is downloaded to find out."""
-    config = (manifest.get("stages", {}).get("train") or {}).get("config")
-    if not config:
+    train = TrainSection.of(manifest)
+    if train is None:
         return "the bundle was not trained here"
-    spec = config["data"]
+    spec = train.data_spec
     if spec == "synthetic":
         return None
     folder = cifar_root(Path(spec.split(":", 1)[1] or ".")) / CIFAR_FOLDER if is_cifar_data(spec) \

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.models.archs import ARCHS, ArchSpec, Preprocessing, get_arch
+from pipeline.options import MODEL
 
 if TYPE_CHECKING:
     from torch import nn
 
-DEFAULT_SEED = 0
-DEFAULT_ARCH = "resnet18"
+DEFAULT_SEED = MODEL.seed
+DEFAULT_ARCH = MODEL.arch
 DOWNLOAD_TIMEOUT_S = 8.0
 WEIGHT_SOURCES = ("random", "imagenet")
 
@@ -164,7 +165,7 @@ def replace_head(model: "nn.Module", num_classes: int) -> None:
 
 
 def load_model(arch: str | None = None, *, num_classes: int | None = None,
-               weights: str = "random", checkpoint: Path | str | None = None,
+               weights: str = MODEL.weights, checkpoint: Path | str | None = None,
                class_names: list[str] | None = None, input_size: int | None = None,
                seed: int = DEFAULT_SEED) -> LoadedModel:
     """Build ``arch`` and fill its weights from exactly one source, in eval mode."""

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 from pipeline.core import machine
 from pipeline.core.bundle import (
     AOTI_FILES,
-    ONNX,
     ONNX_FP16,
     ONNX_INT8,
     PRECISION_FILES,
@@ -365,9 +364,7 @@ def served_model(bundle: Bundle, precision: str) -> "ServedModel":
     from pipeline.runtimes.triton import ServedModel
 
     manifest = bundle.read_manifest()
-    if ONNX not in manifest.get("artifacts", {}):
-        raise InputError(f"{bundle.root} has no exported ONNX model; run: python -m pipeline "
-                         f"export --out {bundle.root}")
+    bundle.require_export(manifest)
     path = served_backend().model_file(bundle, precision)
     bundle.check_integrity([path.name])
     return ServedModel.from_onnx(ModelSection.of(manifest, str(bundle.manifest_path)).arch, path)

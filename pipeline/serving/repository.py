@@ -26,13 +26,12 @@ from typing import Any
 
 from pipeline.core.bundle import (
     LATENCY,
-    ONNX,
     ONNX_INT8,
     Bundle,
     atomic_path,
     ensure_writable_dir,
 )
-from pipeline.core.records import LatencyDoc, ModelSection
+from pipeline.core.records import LatencyDoc, ModelSection, TritonRepository
 from pipeline.errors import InputError
 from pipeline.formats.onnx import io_spec
 from pipeline.options import ServeOptions, TritonOptions
@@ -141,14 +140,12 @@ def served_repository(root: Path, model: ServedModel, options: ServeOptions,
 
 
 def triton_repository(bundle_dir: Path | str, out: Path | str,
-                      options: TritonOptions = TritonOptions()) -> dict[str, Any]:
+                      options: TritonOptions = TritonOptions()) -> TritonRepository:
     """Write the model repository; returns what was written."""
     options.check()
     bundle = Bundle.open(Path(bundle_dir))
     manifest = bundle.read_manifest()
-    if ONNX not in manifest.get("artifacts", {}):
-        raise InputError(f"{bundle.root} has no exported ONNX model; run: python -m pipeline "
-                         f"export --out {bundle.root}")
+    bundle.require_export(manifest)
     section = ModelSection.of(manifest, str(bundle.manifest_path))
     model, precision = _model_for(bundle, options)
     bundle.check_integrity([model.name])  # never ship a file that changed since export
@@ -187,7 +184,8 @@ def triton_repository(bundle_dir: Path | str, out: Path | str,
               f"limit. `python -m pipeline serve` does this for you.\n")
     with atomic_path(root / "README.md") as tmp:
         tmp.write_text(readme, encoding="utf-8")
-    return {"repository": str(root), "model": name, "config": str(folder / "config.pbtxt"),
-            "onnx": model.name, "precision": precision, "target": options.target,
-            "max_batch_size": options.max_batch_size, "preferred_batch_size": preferred}
+    return TritonRepository(repository=str(root), model=name, config=str(folder / "config.pbtxt"),
+                            onnx=model.name, precision=precision, target=options.target,
+                            max_batch_size=options.max_batch_size,
+                            preferred_batch_size=list(preferred))
 

@@ -30,6 +30,7 @@ import socket
 import sysconfig
 import tempfile
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,7 +103,7 @@ def with_own_libpython(env: dict[str, str]) -> dict[str, str]:
 
 
 def serve(bundle_dir: Path | str, options: ServeOptions = ServeOptions(), *,
-          on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+          on_ready: Callable[[Endpoints], None] | None = None) -> None:
     """Serve the bundle until SIGTERM or Ctrl-C; ``on_ready`` gets the endpoints once ready."""
     options.check()
     bundle = Bundle.open(Path(bundle_dir))
@@ -184,14 +185,33 @@ def model_ready(url: str, name: str) -> bool:
         return False
 
 
-def endpoints(model: ServedModel, options: ServeOptions, limit: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a ready server answers: what ``serve``'s ``on_ready`` receives."""
+
+    model: str
+    model_file: str
+    http: str
+    grpc: str
+    metrics: str
+    model_url: str
+    ready: str
+    infer: str
+    input: str
+    input_shape: tuple[int, ...]
+    output: str
+    max_request_bytes: int
+
+
+def endpoints(model: ServedModel, options: ServeOptions, limit: int) -> Endpoints:
     base = f"http://{options.host}:{options.port}"
-    return {"model": model.name, "http": base, "grpc": f"{options.host}:{options.grpc_port}",
-            "metrics": f"http://{options.host}:{options.metrics_port}/metrics",
-            "model_url": f"{base}/v2/models/{model.name}", "ready": f"{base}/v2/health/ready",
-            "infer": f"{base}/v2/models/{model.name}/infer", "input": model.input_name,
-            "input_shape": list(model.input_shape), "output": model.output_name,
-            "model_file": model.model_file.name, "max_request_bytes": limit}
+    return Endpoints(model=model.name, model_file=model.model_file.name, http=base,
+                     grpc=f"{options.host}:{options.grpc_port}",
+                     metrics=f"http://{options.host}:{options.metrics_port}/metrics",
+                     model_url=f"{base}/v2/models/{model.name}", ready=f"{base}/v2/health/ready",
+                     infer=f"{base}/v2/models/{model.name}/infer", input=model.input_name,
+                     input_shape=tuple(model.input_shape), output=model.output_name,
+                     max_request_bytes=limit)
 
 
 def _stop_on_signals(first: Callable[[], None]) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
-from pipeline.core.bundle import LATENCY, ONNX, Bundle, sha256_of
+from pipeline.core.bundle import LATENCY, Bundle, sha256_of
 from pipeline.core.machine import cpu_flags, cpu_model, cpu_summary
 from pipeline.core.records import LatencyDoc, read_parity, target_name
 from pipeline.errors import InputError
@@ -40,10 +40,21 @@ from pipeline.runtimes.registry import (
 from pipeline.stages.stream import CALIBRATION_FILES, Engine, Split, plan_split, walk
 
 
+@dataclass(frozen=True)
+class ClassScore:
+    """One of a prediction's top-k classes."""
+
+    index: int
+    label: str
+    probability: float
+
+
 @dataclass
 class Prediction:
+    """One file's result: its top-k classes, most probable first, or why it has none."""
+
     file: str
-    top: list[dict[str, Any]] = field(default_factory=list)
+    top: list[ClassScore] = field(default_factory=list)
     error: str | None = None
 
 
@@ -142,9 +153,7 @@ def make_runner(target: Path, backend: Backend, precision: str, threads: int | N
     check_precision_name(precision)
     if target.is_dir():
         bundle = Bundle.open(target)
-        if ONNX not in bundle.read_manifest().get("artifacts", {}):
-            raise InputError(f"bundle {str(target)!r} has no exported ONNX model; run "
-                             f"python -m pipeline export --out {target}")
+        bundle.require_export()
         return backend.make(bundle, precision, threads=threads)
     if not target.is_file():
         raise InputError(f"model file {str(target)!r} does not exist")
@@ -175,9 +184,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def top_k(probabilities: np.ndarray, names: list[str], k: int) -> list[dict[str, Any]]:
+def top_k(probabilities: np.ndarray, names: list[str], k: int) -> list[ClassScore]:
     order = np.argsort(-probabilities, kind="stable")[:k]
-    return [{"index": int(i), "label": names[i], "probability": float(probabilities[i])} for i in order]
+    return [ClassScore(int(i), names[i], float(probabilities[i])) for i in order]
 
 
 def server_runner(target: Path, url: str, precision: str) -> Any:
@@ -291,9 +300,9 @@ def csv_row(prediction: Prediction) -> dict[str, Any]:
     if prediction.error is not None:
         return {"file": prediction.file, "error": prediction.error}
     best = prediction.top[0]
-    return {"file": prediction.file, "label": best["label"],
-            "probability": f"{best['probability']:.6f}", "index": best["index"],
-            "top": "|".join(f"{t['label']}:{t['probability']:.6f}" for t in prediction.top)}
+    return {"file": prediction.file, "label": best.label,
+            "probability": f"{best.probability:.6f}", "index": best.index,
+            "top": "|".join(f"{t.label}:{t.probability:.6f}" for t in prediction.top)}
 
 
 class OutputFile:

@@ -34,7 +34,6 @@ import numpy as np
 from pipeline.core import machine
 from pipeline.core.bundle import (
     CALIBRATION,
-    ONNX,
     ONNX_FP16,
     ONNX_INT8,
     Bundle,
@@ -42,7 +41,7 @@ from pipeline.core.bundle import (
     sha256_of,
 )
 from pipeline.core.console import captured
-from pipeline.core.records import CalibrationRecord, ModelSection
+from pipeline.core.records import CalibrationRecord, ModelSection, TrainSection
 from pipeline.data.datasets import (
     SYNTHETIC_CLASSES,
     labelled_folder,
@@ -85,7 +84,7 @@ def calibration_images(bundle: Bundle, manifest: dict[str, Any], options: Quanti
     model = ModelSection.of(manifest, str(bundle.manifest_path))
     prep, names = Preprocessing.from_dict(model.preprocessing), model.class_names
     source = options.calibration
-    trained = bool(manifest.get("stages", {}).get("train"))
+    trained = TrainSection.of(manifest) is not None
     if source is None:
         if not trained:
             raise InputError(f"{bundle.root} was not trained here, so there is no training split "
@@ -240,9 +239,7 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
     options.check()
     bundle = Bundle.open(path)
     manifest = bundle.read_manifest()
-    if ONNX not in manifest.get("artifacts", {}):
-        raise InputError(f"{bundle.root} has no exported model to quantize; run: "
-                         f"python -m pipeline export --out {bundle.root}")
+    bundle.require_export(manifest)
     source_name = bundle.fp32_onnx()
     bundle.check_integrity([source_name])
     source = bundle.path(source_name)

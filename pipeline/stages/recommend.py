@@ -9,9 +9,14 @@ backend verify did not run says so and is never recommended; only fp32 rows whos
 
 from __future__ import annotations
 
-from typing import Any
-
-from pipeline.core.records import LatencyRow, ParityReport, ok_rows, target_name
+from pipeline.core.records import (
+    Advice,
+    LatencyRow,
+    ParityReport,
+    Recommendation,
+    ok_rows,
+    target_name,
+)
 from pipeline.runtimes.registry import BACKENDS
 
 
@@ -59,17 +64,7 @@ def eligible(row: LatencyRow) -> bool:
     return row.verified == "gate passed"
 
 
-ADVICE_FIELDS = ("machine", "backend", "precision", "precision_requested", "device", "batch",
-                 "p50_ms", "p90_ms", "images_per_s", "stable", "verified", "top1_agreement",
-                 "top1_drop_points")
-
-
-def advice_of(row: LatencyRow) -> dict[str, Any]:
-    """The fields a recommendation quotes from a row."""
-    return {k: getattr(row, k) for k in ADVICE_FIELDS}
-
-
-def recommend(rows: list[LatencyRow], budget_ms: float | None = None) -> dict[str, Any]:
+def recommend(rows: list[LatencyRow], budget_ms: float | None = None) -> Recommendation:
     """The fastest verified (backend, precision) at batch 1 (best latency) and its cost
     against the fastest fp32; the verified row with the most images/s at any batch (best
     throughput); who meets a p90 budget; where the GPU overtakes the CPU; what was not verified."""
@@ -77,34 +72,32 @@ def recommend(rows: list[LatencyRow], budget_ms: float | None = None) -> dict[st
     usable = [r for r in good if eligible(r)]
     batch1 = sorted((r for r in usable if r.batch == 1), key=lambda r: r.p50_ms)
     fp32 = [r for r in batch1 if r.requested == "fp32"]
-    answer: dict[str, Any] = {"fastest_batch1": None, "fastest_fp32_batch1": None,
-                              "best_throughput": None,
-                              "speedup_vs_fp32": None, "budget_ms": budget_ms, "meets_budget": None,
-                              "gpu_overtakes_cpu_at_batch": None, "gpu_vs_cpu": None,
-                              "not_verified": sorted({r.target for r in good if not eligible(r)})}
+    answer = Recommendation(budget_ms=budget_ms,
+                            not_verified=sorted({r.target for r in good if not eligible(r)}))
     if batch1:
-        answer["fastest_batch1"] = advice_of(batch1[0])
+        answer.fastest_batch1 = Advice.of(batch1[0])
     if usable:
-        answer["best_throughput"] = advice_of(max(usable, key=lambda r: r.images_per_s or 0.0))
+        answer.best_throughput = Advice.of(max(usable, key=lambda r: r.images_per_s or 0.0))
     if fp32:
-        answer["fastest_fp32_batch1"] = advice_of(fp32[0])
-        answer["speedup_vs_fp32"] = fp32[0].p50_ms / batch1[0].p50_ms
+        answer.fastest_fp32_batch1 = Advice.of(fp32[0])
+        answer.speedup_vs_fp32 = fp32[0].p50_ms / batch1[0].p50_ms
     if budget_ms is not None:
-        answer["meets_budget"] = [advice_of(r) for r in sorted(usable, key=lambda r: (r.batch, r.p90_ms))
-                                  if r.p90_ms <= budget_ms]
-    answer.update(_gpu_crossover(usable))
+        answer.meets_budget = [Advice.of(r) for r in sorted(usable, key=lambda r: (r.batch, r.p90_ms))
+                               if r.p90_ms <= budget_ms]
+    answer.gpu_overtakes_cpu_at_batch, answer.gpu_vs_cpu = _gpu_crossover(usable)
     return answer
 
 
-def _gpu_crossover(good: list[LatencyRow]) -> dict[str, Any]:
+def _gpu_crossover(good: list[LatencyRow]) -> tuple[int | None, dict[str, float] | str]:
+    """The first batch at which the best GPU row beats the best CPU row in images/s, and the
+    GPU/CPU ratio per batch (or why there is none)."""
     best: dict[tuple[str, int], float] = {}
     for row in good:
         key = ("gpu" if row.device == "cuda" else "cpu", row.batch)
         best[key] = max(best.get(key, 0.0), row.images_per_s)
     batches = sorted({batch for kind, batch in best if (("cpu", batch) in best and ("gpu", batch) in best)})
     if not batches:
-        return {"gpu_vs_cpu": "not measured: needs both a CPU and a GPU backend"}
+        return None, "not measured: needs both a CPU and a GPU backend"
     table = {b: best[("gpu", b)] / best[("cpu", b)] for b in batches}
     over = next((b for b in batches if table[b] > 1.0), None)
-    return {"gpu_overtakes_cpu_at_batch": over,
-            "gpu_vs_cpu": {str(b): round(ratio, 2) for b, ratio in table.items()}}
+    return over, {str(b): round(ratio, 2) for b, ratio in table.items()}

@@ -7,16 +7,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 from pipeline.core.console import StageTimer
-from pipeline.core.records import LatencyDoc, ParityReport
+from pipeline.core.records import LatencyDoc, ParityReport, TrainSummary
 from pipeline.models.weights import load_model
 from pipeline.options import BenchOptions, TrainOptions
 from pipeline.stages.bench.protocol import run_bench
 from pipeline.stages.export import ExportOptions, export_bundle
 from pipeline.stages.quantize import QuantizeOptions, quantize_bundle
-from pipeline.stages.report import save_bench
+from pipeline.stages.bench.writeup import save_bench
 from pipeline.stages.train import fit
 from pipeline.stages.verify import verify_bundle
 
@@ -24,7 +23,7 @@ from pipeline.stages.verify import verify_bundle
 @dataclass
 class RunResult:
     bundle: Path
-    training: dict[str, Any]
+    training: TrainSummary
     parity: ParityReport
     latency: LatencyDoc
 
@@ -42,7 +41,7 @@ class RunResult:
 
     @property
     def summary(self) -> str:
-        return (f"{self.bundle}: best val accuracy {self.training['best_val_acc']:.4f}, "
+        return (f"{self.bundle}: best val accuracy {self.training.best_val_acc:.4f}, "
                 f"{self.parity.summary}")
 
 
@@ -50,7 +49,7 @@ def run_all(config: TrainOptions, bench_config: BenchOptions, *, command: str,
             log: Callable[[str], None]) -> RunResult:
     log("== train")
     training = fit(config, log=log)
-    bundle = Path(training["bundle"])
+    bundle = Path(training.bundle)
     log("== export")
     export_bundle(load_model(checkpoint=bundle / "checkpoint.pt"), bundle, ExportOptions(), StageTimer())
     log("== quantize")

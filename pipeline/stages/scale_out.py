@@ -18,6 +18,7 @@ on every node (a shared filesystem), as must the images.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.models.archs import Preprocessing
 from pipeline.options import PredictOptions
 from pipeline.stages.predict import (
+    ClassScore,
     OutputFile,
     Prediction,
     StreamSummary,
@@ -91,7 +93,8 @@ class _Classify:
         if good.any():
             logits = self.runner.infer(normalise(np.asarray(batch["pixels"])[good], self.prep))
             rows = iter(softmax(logits))
-            tops = [json.dumps(top_k(next(rows), self.names, self.k)) if ok else ""
+            tops = [json.dumps([asdict(score) for score in top_k(next(rows), self.names, self.k)])
+                    if ok else ""
                     for ok in good]
         return {"file": batch["file"], "top": np.array(tops, dtype=object), "error": batch["error"]}
 
@@ -168,7 +171,7 @@ def classify_on_ray(target: Path, inputs: list[Path], options: PredictOptions, *
                         break
                     write(Prediction(earlier, error=problems[earlier]))
                 write(Prediction(str(name), error=str(error)) if error
-                      else Prediction(str(name), json.loads(top)))
+                      else Prediction(str(name), [ClassScore(**score) for score in json.loads(top)]))
         for earlier in remaining:
             write(Prediction(earlier, error=problems[earlier]))
     except KeyboardInterrupt:

@@ -28,11 +28,12 @@ from pipeline.core.bundle import (
     save_atomic,
     write_json_atomic,
 )
+from pipeline.core.records import TrainSummary
 from pipeline.data.datasets import load_data
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.models.archs import get_arch
 from pipeline.models.weights import load_model, read_checkpoint
-from pipeline.options import OPTIMIZERS, TrainOptions
+from pipeline.options import MODEL, OPTIMIZERS, ModelOptions, TrainOptions
 
 if TYPE_CHECKING:
     import torch
@@ -336,7 +337,7 @@ def _setup(config: TrainOptions, resume: dict[str, Any] | None, log: Callable[[s
                        build_scheduler(config.schedule, optimizer, config.epochs),
                        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
                        torch.amp.GradScaler("cuda") if device == "cuda" else None,
-                       Bundle(ensure_writable_dir(Path(config.out or Path("exported") / spec.name))),
+                       Bundle(ensure_writable_dir(Path(ModelOptions(out=config.out).bundle_dir(spec.name)))),
                        _fit_batch_size(config.batch_size, len(data.train), log))
 
 
@@ -400,14 +401,14 @@ def build_config(options: dict[str, Any], *, resume: str | None = None,
         values = {key: value for key, value in stored.items() if key in known}
         values.setdefault("arch", None)  # fit checks it against the checkpoint's own
     else:
-        values = {"arch": "resnet18", **(defaults or {})}
+        values = {"arch": MODEL.arch, **(defaults or {})}
     values.update(given)
     if values.get("out") is not None:
         values["out"] = str(values["out"])
     return TrainOptions(**values, resume=resume)
 
 
-def fit(config: TrainOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def fit(config: TrainOptions, log: Callable[[str], None] | None = None) -> TrainSummary:
     """Train into the bundle ``config.out``; returns a summary with the best validation accuracy."""
     log = log or (lambda message: print(message, file=sys.stderr))
     config.check()
@@ -454,9 +455,10 @@ def fit(config: TrainOptions, log: Callable[[str], None] | None = None) -> dict[
     if run.ctx.is_main:
         _record_training(run.bundle, config, data, run.history, run.best_acc)
         _log_per_class(run.bundle, main_log)
-    return {"bundle": str(run.bundle.root), "arch": run.loaded.arch, "best_val_acc": run.best_acc,
-            "epochs": len(run.history), "classes": data.class_names, "weights_sha256": digest,
-            "world_size": run.ctx.world, "rank": run.ctx.rank, "skipped_images": len(data.skipped)}
+    return TrainSummary(bundle=str(run.bundle.root), arch=run.loaded.arch,
+                        best_val_acc=run.best_acc, epochs=len(run.history),
+                        classes=data.class_names, weights_sha256=digest, world_size=run.ctx.world,
+                        rank=run.ctx.rank, skipped_images=len(data.skipped))
 
 
 def _log_per_class(bundle: Bundle, log: Callable[[str], None]) -> None:

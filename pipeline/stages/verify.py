@@ -17,7 +17,7 @@ Only GPU pairs, and optional extras that are not installed, are skipped with a r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +42,7 @@ from pipeline.core.records import (
     ModelSection,
     PairResult,
     ParityReport,
+    TrainSection,
 )
 from pipeline.data.datasets import (
     SYNTHETIC_GATE_IMAGES,
@@ -97,19 +98,41 @@ def topk_agreement(candidate: np.ndarray, reference: np.ndarray) -> tuple[float,
     return float(np.mean(candidate.argmax(1) == reference.argmax(1))), top5
 
 
-def compare(candidate: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Comparison:
+    """One candidate's outputs against the reference: the largest errors, top-k agreement and
+    the verdict; under the floor rule also the error against float64, the floor, the tolerance
+    it earns and the margin. These are PairResult's figures, so a pair is built from one."""
+
+    passed: bool
+    max_abs: float | None = None
+    max_rel: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    max_abs_vs_fp64: float | None = None
+    fp32_floor: float | None = None
+    tolerance: float | None = None
+    margin: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> "Comparison":
+        return cls(passed=False, error=error)
+
+
+def compare(candidate: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> Comparison:
     """numpy's allclose rule against ``reference``, with largest errors and top-k agreement."""
     candidate = candidate.astype(np.float64)
     reference = reference.astype(np.float64)
     if candidate.shape != reference.shape:
-        return {"passed": False, "error": f"shape {candidate.shape} != reference {reference.shape}"}
+        return Comparison.failed(f"shape {candidate.shape} != reference {reference.shape}")
     diff = np.abs(candidate - reference)
     # Relative error over |reference| floored at atol, so near-zero logits do not divide by zero.
     rel = diff / np.maximum(np.abs(reference), max(atol, 1e-12))
     top1, top5 = topk_agreement(candidate, reference)
     finite = bool(np.isfinite(candidate).all())
-    return {"max_abs": float(diff.max()), "max_rel": float(rel.max()), "top1": top1, "top5": top5,
-            "passed": finite and bool(np.all(diff <= atol + rtol * np.abs(reference)))}
+    return Comparison(max_abs=float(diff.max()), max_rel=float(rel.max()), top1=top1, top5=top5,
+                      passed=finite and bool(np.all(diff <= atol + rtol * np.abs(reference))))
 
 
 def floor_tolerance(fp32: np.ndarray, fp64: np.ndarray) -> tuple[float, float]:
@@ -118,18 +141,17 @@ def floor_tolerance(fp32: np.ndarray, fp64: np.ndarray) -> tuple[float, float]:
     return floor, FLOOR_MULTIPLE * floor + SCALE_TERM * float(np.abs(fp64).max())
 
 
-def compare_to_floor(candidate: np.ndarray, fp32: np.ndarray, fp64: np.ndarray) -> dict[str, Any]:
+def compare_to_floor(candidate: np.ndarray, fp32: np.ndarray, fp64: np.ndarray) -> Comparison:
     """The floor rule: ``|candidate - fp64| <= FLOOR_MULTIPLE * floor + SCALE_TERM * max|fp64|``."""
     outcome = compare(candidate, fp32, atol=0.0, rtol=0.0)
-    if "error" in outcome:
+    if outcome.error is not None:
         return outcome
     floor, tolerance = floor_tolerance(fp32, fp64)
     error = float(np.abs(candidate.astype(np.float64) - fp64).max())
     finite = bool(np.isfinite(candidate).all())
-    outcome.update(max_abs_vs_fp64=error, fp32_floor=floor, tolerance=tolerance,
+    return replace(outcome, max_abs_vs_fp64=error, fp32_floor=floor, tolerance=tolerance,
                    margin=tolerance / error if error > 0 else float("inf"),
                    passed=finite and error <= tolerance)
-    return outcome
 
 
 def cosine_rows(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -187,8 +209,8 @@ def evaluation_images(bundle: Bundle, manifest: dict[str, Any], images: Path | N
     if missing:
         return None, f"{NO_EVALUATION}; {missing}"
     samples, _, source = recorded_split(manifest, "val")
-    if manifest["stages"]["train"]["config"]["data"] == "synthetic" and \
-            len(samples) < SYNTHETIC_GATE_IMAGES:
+    train = TrainSection.of(manifest)
+    if train is not None and train.synthetic and len(samples) < SYNTHETIC_GATE_IMAGES:
         extra, what = synthetic_held_apart(manifest, SYNTHETIC_GATE_IMAGES - len(samples))
         samples, source = samples + extra, f"{source}, and {what}"
     if len(samples) > MAX_EVAL_IMAGES:
@@ -340,17 +362,14 @@ def _pair_rows(key: str, backend: Backend, make: Callable[[], Runner], inputs: d
     with runner:
         model = _model_identity(runner, known)
         for label, batch in inputs.items():
-            result = PairResult(key, label, len(batch), provider=runner.provider,
-                                backend=backend.name, **model)
             try:
                 out = runner.infer(batch)
                 outcome = (compare(out, fp32[label], atol=tolerances[0], rtol=tolerances[1])
                            if tolerances else compare_to_floor(out, fp32[label], fp64[label]))
             except Exception as exc:  # a runtime error in one backend is a failed row, not a crash
-                outcome = {"passed": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            for name, value in outcome.items():
-                setattr(result, name, value)
-            results.append(result)
+                outcome = Comparison.failed(f"{type(exc).__name__}: {str(exc)[:300]}")
+            results.append(PairResult(key, label, len(batch), provider=runner.provider,
+                                      backend=backend.name, **model, **asdict(outcome)))
     return results
 
 
@@ -423,13 +442,13 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
     max_top1_drop, min_agreement = options.max_top1_drop, options.min_agreement
     bundle = Bundle.open(path)
     manifest = bundle.read_manifest()
-    artifacts = manifest.get("artifacts", {})
-    exported = [name for name, entry in artifacts.items() if entry.get("stage") in ("export", "quantize")]
+    artifacts = bundle.artifacts(manifest)
+    exported = [name for name, entry in artifacts.items() if entry.stage in ("export", "quantize")]
     if ONNX not in exported:
         raise InputError(f"{bundle.root} has no exported models in its manifest; "
                          f"run: python -m pipeline export --out {bundle.root}")
     integrity = bundle.check_integrity(exported)
-    known = {name: artifacts[name]["sha256"] for name in integrity}  # just matched on disk
+    known = {name: artifacts[name].sha256 for name in integrity}  # just matched on disk
     rule = ({"kind": "allclose vs eager fp32", "atol": tolerances[0], "rtol": tolerances[1],
              "formula": "|candidate - fp32| <= atol + rtol * |fp32|"} if tolerances else
             {"kind": "fp32 noise floor", "floor_multiple": FLOOR_MULTIPLE, "scale_term": SCALE_TERM,

@@ -62,7 +62,7 @@ def test_targets_that_cannot_run_here_collapse_into_one_line_per_reason():
     """A CPU machine's bench: every GPU target at every batch size is one line, not 8 rows,
     in the terminal and in report.md; latency.json keeps the rows."""
     from pipeline.core.records import LatencyDoc, reason_rows
-    from pipeline.stages.report import rows_table
+    from pipeline.stages.bench.writeup import rows_table
 
     no_gpu = "no CUDA GPU visible (torch.cuda.is_available() is False)"
     rows = [LatencyRow("ort-cpu", 1, precision="fp32", precision_requested="fp32", p50_ms=1.0,

@@ -189,9 +189,9 @@ def test_recommendation_finds_gpu_crossover():
     rows = [row("ort-cpu", "cpu", 1, 5.0), row("ort-cuda", "cuda", 1, 6.0),
             row("ort-cpu", "cpu", 8, 40.0), row("ort-cuda", "cuda", 8, 10.0)]
     advice = recommend(rows, budget_ms=6.0)
-    assert advice["fastest_batch1"]["backend"] == "ort-cpu"
-    assert advice["gpu_overtakes_cpu_at_batch"] == 8
-    assert [m["backend"] for m in advice["meets_budget"]] == ["ort-cpu"]
+    assert advice.fastest_batch1.backend == "ort-cpu"
+    assert advice.gpu_overtakes_cpu_at_batch == 8
+    assert [m.backend for m in advice.meets_budget] == ["ort-cpu"]
 
 
 def test_unknown_backend_is_a_usage_error(tiny_bundle):
@@ -214,7 +214,7 @@ def test_bench_on_a_bundle_without_an_export(tmp_path):
 
     Bundle(tmp_path).write_manifest(new_manifest())  # e.g. a bundle that only holds training files
     result = run_cli("bench", tmp_path, *FAST)
-    assert result.exit_code == 2 and "has no exported model" in result.stderr
+    assert result.exit_code == 2 and "has no exported ONNX model" in result.stderr
 
 
 def test_report_refuses_different_models_unless_forced(bench_result, tmp_path):

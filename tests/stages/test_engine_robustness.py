@@ -106,7 +106,7 @@ CALLERS = {
 PREDICT = """
 import json, pathlib, pipeline
 preds = pipeline.predict(pathlib.Path({bundle!r}), [pathlib.Path({photos!r})], workers=2, threads=1)
-print("RESULT " + json.dumps([[p.file, p.top[0].label if hasattr(p.top[0], "label") else p.top[0]["label"]] for p in preds]))
+print("RESULT " + json.dumps([[p.file, p.top[0].label] for p in preds]))
 """
 
 WEB = """
@@ -118,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         assert threading.current_thread() is not threading.main_thread()
         preds = pipeline.predict(pathlib.Path({bundle!r}), [pathlib.Path({photos!r})], workers=2, threads=1)
-        body = json.dumps([[p.file, p.top[0].label if hasattr(p.top[0], "label") else p.top[0]["label"]] for p in preds]).encode()
+        body = json.dumps([[p.file, p.top[0].label] for p in preds]).encode()
         self.send_response(200); self.end_headers(); self.wfile.write(body)
     def log_message(self, *args):
         pass

@@ -323,11 +323,11 @@ def test_recommendation_never_picks_an_unverified_precision():
             row("openvino-cpu", "auto", 3.0, "gate failed"),
             row("ort-cpu", "int8", 5.0, "gate passed")]
     advice = recommend(rows, budget_ms=6.0)
-    assert advice["fastest_batch1"]["backend"] == "ort-cpu"
-    assert advice["fastest_batch1"]["precision"] == "int8"
-    assert advice["speedup_vs_fp32"] == pytest.approx(2.0)
-    assert advice["not_verified"] == ["openvino-cpu:auto", "openvino-cpu:int8"]
-    assert [(m["backend"], m["precision"]) for m in advice["meets_budget"]] == [("ort-cpu", "int8")]
+    assert advice.fastest_batch1.backend == "ort-cpu"
+    assert advice.fastest_batch1.precision == "int8"
+    assert advice.speedup_vs_fp32 == pytest.approx(2.0)
+    assert advice.not_verified == ["openvino-cpu:auto", "openvino-cpu:int8"]
+    assert [(m.backend, m.precision) for m in advice.meets_budget] == [("ort-cpu", "int8")]
 
 
 # ----------------------------------------------------------------------------- predict
@@ -407,7 +407,7 @@ def test_quantize_without_export(tmp_path):
 
     Bundle(tmp_path).write_manifest(new_manifest())
     result = run_cli("quantize", tmp_path, "--calibration", "synthetic")
-    assert result.exit_code == 2 and "has no exported model to quantize" in result.stderr
+    assert result.exit_code == 2 and "has no exported ONNX model; run: python -m pipeline export" in result.stderr
 
 
 def test_predict_precision_without_variant(tiny_bundle, tmp_path):

@@ -160,4 +160,4 @@ def test_predict_never_crashes_on_hostile_files(tiny_bundle_master, tmp_path_fac
     if result.error:
         assert str(path) in result.error
     else:
-        assert len(result.top) == 3 and all(np.isfinite(t["probability"]) for t in result.top)
+        assert len(result.top) == 3 and all(np.isfinite(t.probability) for t in result.top)

@@ -23,7 +23,7 @@ def test_training_learns_synthetic_shapes(tmp_path):
     summary = fit(TrainOptions(out=str(tmp_path), epochs=3, batch_size=8, input_size=48,
                               synthetic_per_class=250, workers=0, progress=False), log=lambda m: None)
     history = json.loads((tmp_path / "history.json").read_text())
-    assert summary["best_val_acc"] >= 0.40
+    assert summary.best_val_acc >= 0.40
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
@@ -99,7 +99,7 @@ def test_ctrl_c_inside_an_epoch_resumes_exactly(tmp_path, monkeypatch):
     assert any("interrupted during epoch 2" in m and "keeps epoch 1" in m for m in messages)
     resumed = fit(_tiny_config(tmp_path / "b", epochs=3, resume=str(tmp_path / "b" / "last.pt")),
                   log=lambda m: None)
-    assert resumed["weights_sha256"] == straight["weights_sha256"]
+    assert resumed.weights_sha256 == straight.weights_sha256
     history = json.loads((tmp_path / "b" / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert (tmp_path / "b" / "metrics.json").is_file()

@@ -34,10 +34,10 @@ def test_the_floor_rule_is_measured_per_model():
     fp32 = fp64 + np.array([[1e-6, 0.0, -2e-6]])
     assert floor_tolerance(fp32, fp64) == pytest.approx((2e-6, FLOOR_MULTIPLE * 2e-6 + SCALE_TERM * 3.0))
     tolerance = floor_tolerance(fp32, fp64)[1]
-    assert compare_to_floor(fp64 + 0.9 * tolerance, fp32, fp64)["passed"]
+    assert compare_to_floor(fp64 + 0.9 * tolerance, fp32, fp64).passed
     failed = compare_to_floor(fp64 + 1.1 * tolerance, fp32, fp64)
-    assert not failed["passed"] and failed["margin"] == pytest.approx(1 / 1.1)
-    assert not compare_to_floor(fp64 * np.nan, fp32, fp64)["passed"]
+    assert not failed.passed and failed.margin == pytest.approx(1 / 1.1)
+    assert not compare_to_floor(fp64 * np.nan, fp32, fp64).passed
 
 
 def test_perturbed_initializer_fails_parity(tiny_bundle):
@@ -208,10 +208,10 @@ def test_compare_reports_errors_and_topk():
     cand = ref.copy()
     cand[0, 0] = 1.5
     result = compare(cand, ref, atol=1e-4, rtol=1e-3)
-    assert result["max_abs"] == 0.5 and result["max_rel"] == 0.5
-    assert result["top1"] == 1.0 and result["top5"] == 1.0 and not result["passed"]
+    assert result.max_abs == 0.5 and result.max_rel == 0.5
+    assert result.top1 == 1.0 and result.top5 == 1.0 and not result.passed
     swapped = ref[:, ::-1].copy()
-    assert compare(swapped, ref, atol=1e-4, rtol=1e-3)["top1"] == 0.0
+    assert compare(swapped, ref, atol=1e-4, rtol=1e-3).top1 == 0.0
 
 
 def test_a_named_precision_is_gated_on_every_cpu(tiny_bundle, tmp_path, forced_bf16):

@@ -34,7 +34,6 @@ from pipeline.core.records import (
     read_parity,
     reason_rows,
 )
-from pipeline.errors import InputError
 from pipeline.models.archs import describe, get_arch
 from pipeline.options import BenchOptions
 from pipeline.runtimes.registry import (
@@ -46,10 +45,7 @@ from pipeline.runtimes.registry import (
 from pipeline.stages.bench.timing import MIN_WARMUP_ITERATIONS
 from pipeline.stages.recommend import attach_verification
 
-WORKER_TIMEOUT_S = 1800
-
-
-WORKER_TIMEOUT_S = 1800
+WORKER_TIMEOUT_S = 1800  # one backend's worker process, all batch sizes
 
 
 def all_targets() -> tuple[str, ...]:
@@ -121,9 +117,7 @@ def run_bench(bundle: Path, config: BenchOptions, *, images: list[str] | None = 
 
     opened = Bundle.open(bundle)
     manifest = opened.read_manifest()
-    if "model" not in manifest or "model.onnx" not in manifest.get("artifacts", {}):
-        raise InputError(f"bundle {str(bundle)!r} has no exported model to time; run "
-                         f"python -m pipeline export --out {bundle} first")
+    opened.require_export(manifest)
     model = ModelSection.of(manifest, str(opened.manifest_path))
     gmacs = describe(get_arch(model.arch), num_classes=model.num_classes,
                      input_size=model.input_size)["gmacs"]

@@ -25,7 +25,14 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.core.bundle import LATENCY
-from pipeline.core.records import LatencyDoc, PoissonSearch, ServerRow, ServerSection, ok_rows
+from pipeline.core.records import (
+    LatencyDoc,
+    PoissonSearch,
+    Recommendation,
+    ServerRow,
+    ServerSection,
+    ok_rows,
+)
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.options import BenchOptions, ScenarioOptions, ServeOptions
 from pipeline.runtimes.registry import served_model
@@ -34,7 +41,7 @@ from pipeline.stages.bench import poisson
 from pipeline.stages.bench.breakdown import Samples, breakdown, cpu_seconds, scrape
 from pipeline.stages.bench.protocol import run_bench
 from pipeline.stages.bench.timing import percentile_stats
-from pipeline.stages.report import save_bench
+from pipeline.stages.bench.writeup import save_bench
 
 READY_TIMEOUT_S = 180.0
 MAX_REQUESTS_PER_CLIENT = 100_000
@@ -222,7 +229,7 @@ def run_server_scenario(bundle: Any, scenario: ScenarioOptions, log: Callable[[s
 
 def server_bench(bundle: Any, scenario: ScenarioOptions, *, iterations: int, warmup_seconds: float,
                  budget_ms: float | None, progress: bool, command: str,
-                 log: Callable[[str], None]) -> tuple[LatencyDoc, dict[str, Any]]:
+                 log: Callable[[str], None]) -> tuple[LatencyDoc, Recommendation]:
     """The server scenario beside fresh in-process ORT baselines (batch 1, and powers of two up
     to the largest batch the server could form: the best of them is the batching ceiling), into
     latency.json's ``server`` section and report.md."""
