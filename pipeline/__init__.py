@@ -23,6 +23,7 @@ from pipeline.api import (
                           export,
                           predict,
                           quantize,
+                          recheck,
                           report,
                           run,
                           serve,
@@ -38,6 +39,6 @@ from pipeline.errors import (
 from pipeline.version import __version__
 
 __all__ = ["train", "export", "verify", "quantize", "bench", "bench_offline", "predict", "classify", "run",
-           "report",
+           "report", "recheck",
            "deploy_triton", "serve", "TrainResult", "ExportResult", "BenchResult",
            "PipelineError", "InputError", "CheckFailed", "EnvironmentUnavailable", "__version__"]

@@ -38,6 +38,7 @@ from pipeline.core.records import (
 )
 from pipeline.errors import InputError
 from pipeline.options import (
+    DEFAULT_MAX_SLOWDOWN,
     MODEL,
     SCENARIOS,
     SWEEP,
@@ -162,6 +163,10 @@ class BenchResult:
     doc: LatencyDoc
     recommendation: Recommendation
     warnings: list[str]
+
+    def __bool__(self) -> bool:
+        """False when the regression gate (``baseline``) found a row slower than allowed."""
+        return not (self.doc.regression and self.doc.regression.regressed)
 
     @property
     def rows(self) -> list[LatencyRow]:
@@ -302,7 +307,8 @@ def verify(bundle: str | Path, *, images: str | Path | None = None,
            max_top1_drop: float | None = None, min_agreement: float | None = None,
            cuda: bool = VerifyOptions.cuda, precisions: str | Sequence[str] | None = None,
            localize: bool = VerifyOptions.localize,
-           accept_inconclusive: bool = VerifyOptions.accept_inconclusive) -> ParityReport:
+           accept_inconclusive: bool = VerifyOptions.accept_inconclusive,
+           junit_xml: str | Path | None = None) -> ParityReport:
     """Hashes, fp32 parity of every artifact against eager PyTorch, and the accuracy gate of
     every reduced-precision variant. The report is truthy when everything that decides the
     exit code passed: fp32 parity, the gates of the variant files (int8, fp16) and of the
@@ -311,14 +317,61 @@ def verify(bundle: str | Path, *, images: str | Path | None = None,
     bounds cannot tell yet; ``images_needed`` says how many images would);
     ``accept_inconclusive`` lets inconclusive gates through (never recommended). ``localize``
     compares every candidate layer by layer (a failed one always is) and puts the first
-    divergent layer in ``report.localized``."""
+    divergent layer in ``report.localized``. ``junit_xml`` also writes every pair and gate as a
+    JUnit test case there (a changed file, which stops verify before any pair runs, as one
+    error case)."""
+    from pipeline.errors import CheckFailed
     from pipeline.stages.verify import verify_bundle
 
-    return verify_bundle(Path(bundle), _verify_options(atol, rtol, max_top1_drop, min_agreement,
-                                                       cuda=cuda, precisions=precisions,
-                                                       localize=localize,
-                                                       accept_inconclusive=accept_inconclusive),
-                         images=Path(images) if images else None)
+    options = _verify_options(atol, rtol, max_top1_drop, min_agreement, cuda=cuda,
+                              precisions=precisions, localize=localize,
+                              accept_inconclusive=accept_inconclusive)
+    started = time.perf_counter()
+    try:
+        report = verify_bundle(Path(bundle), options, images=Path(images) if images else None)
+    except CheckFailed as exc:  # integrity: a file differs from the manifest
+        if junit_xml:
+            from pipeline.core.checks import ERROR, Check, write_junit
+
+            write_junit(junit_xml, "verify", [Check("verify.integrity", "sha256 of the bundle's "
+                                                    "files", ERROR, message=str(exc))],
+                        seconds=time.perf_counter() - started)
+        raise
+    if junit_xml:
+        _write_checks(junit_xml, "verify", report, time.perf_counter() - started)
+    return report
+
+
+def _write_checks(path: str | Path, suite: str, record: "ParityReport | LatencyDoc",
+                  seconds: float, budget_ms: float | None = None) -> None:
+    from pipeline.core.checks import latency_checks, parity_checks, write_junit
+
+    checks = (parity_checks(record) if isinstance(record, ParityReport)
+              else latency_checks(record, budget_ms))
+    write_junit(path, suite, checks, seconds=seconds)
+
+
+def recheck(parity_json: str | Path, *, atol: float | None = None, rtol: float | None = None,
+            max_top1_drop: float | None = None, min_agreement: float | None = None,
+            accept_inconclusive: bool | None = None, out: str | Path | None = None,
+            junit_xml: str | Path | None = None) -> ParityReport:
+    """Judge a saved parity.json again against new limits without running anything (the CLI's
+    ``verify --recheck``); a limit left None keeps the file's. Returns the re-judged report
+    (truthy when it passes); ``out`` writes it there, never over ``parity_json`` itself.
+    Raises InputError when a limit needs figures the file does not store."""
+    from pipeline.stages.verify import recheck as run_recheck
+
+    source = Path(parity_json)
+    if out is not None and Path(out).resolve() == source.resolve():
+        raise InputError(f"--out {str(out)!r} is the file being rechecked; --recheck never "
+                         f"rewrites it: give another path")
+    report = run_recheck(source, atol=atol, rtol=rtol, max_top1_drop=max_top1_drop,
+                         min_agreement=min_agreement, accept_inconclusive=accept_inconclusive)
+    if out is not None:
+        report.dump(Path(out))
+    if junit_xml:
+        _write_checks(junit_xml, "verify", report, 0.0)
+    return report
 
 
 def quantize(bundle: str | Path, *, precisions: str | Sequence[str] = QuantizeOptions.precisions,
@@ -357,6 +410,9 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
           concurrency: str | Sequence[int] = _SCENARIO.concurrency,
           arrival: str = _SCENARIO.arrival, p99_ms: float | None = None,
           poisson_trials: int = _SCENARIO.poisson_trials, fast_decode: bool = False,
+          baseline: str | Path | None = None, max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+          baseline_rerun: str | Path | None = None, force: bool = False,
+          junit_xml: str | Path | None = None,
           log: Log = stderr_log) -> "BenchResult | OfflineRun":
     """Time every backend (each in its own process); writes latency.json, report.md and
     latency.png into the bundle. ``command`` is recorded as what made the numbers.
@@ -370,7 +426,14 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
 
     ``scenario="offline"`` is ``bench_offline`` on the folder ``images`` (returns its
     OfflineRun): ``backends`` names at most one target predict can run (default: what
-    ``precision="auto"`` picks), and one batch size in ``batch_sizes`` sets its batch."""
+    ``precision="auto"`` picks), and one batch size in ``batch_sizes`` sets its batch.
+
+    ``baseline`` (an earlier latency.json) turns on the regression gate: each row against the
+    baseline's row for the same target and batch on the same machine fingerprint, regressed
+    when slower than ``max_slowdown`` allows and significantly so over the stability windows
+    (one-sided Mann-Whitney U). ``baseline_rerun`` (a bundle or an .onnx) re-measures the
+    baseline model in this run instead, alternating windows of the two. The result is falsy
+    when a row regressed; ``junit_xml`` writes every row (and regression) as a test case."""
     from pipeline.core.bundle import Bundle
 
     if scenario not in SCENARIOS:
@@ -404,6 +467,8 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
 
     if threads is not None and threads < 1:
         raise InputError(f"--threads {threads} must be at least 1")
+    if max_slowdown < 0:
+        raise InputError(f"--max-slowdown {max_slowdown:g} must be >= 0 (0.10 allows 10% slower)")
     config = BenchOptions(backends=targets(backends, precisions),
                           batch_sizes=batch_list(batch_sizes),
                           iterations=iterations, seconds=seconds, warmup_s=warmup_seconds,
@@ -412,9 +477,23 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     target = Bundle.open(Path(bundle))
     files = [str(p) for p in find_images([Path(images)])] if images else None
     started = time.perf_counter()
+    gate = None
+    if baseline is not None or baseline_rerun is not None:  # a bad baseline refused before timing
+        from pipeline.stages.bench.regression import Gate
+
+        gate = Gate.open(target, baseline, baseline_rerun, max_slowdown, force=force)
     doc = run_bench(target.root, config, images=files, progress=progress)
     doc.command = command or f"pipeline.bench({str(bundle)!r})"
+    if gate is not None:
+        log("regression gate: " + ("re-measuring the baseline model, alternating windows"
+                                   if gate.rerun else f"against {gate.baseline_path}"))
+        doc.regression = gate.judge(doc, config)
     advice = save_bench(doc, target.root, budget_ms, started=started)
+    if junit_xml:
+        from pipeline.core.checks import latency_checks, write_junit
+
+        write_junit(junit_xml, "bench", latency_checks(doc, budget_ms),
+                    seconds=time.perf_counter() - started)
     return BenchResult(target.root, doc, advice, stale_parity_warnings(target))
 
 

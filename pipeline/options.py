@@ -36,6 +36,7 @@ from pipeline.errors import InputError
 # ----------------------------------------------------------------------------- verify
 FLOOR_MULTIPLE = 8.0
 SCALE_TERM = 1e-5
+DEFAULT_MAX_SLOWDOWN = 0.10  # bench --baseline: 10% slower than the baseline is allowed
 DEFAULT_MAX_TOP1_DROP = 1.0  # points of top-1 accuracy, when the images carry labels
 DEFAULT_MIN_AGREEMENT = 0.99  # share of images whose top-1 class equals eager fp32's
 GATED_PRECISIONS = ("int8", "fp16", "bf16", "auto")  # verify --precisions

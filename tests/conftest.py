@@ -30,10 +30,12 @@ def run_cli(*args: str) -> "object":
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def run_module(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m pipeline ...`` in a subprocess, exactly as a user types it."""
+def run_module(*args: str, timeout: float = 300, env: dict | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m pipeline ...`` in a subprocess, exactly as a user types it (``env``: the
+    whole environment)."""
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+                          text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +117,20 @@ def forced_vnni(request, monkeypatch) -> bool:
     present = request.param
     monkeypatch.setattr(machine, "cpu_has_fast_int8", lambda flags=None: present)
     return present
+
+
+def drift_onnx(bundle_dir: Path, name: str = "model.sim.onnx", factor: float = 1.5) -> None:
+    """An ONNX file's first weights scaled by ``factor``, the manifest vouching for the new
+    file: integrity passes, so parity must catch the drift."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pipeline.core.bundle import Bundle
+
+    path = Path(bundle_dir) / name
+    proto = onnx.load(str(path))
+    weight = proto.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * factor, weight.name))
+    onnx.save(proto, str(path))
+    bundle = Bundle.open(bundle_dir)
+    bundle.update_manifest(lambda m: bundle.record_artifact(m, name, stage="export"))

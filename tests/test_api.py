@@ -11,7 +11,7 @@ import pytest
 
 import pipeline
 from pipeline.errors import CheckFailed, EnvironmentUnavailable, InputError
-from tests.conftest import TINY_ARCH, write_images
+from tests.conftest import TINY_ARCH, drift_onnx, write_images
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -90,18 +90,7 @@ def test_every_stage_result_has_the_one_shape(tiny_bundle: Path, tmp_path: Path)
 
 
 def test_verify_report_is_falsy_when_a_pair_fails(tiny_bundle: Path) -> None:
-    import onnx
-    from onnx import numpy_helper
-
-    from pipeline.core.bundle import Bundle
-
-    path = tiny_bundle / "model.sim.onnx"
-    proto = onnx.load(str(path))
-    weight = proto.graph.initializer[0]
-    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
-    onnx.save(proto, str(path))
-    bundle = Bundle.open(tiny_bundle)  # the manifest vouches for the change: parity must catch it
-    bundle.update_manifest(lambda m: bundle.record_artifact(m, "model.sim.onnx", stage="export"))
+    drift_onnx(tiny_bundle)
     report = pipeline.verify(tiny_bundle, cuda=False)
     assert not report and any(f.candidate == "onnx-sim-ort-cpu" for f in report.failures)
 

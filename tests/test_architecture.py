@@ -16,7 +16,7 @@ import pytest
 import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-API = ("train", "export", "verify", "quantize", "bench", "bench_offline", "predict", "classify", "run", "report", "serve",
+API = ("train", "export", "verify", "recheck", "quantize", "bench", "bench_offline", "predict", "classify", "run", "report", "serve",
        "deploy_triton")
 
 

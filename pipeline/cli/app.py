@@ -17,6 +17,7 @@ import click
 
 from pipeline import api
 from pipeline.cli import render
+from pipeline.core.checks import Check, latency_checks, parity_checks
 from pipeline.core.records import ImageLoop, OfflineRun
 from pipeline.errors import (
     EXIT_BROKEN_PIPE,
@@ -24,12 +25,14 @@ from pipeline.errors import (
     EXIT_ENVIRONMENT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    InputError,
     PipelineError,
 )
 from pipeline.models.archs import ARCHS, describe
 from pipeline.options import (
     MODEL,
     ARRIVALS,
+    DEFAULT_MAX_SLOWDOWN,
     CALIBRATION_METHODS,
     DEFAULT_MAX_TOP1_DROP,
     DEFAULT_MIN_AGREEMENT,
@@ -232,11 +235,15 @@ def export(ctx: click.Context, arch: str | None, num_classes: int | None, weight
 
 
 def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
-                   extra: dict[str, Any] | None = None) -> None:
+                   extra: dict[str, Any] | None = None, title: str = "verify") -> None:
+    checks = parity_checks(report)
     if as_json:
         emit_json({**(extra or {}), "parity": report.to_dict()})
     else:
         click.echo(render.parity_table(report))
+        click.echo("")
+        click.echo(render.checks_table(title, checks))
+    _job_summary(title, checks)
     for gate in report.advisories:
         _log(f"warning: accuracy gate {gate.verdict or 'failed'} for {gate.candidate}, a "
              f"runtime-only precision: {gate.failed_on}; it does not decide the exit code and "
@@ -250,9 +257,29 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
         ctx.exit(EXIT_ENVIRONMENT if report.environment_only else EXIT_CHECK_FAILED)
 
 
+def _job_summary(title: str, checks: list[Check]) -> None:
+    """With ``GITHUB_STEP_SUMMARY`` set (a GitHub Actions step), append the checks table there
+    as Markdown: the table the terminal shows, failures first."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return
+    try:
+        with open(target, "a", encoding="utf-8") as summary:
+            summary.write(render.checks_table(title, checks, markdown=True) + "\n")
+    except OSError as exc:
+        _log(f"warning: could not append the job summary to GITHUB_STEP_SUMMARY={target!r} "
+             f"({exc.strerror or exc})")
+
+
+def _given_option(ctx: click.Context, name: str, value: Any) -> Any:
+    """``value`` when the user gave the option, None when it is click's default."""
+    source = ctx.get_parameter_source(name)
+    return value if source not in (None, click.core.ParameterSource.DEFAULT) else None
+
+
 # ----------------------------------------------------------------------------- verify
 @cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Also compare on real images, preprocessed by the bundle's own spec.")
 @tolerance_options
@@ -267,11 +294,20 @@ def _finish_verify(ctx: click.Context, report: Any, as_json: bool,
 @click.option("--accept-inconclusive", is_flag=True,
               help="Let a gate that is inconclusive (too few images to tell) through with a "
                    "warning; it is still never recommended.")
+@click.option("--junit-xml", type=click.Path(path_type=Path), default=None,
+              help="Also write every pair and gate as a JUnit test case (measured value, limit, "
+                   "margin) to this file, for a CI system's test list.")
+@click.option("--recheck", type=click.Path(path_type=Path), default=None,
+              help="Judge this saved parity.json again against the limits given here (the "
+                   "others: the file's), without running anything; instead of BUNDLE.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="With --recheck: write the re-judged parity.json here (never over the original).")
 @click.option("--json", "as_json", is_flag=True, help="Print parity JSON only on stdout.")
 @click.pass_context
-def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | None,
+def verify(ctx: click.Context, bundle: Path | None, images: Path | None, atol: float | None,
            rtol: float | None, max_top1_drop: float, min_agreement: float, cpu_only: bool,
            precisions: str | None, localize: bool, accept_inconclusive: bool,
+           junit_xml: Path | None, recheck: Path | None, out: Path | None,
            as_json: bool) -> None:
     """Check artifact hashes, fp32 parity vs PyTorch, and the accuracy gate for int8/fp16/bf16.
 
@@ -295,11 +331,28 @@ def verify(ctx: click.Context, bundle: Path, images: Path | None, atol: float | 
       python -m pipeline verify exported/resnet18 --images photos/ --precisions bf16
       python -m pipeline verify exported/resnet18 --localize
       python -m pipeline verify exported/resnet18 --atol 1e-4 --rtol 1e-3
+      python -m pipeline verify exported/resnet18 --junit-xml reports/verify.xml
+      python -m pipeline verify --recheck exported/resnet18/parity.json --max-top1-drop 0.5
     """
+    if recheck is not None:
+        if bundle is not None or images is not None or precisions or localize or cpu_only:
+            raise InputError("--recheck judges a saved parity.json and runs nothing: give no "
+                             "BUNDLE, --images, --precisions, --localize or --cpu-only with it")
+        report = api.recheck(recheck, atol=atol, rtol=rtol,
+                             max_top1_drop=_given_option(ctx, "max_top1_drop", max_top1_drop),
+                             min_agreement=_given_option(ctx, "min_agreement", min_agreement),
+                             accept_inconclusive=True if accept_inconclusive else None,
+                             out=out, junit_xml=junit_xml)
+        _finish_verify(ctx, report, as_json, title=f"verify --recheck {recheck}")
+        return
+    if bundle is None:
+        raise InputError("verify needs a BUNDLE folder (or --recheck PARITY_JSON)")
+    if out is not None:
+        raise InputError("--out goes with --recheck (verify writes BUNDLE/parity.json)")
     report = api.verify(bundle, atol=atol, rtol=rtol, images=images, cuda=not cpu_only,
                         max_top1_drop=max_top1_drop, min_agreement=min_agreement,
                         precisions=precisions, localize=localize,
-                        accept_inconclusive=accept_inconclusive)
+                        accept_inconclusive=accept_inconclusive, junit_xml=junit_xml)
     _finish_verify(ctx, report, as_json)
 
 
@@ -507,6 +560,20 @@ def _registry_help() -> str:
 @click.option("--p99-ms", type=float, default=None, help="The p99 bound of --arrival poisson.")
 @click.option("--poisson-trials", type=int, default=SCENARIO.poisson_trials, show_default=True,
               help="At most this many Poisson runs of --seconds each (the search bisects the rate).")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="Regression gate: compare each row with this earlier latency.json's row for "
+                   "the same target and batch on the same machine fingerprint; exit 1 when one "
+                   "is slower than --max-slowdown allows, significantly over the windows.")
+@click.option("--max-slowdown", type=float, default=DEFAULT_MAX_SLOWDOWN, show_default=True,
+              help="Regression gate: the slowdown allowed (0.10: 10% slower).")
+@click.option("--baseline-rerun", type=click.Path(path_type=Path), default=None,
+              help="Regression gate: re-measure this baseline model (a bundle folder or an .onnx) "
+                   "in this run, alternating windows with the bundle's: the comparison that holds "
+                   "on a noisy shared machine, and needed when --baseline's machine differs.")
+@click.option("--force", is_flag=True, help="Regression gate: compare with a baseline of another "
+                                            "architecture.")
+@click.option("--junit-xml", type=click.Path(path_type=Path), default=None,
+              help="Also write every row (and regression test) as a JUnit test case to this file.")
 @click.option("--strict", is_flag=True, help="Exit 3 if any requested backend could not run.")
 @click.option("--verbose", "-v", is_flag=True, help="Print the per-image lines of the --images loop.")
 @click.option("--json", "as_json", is_flag=True, help="Print latency JSON only on stdout.")
@@ -515,7 +582,8 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
           batch_sizes: str, iterations: int,
           seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
           budget_ms: float | None, scenario: str, fast_decode: bool, concurrency: str,
-          arrival: str, p99_ms: float | None, poisson_trials: int,
+          arrival: str, p99_ms: float | None, poisson_trials: int, baseline: Path | None,
+          max_slowdown: float, baseline_rerun: Path | None, force: bool, junit_xml: Path | None,
           strict: bool, verbose: bool, as_json: bool) -> None:
     """Per-image latency on every backend this machine has, each in its own process.
 
@@ -529,14 +597,21 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18 --scenario server --concurrency 1,4,16 --seconds 10
       python -m pipeline bench exported/resnet18 --scenario server --arrival poisson --p99-ms 100
       python -m pipeline bench exported/resnet18 --scenario offline --images photos/
+      python -m pipeline bench exported/resnet18 --baseline old/latency.json --max-slowdown 0.10
+      python -m pipeline bench exported/resnet18 --baseline-rerun old-bundle/ --junit-xml bench.xml
     """
     check_arrival(scenario, arrival, p99_ms)
+    if scenario != "single-stream" and (baseline or baseline_rerun or junit_xml):
+        raise InputError("--baseline, --baseline-rerun and --junit-xml judge the single-stream "
+                         "rows: leave --scenario out")
     result = api.bench(bundle, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
                        iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
                        threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
                        command=_command_line("bench", bundle), scenario=scenario,
                        concurrency=concurrency, arrival=arrival, p99_ms=p99_ms,
-                       poisson_trials=poisson_trials, fast_decode=fast_decode, log=_log)
+                       poisson_trials=poisson_trials, fast_decode=fast_decode, baseline=baseline,
+                       max_slowdown=max_slowdown, baseline_rerun=baseline_rerun, force=force,
+                       junit_xml=junit_xml, log=_log)
     if isinstance(result, OfflineRun):
         if as_json:
             emit_json(result.to_dict())
@@ -559,9 +634,24 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
         if bulk:
             click.echo(f"best throughput, verified: {bulk.backend} {bulk.precision} at "
                        f"batch {bulk.batch} ({bulk.images_per_s:.1f} images/s)")
+        if result.doc.regression:
+            click.echo("")
+            click.echo(render.regression_table(result.doc.regression))
         for warning in result.warnings:
             _log(f"warning: {warning}")
         _log(f"wrote {result.bundle}/latency.json, report.md, latency.png")
+    if scenario == "single-stream":
+        checks = latency_checks(result.doc, budget_ms)
+        if not as_json and (baseline or baseline_rerun or budget_ms is not None):
+            click.echo("")
+            click.echo(render.checks_table("bench", checks))
+        _job_summary("bench", checks)
+    if not result:
+        regressed = result.doc.regression.regressed
+        _log(f"error: {len(regressed)} row(s) slower than the baseline by more than "
+             f"{100 * max_slowdown:g}%: " + ", ".join(f"{r.target} batch {r.batch} "
+                                                      f"({100 * r.slowdown:+.1f}%)" for r in regressed))
+        ctx.exit(EXIT_CHECK_FAILED)
     if strict and result.unavailable:
         names = sorted({row.backend for row in result.unavailable})
         _log(f"error: --strict: backends could not run: {', '.join(names)}")

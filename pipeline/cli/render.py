@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.checks import PASSED, Check, headline, ordered
 from pipeline.core.records import (
     ImageLoop,
     LatencyRow,
     OfflineRun,
+    RegressionSection,
     ServerSection,
     not_run_lines,
 )
@@ -18,6 +20,29 @@ from pipeline.stages.bench.writeup import server_lines
 
 if TYPE_CHECKING:  # verify loads numpy and the data modules: off the --help path
     from pipeline.stages.verify import GateResult, ParityReport
+
+
+def checks_table(title: str, checks: list[Check], *, markdown: bool = False) -> str:
+    """The CI view of a run: a headline, then one line per check, failures first. The same
+    table goes to the terminal (text) and to a CI job summary (``markdown=True``)."""
+    rows = [(c.status.upper() if c.status != PASSED else "ok", c.name, c.measured, c.limit,
+             c.margin, c.message) for c in ordered(checks)]
+    head = ("result", "check", "measured", "limit", "margin", "note")
+    if markdown:
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+        lines = [f"### {headline(title, checks)}", "", "| " + " | ".join(head) + " |",
+                 "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) if rows else len(head[i])
+              for i in range(4)]
+    lines = [headline(title, checks),
+             "  ".join(h.ljust(w) for h, w in zip(head[:4], widths)) + "  margin; note"]
+    for row in rows:
+        tail = "; ".join(x for x in row[4:] if x)
+        lines.append("  ".join(x.ljust(w) for x, w in zip(row[:4], widths)) + "  " + tail)
+    return "\n".join(lines)
 
 
 def parity_table(report: "ParityReport") -> str:
@@ -116,6 +141,27 @@ def latency_table(rows: list[LatencyRow]) -> str:
                      f"{row.p90_ms:9.2f} {row.ms_per_image:8.2f} {row.images_per_s:9.1f} "
                      f"{gflops}  {row.verified:<14} {row.provider}")
     lines += [f"not run: {line}" for line in not_run_lines(rows)]
+    return "\n".join(lines)
+
+
+def regression_table(section: RegressionSection) -> str:
+    """``bench --baseline``: each row against the baseline's, with the test's p-value."""
+    how = "re-measured in this run, alternating windows" if section.rerun else "from the file"
+    lines = [f"regression gate vs {section.baseline} ({how}): slower than "
+             f"{100 * section.max_slowdown:g}% and p < {section.alpha:g} fails "
+             f"(one-sided Mann-Whitney U over windows of 25 calls)"]
+    lines += [f"note: {note}" for note in section.notes]
+    lines.append(f"{'target':<24} {'batch':>5} {'baseline/s':>11} {'now/s':>9} {'ratio':>7} "
+                 f"{'p':>8} {'windows':>8}  result")
+    for row in section.rows:
+        if row.status == "not comparable":
+            lines.append(f"{row.target:<24} {row.batch:>5}  not comparable: {row.reason}")
+            continue
+        windows = f"{row.windows[0]}+{row.windows[1]}" if row.windows else ""
+        lines.append(f"{row.target:<24} {row.batch:>5} {row.baseline_per_s:11.1f} "
+                     f"{row.now_per_s:9.1f} {row.now_per_s / row.baseline_per_s:6.3f}x "
+                     f"{row.p_value:8.3g} {windows:>8}  "
+                     + ("REGRESSED" if row.status == "regressed" else "ok"))
     return "\n".join(lines)
 
 

@@ -186,7 +186,8 @@ class StageResult(Protocol):
 class LatencyRow(Record):
     """One (backend, precision, batch) of a single-stream sweep: numbers, or a reason."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"machine", "arch", "stable", "window_spread"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"machine", "arch", "stable", "window_spread",
+                                                     "windows_per_s"})
 
     backend: str
     batch: int
@@ -221,6 +222,9 @@ class LatencyRow(Record):
     # over median.
     stable: bool | None = None
     window_spread: float | None = None
+    # images/s of every complete window of 25 timed calls, in order: what the regression gate
+    # (bench --baseline) tests against another run's windows.
+    windows_per_s: list[float] | None = None
     # What verify said of the very file this row timed (see stages.bench.recommend).
     verified: str = "not verified"
     top1_agreement: float | None = None
@@ -532,14 +536,52 @@ class ImageLoop(Record):
     pipelined: PipelinedLoop
 
 
+@dataclass(kw_only=True)
+class RegressionRow(Record):
+    """One target against the baseline's row for the same target: ``status`` is regressed
+    (slower by more than allowed, and significantly so over the windows), ok, or not
+    comparable (with the reason; never counted as passing)."""
+
+    target: str  # backend:precision
+    batch: int
+    status: str  # regressed | ok | not comparable
+    reason: str | None = None
+    baseline_per_s: float | None = None  # the medians of the windows
+    now_per_s: float | None = None
+    slowdown: float | None = None  # baseline images/s / now - 1: 0.15 is 15% slower
+    p_value: float | None = None  # one-sided Mann-Whitney U: now slower than allowed
+    windows: list[int] | None = None  # [now, baseline]
+
+
+@dataclass(kw_only=True)
+class RegressionSection(Record):
+    """``bench --baseline``: each row against the baseline's, on the windows bench takes."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"rows": RegressionRow}
+
+    baseline: str  # the baseline latency.json (or the model re-measured in this run)
+    max_slowdown: float
+    test: str  # the statistics, in words
+    alpha: float
+    rerun: bool  # True: the baseline model re-measured here, alternating windows
+    notes: list[str] = field(default_factory=list)  # e.g. another input size
+    rows: list[RegressionRow] = field(default_factory=list)
+
+    @property
+    def regressed(self) -> list[RegressionRow]:
+        return [row for row in self.rows if row.status == "regressed"]
+
+
 @dataclass
 class LatencyDoc(Document):
     """latency.json: what bench measured on one machine, and what it recommends."""
 
-    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"recommendation", "command", "server"})
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"recommendation", "command", "server",
+                                                     "regression"})
     NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow, "server": ServerSection,
                                                  "images": ImageLoop,
-                                                 "recommendation": Recommendation}
+                                                 "recommendation": Recommendation,
+                                                 "regression": RegressionSection}
 
     model: dict[str, Any]
     config: dict[str, Any]
@@ -552,6 +594,7 @@ class LatencyDoc(Document):
     recommendation: Recommendation | None = None
     command: str | None = None
     server: ServerSection | None = None
+    regression: RegressionSection | None = None
 
     FILE: ClassVar[str] = "latency.json"
     REMAKE: ClassVar[str] = "python -m pipeline bench BUNDLE"
@@ -584,6 +627,8 @@ class LatencyDoc(Document):
 class PairResult(Record):
     """One fp32 candidate on one input, against eager PyTorch (float64 under the floor rule)."""
 
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"finite", "allclose_hull"})
+
     candidate: str  # the file's label and the backend: onnx-sim-ort-cpu, torch-export-cpu ...
     inputs: str
     batch: int
@@ -603,6 +648,11 @@ class PairResult(Record):
     environment: bool = False  # failed because the environment cannot run it
     reference: str = "torch-cpu"
     backend: str | None = None  # the registry's name for what ran it
+    # For ``verify --recheck`` with --atol/--rtol (files before it lack them): were the
+    # outputs finite, and the points that decide numpy's rule against eager fp32 for any
+    # tolerance (``stages.verify.allclose_hull``).
+    finite: bool | None = None
+    allclose_hull: list[list[float]] | None = None
 
 
 @dataclass

@@ -114,10 +114,45 @@ class Comparison:
     tolerance: float | None = None
     margin: float | None = None
     error: str | None = None
+    finite: bool | None = None
+    allclose_hull: list[list[float]] | None = None  # see ``allclose_hull``
 
     @classmethod
     def failed(cls, error: str) -> "Comparison":
         return cls(passed=False, error=error)
+
+
+def allclose_hull(reference: np.ndarray, diff: np.ndarray) -> list[list[float]]:
+    """What ``verify --recheck`` needs to apply any ``--atol A --rtol R`` later without the
+    outputs: the pair passes numpy's rule, every |diff| <= A + R x |reference|, exactly when
+    A >= max over the points (|reference|, |diff|) of |diff| - R x |reference|. For R >= 0 that
+    maximum is reached on the upper convex hull of the points, between the smallest
+    |reference| and the largest |diff|: those few vertices are kept, [[|reference|, |diff|], ...]."""
+    r, d = np.abs(reference).ravel(), np.abs(diff).ravel()
+    order = np.lexsort((-d, r))  # by |reference|, the largest |diff| first among equals
+    peak = float(d.max())
+    hull: list[tuple[float, float]] = []
+    for x, y in zip(r[order].tolist(), d[order].tolist()):
+        if hull and x == hull[-1][0]:
+            continue  # same |reference|: the first (largest |diff|) dominates
+        while len(hull) >= 2 and _turns_left_or_straight(hull[-2], hull[-1], (x, y)):
+            hull.pop()
+        hull.append((x, y))
+        if y == peak:
+            break  # right of the largest |diff|, no point can be a maximum for R >= 0
+    return [[x, y] for x, y in hull]
+
+
+def _turns_left_or_straight(a: tuple[float, float], b: tuple[float, float],
+                            c: tuple[float, float]) -> bool:
+    """Is b on or below the segment a-c (so not an upper hull vertex)?"""
+    return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]) >= 0
+
+
+def allclose_from_hull(hull: list[list[float]], atol: float, rtol: float) -> tuple[bool, float]:
+    """numpy's allclose verdict from ``allclose_hull``'s points: (passed, the atol needed)."""
+    needed = max(d - rtol * r for r, d in hull)
+    return needed <= atol, needed
 
 
 def compare(candidate: np.ndarray, reference: np.ndarray, *, atol: float, rtol: float) -> Comparison:
@@ -132,7 +167,8 @@ def compare(candidate: np.ndarray, reference: np.ndarray, *, atol: float, rtol: 
     top1, top5 = topk_agreement(candidate, reference)
     finite = bool(np.isfinite(candidate).all())
     return Comparison(max_abs=float(diff.max()), max_rel=float(rel.max()), top1=top1, top5=top5,
-                      passed=finite and bool(np.all(diff <= atol + rtol * np.abs(reference))))
+                      passed=finite and bool(np.all(diff <= atol + rtol * np.abs(reference))),
+                      finite=finite, allclose_hull=allclose_hull(reference, diff) if finite else None)
 
 
 def floor_tolerance(fp32: np.ndarray, fp64: np.ndarray) -> tuple[float, float]:
@@ -397,22 +433,36 @@ def _gate(backend: Backend, precision: str, bundle: Bundle, evaluation: Evaluati
     gate.cosine_mean, gate.cosine_min = float(cosines.mean()), float(cosines.min())
     gate.max_abs = float(np.abs(logits.astype(np.float64) - reference).max())
     counts = _gate_counts(gate, logits, reference, evaluation.labels)
+    if not np.isfinite(logits).all():
+        gate.failed_on = NON_FINITE
+    judge_gate(gate, counts, max_drop=max_drop, min_agreement=min_agreement,
+               accept_inconclusive=accept_inconclusive)
+    return gate
+
+
+NON_FINITE = "non-finite logits"
+
+
+def judge_gate(gate: GateResult, counts: Counts, *, max_drop: float, min_agreement: float,
+               accept_inconclusive: bool) -> None:
+    """The gate's verdict, bounds and pass from its counts and the limits: what verify does
+    after running a candidate, and what ``--recheck`` does again with new limits."""
     judgement = judge(counts, min_agreement=min_agreement, max_drop_points=max_drop)
     gate.verdict, gate.confidence = judgement.verdict, CONFIDENCE
     gate.disagreement_bounds = [*judgement.disagreement]
     gate.drop_bounds_points = [*judgement.drop_points] if judgement.drop_points else None
     gate.images_needed = judgement.images_needed
-    if not np.isfinite(logits).all():
-        gate.verdict = FAIL
-        gate.failed_on = "non-finite logits"
+    non_finite = gate.failed_on == NON_FINITE
+    gate.passed, gate.failed_on, gate.accepted_inconclusive = False, None, None
+    if non_finite:
+        gate.verdict, gate.failed_on = FAIL, NON_FINITE
     if gate.not_meaningful:
-        return gate  # figures shown, no verdict: passed stays False, so never recommended
+        return  # figures shown, no verdict: passed stays False, so never recommended
     gate.passed = gate.verdict == PASS
     if not gate.passed:
         gate.failed_on = gate.failed_on or judgement.why
     if gate.verdict == INCONCLUSIVE and accept_inconclusive:
         gate.accepted_inconclusive = True
-    return gate
 
 
 def _gate_counts(gate: GateResult, logits: np.ndarray, reference: np.ndarray,
@@ -434,6 +484,104 @@ def _gate_counts(gate: GateResult, logits: np.ndarray, reference: np.ndarray,
                   gate.candidate_only_right, gate.both_wrong)
 
 
+def parity_rule(tolerances: tuple[float, float] | None) -> dict[str, Any]:
+    """parity.json's ``rule``: numpy's allclose against eager fp32, or the floor rule."""
+    if tolerances:
+        return {"kind": ALLCLOSE, "atol": tolerances[0], "rtol": tolerances[1],
+                "formula": "|candidate - fp32| <= atol + rtol * |fp32|"}
+    return {"kind": FLOOR_RULE, "floor_multiple": FLOOR_MULTIPLE, "scale_term": SCALE_TERM,
+            "formula": "|candidate - fp64| <= floor_multiple * max|fp32 - fp64| + "
+                       "scale_term * max|fp64|"}
+
+
+ALLCLOSE, FLOOR_RULE = "allclose vs eager fp32", "fp32 noise floor"
+
+
+def gate_rule(max_top1_drop: float, min_agreement: float, accept_inconclusive: bool) -> dict[str, Any]:
+    """parity.json's ``gate_rule``: the limits every gate was judged against."""
+    return {"max_top1_drop_points": max_top1_drop, "min_top1_agreement": min_agreement,
+            "decides_exit": GATE_VERDICT_RULE, "statistics": GATE_STATISTICS,
+            "confidence": CONFIDENCE, "accept_inconclusive": accept_inconclusive}
+
+
+def recheck(source: Path, *, atol: float | None = None, rtol: float | None = None,
+            max_top1_drop: float | None = None, min_agreement: float | None = None,
+            accept_inconclusive: bool | None = None) -> ParityReport:
+    """``verify --recheck``: the figures a parity.json stored, judged again against new limits
+    without running anything (Polygraphy's ``check accuracy``). A limit left None keeps the
+    file's. Raises InputError (exit 2) when a limit needs figures the file does not hold:
+    --atol/--rtol need each pair's allclose points (stored since this version), the floor rule
+    needs the pairs' floors (absent when the file was judged with --atol/--rtol), and a gate
+    needs its counts. The file itself is never rewritten."""
+    import copy
+
+    original = ParityReport.load(source)
+    report = copy.deepcopy(original)
+    report._path = None
+    old_rule, old_gates = original.rule, original.gate_rule
+    if atol is None and rtol is None:
+        tolerances = ((old_rule.get("atol") or 0.0, old_rule.get("rtol") or 0.0)
+                      if old_rule.get("kind") == ALLCLOSE else None)
+    else:
+        given = old_rule if old_rule.get("kind") == ALLCLOSE else {}
+        tolerances = (atol if atol is not None else given.get("atol") or 0.0,
+                      rtol if rtol is not None else given.get("rtol") or 0.0)
+    VerifyOptions(atol=tolerances[0] if tolerances else None,
+                  rtol=tolerances[1] if tolerances else None,
+                  max_top1_drop=0.0 if max_top1_drop is None else max_top1_drop,
+                  min_agreement=0.0 if min_agreement is None else min_agreement).check()
+    report.rule = parity_rule(tolerances)
+    for pair in report.pairs:
+        _recheck_pair(pair, tolerances, source)
+    drop = old_gates.get("max_top1_drop_points") if max_top1_drop is None else max_top1_drop
+    agreement = old_gates.get("min_top1_agreement") if min_agreement is None else min_agreement
+    accept = bool(old_gates.get("accept_inconclusive")) if accept_inconclusive is None \
+        else accept_inconclusive
+    report.gate_rule = {**old_gates, **gate_rule(drop, agreement, accept),
+                        "rechecked_from": str(source)}
+    for gate in report.gates:
+        _recheck_gate(gate, source, max_drop=drop, min_agreement=agreement, accept=accept)
+    report.passed = bool(report)
+    return report
+
+
+def _recheck_pair(pair: PairResult, tolerances: tuple[float, float] | None, source: Path) -> None:
+    if pair.max_abs is None:
+        return  # it never produced outputs: its error stands under any limit
+    name = f"{pair.candidate} on {pair.inputs}"
+    if tolerances:
+        if pair.allclose_hull is None and pair.finite is not False:
+            raise InputError(f"{source} does not store what --atol/--rtol need for {name} (each "
+                             f"pair's allclose points, kept since this version); re-run "
+                             f"python -m pipeline verify with --atol/--rtol, or on this version "
+                             f"once, then --recheck")
+        passed = bool(pair.finite is not False and pair.allclose_hull
+                      and allclose_from_hull(pair.allclose_hull, *tolerances)[0])
+        pair.passed, pair.tolerance, pair.fp32_floor, pair.margin = passed, None, None, None
+        return
+    if pair.tolerance is None or pair.max_abs_vs_fp64 is None:
+        raise InputError(f"{source} was judged with --atol/--rtol, so {name} has no fp32 noise "
+                         f"floor to judge the floor rule by; give --atol and --rtol, or re-run "
+                         f"python -m pipeline verify")
+    pair.passed = pair.finite is not False and pair.max_abs_vs_fp64 <= pair.tolerance
+
+
+def _recheck_gate(gate: GateResult, source: Path, *, max_drop: float, min_agreement: float,
+                  accept: bool) -> None:
+    if gate.top1_agreement is None:
+        return  # it could not run: its error stands
+    if gate.disagreements is None:
+        raise InputError(f"{source} does not store the counts gate {gate.candidate} needs "
+                         f"(parity.json files before the confidence bounds); re-run python -m "
+                         f"pipeline verify")
+    labelled = gate.fp32_only_right is not None
+    counts = Counts(gate.images, gate.disagreements,
+                    *((gate.both_right, gate.fp32_only_right, gate.candidate_only_right,
+                       gate.both_wrong) if labelled else ()))
+    judge_gate(gate, counts, max_drop=max_drop, min_agreement=min_agreement,
+               accept_inconclusive=accept)
+
+
 def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
                   images: Path | None = None) -> ParityReport:
     """Check integrity, fp32 parity and the reduced-precision gate; write parity.json."""
@@ -449,18 +597,10 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
                          f"run: python -m pipeline export --out {bundle.root}")
     integrity = bundle.check_integrity(exported)
     known = {name: artifacts[name].sha256 for name in integrity}  # just matched on disk
-    rule = ({"kind": "allclose vs eager fp32", "atol": tolerances[0], "rtol": tolerances[1],
-             "formula": "|candidate - fp32| <= atol + rtol * |fp32|"} if tolerances else
-            {"kind": "fp32 noise floor", "floor_multiple": FLOOR_MULTIPLE, "scale_term": SCALE_TERM,
-             "formula": "|candidate - fp64| <= floor_multiple * max|fp32 - fp64| + "
-                        "scale_term * max|fp64|"})
-    report = ParityReport(rule=rule, integrity_checked=integrity, machine=cpu_summary(),
-                          gate_rule={"max_top1_drop_points": max_top1_drop,
-                                     "min_top1_agreement": min_agreement,
-                                     "decides_exit": GATE_VERDICT_RULE,
-                                     "statistics": GATE_STATISTICS,
-                                     "confidence": CONFIDENCE,
-                                     "accept_inconclusive": options.accept_inconclusive})
+    report = ParityReport(rule=parity_rule(tolerances), integrity_checked=integrity,
+                          machine=cpu_summary(),
+                          gate_rule=gate_rule(max_top1_drop, min_agreement,
+                                              options.accept_inconclusive))
     model = load_model(checkpoint=bundle.path(WEIGHTS)).model.eval()
     section = ModelSection.of(manifest, str(bundle.manifest_path))
     inputs = random_inputs(section.input_size)

@@ -55,7 +55,8 @@ def _input_dims(path):
     return [d.dim_param or d.dim_value for d in dims]
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+# legacy is slow: test_opset_and_legacy_exporter_are_honoured exports with it in the quick suite
+@pytest.mark.parametrize("exporter", ["dynamo", pytest.param("legacy", marks=pytest.mark.slow)])
 def test_dynamic_batch_axis(exporter, tmp_path):
     loaded = load_model("resnet18_cifar")
     bundle = export_bundle(loaded, tmp_path / exporter, ExportOptions(exporter=exporter),

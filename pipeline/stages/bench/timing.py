@@ -84,6 +84,13 @@ def window_spread(samples_ns: list[int], images_per_call: int = 1) -> float | No
     return (max(rates) - min(rates)) / median
 
 
+def window_rates(samples_ns: list[int], images_per_call: int = 1) -> list[float]:
+    """images/s of every complete window of 25 consecutive calls, in order (the regression
+    gate's samples: windows, not single calls, so that one slow call is not a sample)."""
+    return [WINDOW_CALLS * images_per_call / (sum(samples_ns[i:i + WINDOW_CALLS]) / 1e9)
+            for i in range(0, len(samples_ns) - WINDOW_CALLS + 1, WINDOW_CALLS)]
+
+
 def stable_loop(step: Callable[[], None], *, iterations: int, seconds: float,
                 max_seconds: float, sync: Callable[[], None] = lambda: None,
                 clock: Callable[[], int] = time.perf_counter_ns) -> tuple[list[int], bool | None, float | None]:

@@ -24,11 +24,14 @@ from pipeline.runtimes.registry import VariantMissing, get_backend
 from pipeline.stages.bench.image_loop import image_loops
 from pipeline.stages.bench.protocol import WorkerResult
 from pipeline.stages.bench.timing import (
+    WINDOW_CALLS,
     percentile_stats,
     stable_loop,
     sweep,
     throughput_fields,
+    timed_loop,
     warm_up,
+    window_rates,
 )
 
 
@@ -79,6 +82,8 @@ def bench_batch(runner: Any, backend: str, requested: str, config: BenchOptions,
                           provider=runner.provider, **model,
                           reason=f"{type(exc).__name__}: {str(exc)[:300]}")
     stats = percentile_stats(samples)
+    row.windows_per_s = [round(rate, 3) for rate in  # None: not one complete window
+                         window_rates(samples, runner.images_per_step(batch_size))] or None
     return replace(row, **stats, **throughput_fields(stats, runner.images_per_step(batch_size),
                                                      gmacs))
 
@@ -130,9 +135,52 @@ def bench_backend(spec: dict[str, Any]) -> WorkerResult:
     return result
 
 
+def paired(spec: dict[str, Any]) -> dict[str, Any]:
+    """``bench --baseline-rerun``: this bundle's model and the baseline model (a bundle or a
+    bare .onnx) under one backend, warmed up, then timed in alternating windows of 25 calls,
+    A B B A ..., so that both see the same machine state; images/s per window of each."""
+    config = BenchOptions(**{**spec["config"], "backends": tuple(spec["config"]["backends"]),
+                            "batch_sizes": tuple(spec["config"]["batch_sizes"])})
+    backend, precision, batch = get_backend(spec["backend"]), spec["precision"], spec["batch"]
+    set_threads(config.threads)
+    bundle = Bundle.open(spec["bundle"])
+    baseline = Path(spec["baseline"])
+    try:
+        now = backend.make(bundle, precision, threads=config.threads)
+        if baseline.is_dir():
+            base = backend.make(Bundle.open(baseline), precision, threads=config.threads)
+            base_size = ModelSection.read(Bundle.open(baseline)).input_size
+        else:
+            from pipeline.formats.onnx import io_spec
+
+            base = backend.make_file(baseline, precision, threads=config.threads)
+            base_size = int(io_spec(baseline)["input_dims"][-1])
+    except (EnvironmentUnavailable, VariantMissing, PipelineError) as exc:
+        return {"error": str(exc)[:300]}
+    size = ModelSection.read(bundle).input_size
+    rng = np.random.default_rng(batch)
+    rates: list[list[float]] = [[], []]
+    with now, base:
+        steps = []
+        for runner, side in ((now, size), (base, base_size)):
+            step, _ = runner.timed_step(rng.standard_normal((batch, 3, side, side), dtype=np.float32))
+            warm_up(step, seconds=config.warmup_s, sync=runner.synchronize)
+            steps.append((step, runner))
+        for window in range(spec["windows"]):
+            order = (0, 1) if window % 2 == 0 else (1, 0)
+            for side in order:
+                step, runner = steps[side]
+                samples = timed_loop(step, iterations=WINDOW_CALLS, seconds=0, sync=runner.synchronize)
+                rates[side] += window_rates(samples, runner.images_per_step(batch))
+    return {"now": rates[0], "baseline": rates[1]}
+
+
 def main(argv: list[str]) -> int:
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
+    if spec.get("mode") == "paired":
+        result_path.write_text(json.dumps(paired(spec)))
+        return 0
     try:
         result = bench_backend(spec)
     except (PipelineError, BadImage) as exc:
