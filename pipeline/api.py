@@ -439,6 +439,9 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     if scenario not in SCENARIOS:
         raise InputError(f"unknown --scenario {scenario!r}; choose from: {', '.join(SCENARIOS)}")
     check_arrival(scenario, arrival, p99_ms)
+    if scenario != SCENARIOS[0] and (baseline or baseline_rerun or junit_xml):
+        raise InputError("--baseline, --baseline-rerun and --junit-xml judge the single-stream "
+                         "rows: leave --scenario out")
     if scenario == "offline":
         if images is None:
             raise InputError("--scenario offline needs --images DIR: the folder to classify")

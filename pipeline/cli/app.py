@@ -601,9 +601,6 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18 --baseline-rerun old-bundle/ --junit-xml bench.xml
     """
     check_arrival(scenario, arrival, p99_ms)
-    if scenario != "single-stream" and (baseline or baseline_rerun or junit_xml):
-        raise InputError("--baseline, --baseline-rerun and --junit-xml judge the single-stream "
-                         "rows: leave --scenario out")
     result = api.bench(bundle, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
                        iterations=iterations, seconds=seconds, warmup_seconds=warmup_seconds,
                        threads=threads, images=images, budget_ms=budget_ms, progress=not as_json,
