@@ -7,6 +7,7 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import xmlschema
@@ -208,23 +209,46 @@ SHORT = ["--backends", "ort-cpu:fp32", "--batch-sizes", "1", "--seconds", "0.5",
          "--warmup-seconds", "0.1", "--threads", "1"]
 
 
+def _export(out: Path, size: int) -> Path:
+    made = run_cli("export", "--arch", "resnet18_cifar", "--input-size", str(size), "--out", out,
+                   "--no-pt2", "--no-simplify")
+    assert made.exit_code == 0, made.output
+    return out
+
+
 @pytest.fixture(scope="module")
-def small_and_large(tmp_path_factory):
-    """The same tiny arch exported at 16 px and at 32 px (4x the work); the small one benched
-    once (its latency.json is the baseline file)."""
-    root = tmp_path_factory.mktemp("regression")
-    for size in (16, 32):
-        made = run_cli("export", "--arch", "resnet18_cifar", "--input-size", str(size), "--out",
-                       root / f"r{size}", "--no-pt2", "--no-simplify")
-        assert made.exit_code == 0, made.output
-    timed = run_cli("bench", root / "r16", *SHORT)
+def small(tmp_path_factory):
+    """The tiny arch at 16 px, benched once: its latency.json is the baseline file."""
+    bundle = _export(tmp_path_factory.mktemp("regression") / "r16", 16)
+    timed = run_cli("bench", bundle, *SHORT)
     assert timed.exit_code == 0, timed.output
-    return root / "r16", root / "r32"
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def small_and_large(small, tmp_path_factory):
+    """The same tiny arch at 16 px and at 32 px (4x the work)."""
+    return small, _export(tmp_path_factory.mktemp("regression") / "r32", 32)
+
+
+def test_the_gate_judges_windows_slower_beyond_the_noise():
+    """The gate's statistics on window rates, without timing anything (the test below times
+    real models): 20% slower with 2% noise regresses; 5% slower, or 20% slower on too few
+    windows to tell, does not; the same windows never do."""
+    from pipeline.stages.bench.regression import judge
+
+    rng = np.random.default_rng(0)
+    base = list(100 * (1 + 0.02 * rng.standard_normal(12)))
+    slower = [rate / 1.20 for rate in base[::-1]]
+    slowdown, p, regressed = judge(slower, base, 0.10)
+    assert regressed and 0.15 < slowdown < 0.25 and p < 0.01
+    assert not judge([rate / 1.05 for rate in base], base, 0.10)[2]
+    assert not judge(base, base, 0.10)[2]
+    assert not judge(slower[:2], base[:2], 0.10)[2]  # 2 against 2 windows: p >= 1/6
 
 
 @pytest.mark.slow  # the quick suite validates bench's JUnit in the regression test below
-def test_bench_junit_validates_and_skips_what_cannot_run(small_and_large, tmp_path, cuda_available):
-    small, _ = small_and_large
+def test_bench_junit_validates_and_skips_what_cannot_run(small, tmp_path, cuda_available):
     bundle = shutil.copytree(small, tmp_path / "b")
     report = tmp_path / "bench.xml"
     result = run_cli("bench", bundle, "--backends", "ort-cpu:fp32,ort-cuda:fp32", "--batch-sizes",
@@ -238,6 +262,7 @@ def test_bench_junit_validates_and_skips_what_cannot_run(small_and_large, tmp_pa
         assert cases["ort-cuda:fp32 batch 1"]["status"] == "skipped"
 
 
+@pytest.mark.slow  # real timing of two models; the quick suite judges windows above
 def test_the_regression_gate_flags_a_slower_model_and_passes_the_same(small_and_large, tmp_path):
     small, large = small_and_large
     slower = shutil.copytree(large, tmp_path / "large")
@@ -258,44 +283,49 @@ def test_the_regression_gate_flags_a_slower_model_and_passes_the_same(small_and_
     assert json.loads((same / "latency.json").read_text())["regression"]["rows"][0]["status"] == "ok"
 
 
-def test_a_baseline_from_another_machine_is_not_comparable(small_and_large, tmp_path):
-    small, _ = small_and_large
-    baseline = json.loads((small / "latency.json").read_text())
-    baseline["machine"]["cpu"] = "Some Other CPU"
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps(baseline))
-    bundle = shutil.copytree(small, tmp_path / "b")
-    result = run_cli("bench", bundle, *SHORT, "--baseline", other, "--junit-xml", tmp_path / "b.xml")
-    assert result.exit_code == 0, result.output
-    assert "not comparable: another machine fingerprint" in result.stdout
-    assert "use --baseline-rerun" in result.stdout
-    case = junit(tmp_path / "b.xml")["ort-cpu:fp32 batch 1 vs baseline"]
-    assert case["status"] == "skipped" and "not comparable" in case["text"]
+def _baseline(path: Path, *, arch: str, cpu: str | None = None) -> Path:
+    """A latency.json as an earlier bench on this machine (or on ``cpu``) would have written
+    it: one ort-cpu fp32 row at batch 1 with 8 windows."""
+    from pipeline.core.machine import machine_block
+    from pipeline.core.records import LatencyDoc, LatencyRow
+
+    machine = machine_block()
+    if cpu:
+        machine["cpu"] = cpu
+    row = LatencyRow("ort-cpu", 1, precision="fp32", precision_requested="fp32", p50_ms=2.0,
+                     p90_ms=2.2, images_per_s=500.0, windows_per_s=[500.0] * 8)
+    LatencyDoc(model={"arch": arch, "input_size": 32}, config={"threads": 1}, machine=machine,
+               rows=[row], created="2026-12-01T00:00:00").dump(path)
+    return path
 
 
-def test_the_regression_gate_refuses_bad_input(small_and_large, tiny_bundle, tmp_path):
-    small, _ = small_and_large
+def test_the_regression_gate_refuses_bad_input_and_lists_what_is_not_comparable(tiny_bundle,
+                                                                                 tmp_path):
+    """Each bad input is exit 2 with its message before anything is timed; a baseline of
+    another architecture runs only with --force, and one from another machine leaves every
+    row "not comparable" (skipped in the JUnit, never passed)."""
     malformed = tmp_path / "bad.json"
     malformed.write_text("{not json")
+    other_arch = _baseline(tmp_path / "other-arch.json", arch="resnet50", cpu="Some Other CPU")
     cases = [
-        (["--baseline", tiny_bundle.parent / "nope.json"], "does not exist"),
+        (["--baseline", tmp_path / "nope.json"], "does not exist"),
         (["--baseline", malformed], "is not valid JSON"),
-        (["--max-slowdown", "-0.1", "--baseline", small / "latency.json"], "must be >= 0"),
+        (["--max-slowdown", "-0.1", "--baseline", other_arch], "must be >= 0"),
         (["--baseline-rerun", tiny_bundle / "weights.pt"], "neither a bundle folder nor an .onnx"),
+        (["--baseline", other_arch], "not the same model"),
     ]
-    bundle = shutil.copytree(small, tmp_path / "b")
     for extra, message in cases:
-        result = run_cli("bench", bundle, *SHORT, *extra)
+        result = run_cli("bench", tiny_bundle, *SHORT, *extra)
         assert result.exit_code == 2 and message in result.stderr, (extra, result.output)
         assert "Traceback" not in result.output
-    renamed = json.loads((small / "latency.json").read_text())
-    renamed["model"]["arch"] = "resnet50"
-    arch_file = tmp_path / "arch.json"
-    arch_file.write_text(json.dumps(renamed))
-    refused = run_cli("bench", bundle, *SHORT, "--baseline", arch_file)
-    assert refused.exit_code == 2 and "not the same model" in refused.stderr
-    forced = run_cli("bench", bundle, *SHORT, "--baseline", arch_file, "--force")
-    assert forced.exit_code == 0 and "compared across architectures" in forced.stdout
+    forced = run_cli("bench", tiny_bundle, *SHORT, "--baseline", other_arch, "--force",
+                     "--junit-xml", tmp_path / "b.xml")
+    assert forced.exit_code == 0, forced.output
+    assert "compared across architectures" in forced.stdout
+    assert "not comparable: another machine fingerprint" in forced.stdout
+    assert "use --baseline-rerun" in forced.stdout
+    case = junit(tmp_path / "b.xml")["ort-cpu:fp32 batch 1 vs baseline"]
+    assert case["status"] == "skipped" and "not comparable" in case["text"]
 
 
 # ----------------------------------------------------------------------------- the example workflow
