@@ -56,7 +56,7 @@ from pipeline.options import (
     int_list,
     names,
 )
-from pipeline.runtimes.registry import parse_targets, target_name
+from pipeline.runtimes.registry import get_backend, parse_targets, predict_backends, target_name
 
 if TYPE_CHECKING:  # these modules load numpy: imported inside the calls, off `import pipeline`
     from pipeline.core.records import OfflineRun
@@ -331,10 +331,9 @@ def verify(bundle: str | Path, *, images: str | Path | None = None,
         report = verify_bundle(Path(bundle), options, images=Path(images) if images else None)
     except CheckFailed as exc:  # integrity: a file differs from the manifest
         if junit_xml:
-            from pipeline.core.checks import ERROR, Check, write_junit
+            from pipeline.core.checks import integrity_failure, write_junit
 
-            write_junit(junit_xml, "verify", [Check("verify.integrity", "sha256 of the bundle's "
-                                                    "files", ERROR, message=str(exc))],
+            write_junit(junit_xml, "verify", [integrity_failure(str(exc))],
                         seconds=time.perf_counter() - started)
         raise
     if junit_xml:
@@ -493,10 +492,7 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
         doc.regression = gate.judge(doc, config)
     advice = save_bench(doc, target.root, budget_ms, started=started)
     if junit_xml:
-        from pipeline.core.checks import latency_checks, write_junit
-
-        write_junit(junit_xml, "bench", latency_checks(doc, budget_ms),
-                    seconds=time.perf_counter() - started)
+        _write_checks(junit_xml, "bench", doc, time.perf_counter() - started, budget_ms)
     return BenchResult(target.root, doc, advice, stale_parity_warnings(target))
 
 
@@ -504,8 +500,6 @@ def _offline_target(backends: str | Sequence[str] | None,
                     precisions: str | Sequence[str] | None) -> dict[str, Any]:
     """The one target the offline scenario runs, as predict's precision, runtime and provider
     (none named: what predict's ``precision="auto"`` picks)."""
-    from pipeline.runtimes.registry import get_backend, predict_backends
-
     if not backends:
         return {"precision": "auto", "runtime": None, "provider": "cpu"}
     chosen = parse_targets(names(backends), names(precisions))

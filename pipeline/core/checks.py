@@ -11,9 +11,7 @@ validate it against that schema.
 
 from __future__ import annotations
 
-import socket
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +51,11 @@ class Check:
                  f"limit {self.limit}" if self.limit else "",
                  f"margin {self.margin}" if self.margin else "", self.message]
         return "; ".join(p for p in parts if p)
+
+
+def integrity_failure(message: str) -> Check:
+    """A changed file: verify stops before any pair runs, so this is its one case."""
+    return Check("verify.integrity", "integrity", ERROR, message=message)
 
 
 def ordered(checks: list[Check]) -> list[Check]:
@@ -191,6 +194,9 @@ def regression_checks(section: "RegressionSection") -> list[Check]:
 def junit_xml(suite: str, checks: list[Check], *, seconds: float = 0.0) -> str:
     """The checks as one JUnit ``testsuite`` inside ``testsuites``. Every case carries its
     figures in ``system-out``; a failure or an error carries them in its message too."""
+    import socket
+    import xml.etree.ElementTree as ET  # off the CLI's start-up path: only --junit-xml needs it
+
     counts = {status: sum(c.status == status for c in checks) for status in ORDER}
     root = ET.Element("testsuites", name=f"pipeline {suite}", tests=str(len(checks)),
                       failures=str(counts[FAILED]), errors=str(counts[ERROR]),

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pipeline.core.bundle import Bundle
 from pipeline.core.machine import machine_block
@@ -74,27 +74,34 @@ def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float 
         return WorkerResult(reason_rows(backend, precision, config.reason_batches, problem))
     spec = {"bundle": str(bundle), "backend": backend, "precision": precision,
             "config": asdict(config), "gmacs": gmacs, "images": images}
-    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),
-           "MKL_NUM_THREADS": str(config.threads)}
+    result, failure = worker_process(spec, config.threads, timeout_s)
+    if result is None:
+        return WorkerResult(reason_rows(backend, precision, config.reason_batches, failure,
+                                        "error"))
+    return WorkerResult.from_dict(result, where=f"bench worker for {target}")
+
+
+def worker_process(spec: dict[str, Any], threads: int,
+                   timeout_s: float = WORKER_TIMEOUT_S) -> tuple[Any, str]:
+    """``python -m pipeline.stages.bench.worker`` on ``spec`` in a fresh interpreter with
+    ``threads`` OpenMP/MKL threads: (its JSON result, "") or (None, why it left none: a
+    timeout, a crash, an exit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec_path.write_text(json.dumps(spec))
         try:
             # -X faulthandler: a worker killed by a signal (a native crash) leaves the Python
-            # frame it died in, which becomes the rows' reason.
+            # frame it died in, which becomes the reason.
             proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m",
                                    "pipeline.stages.bench.worker", str(spec_path),
                                    str(result_path)], capture_output=True, text=True, env=env,
                                   timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return WorkerResult(reason_rows(backend, precision, config.reason_batches,
-                                            f"timed out after {timeout_s:g}s", "error"))
+            return None, f"timed out after {timeout_s:g}s"
         if result_path.is_file():
-            return WorkerResult.from_dict(json.loads(result_path.read_text()),
-                                          where=f"bench worker for {target}")
-        return WorkerResult(reason_rows(backend, precision, config.reason_batches,
-                                        worker_failure(proc.returncode, proc.stderr or proc.stdout),
-                                        "error"))
+            return json.loads(result_path.read_text()), ""
+        return None, worker_failure(proc.returncode, proc.stderr or proc.stdout)
 
 
 def worker_failure(returncode: int, output: str) -> str:

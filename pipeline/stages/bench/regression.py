@@ -18,12 +18,7 @@ another decides nothing. The gate therefore:
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +33,7 @@ from pipeline.core.records import (
 )
 from pipeline.errors import InputError
 from pipeline.options import BenchOptions
+from pipeline.stages.bench.protocol import worker_process
 
 ALPHA = 0.05
 TEST = (f"one-sided Mann-Whitney U on the images/s of windows of 25 calls (scipy): regressed "
@@ -141,16 +137,24 @@ def compare_files(doc: LatencyDoc, baseline: LatencyDoc, path: Path, max_slowdow
         if not row.ok:
             continue
         base = theirs.get((row.target, row.batch))
-        reason = (None if same_machine and base is not None and _enough(row) and _enough(base)
-                  else "another machine fingerprint" if not same_machine
-                  else "no baseline row for this target and batch" if base is None
-                  else f"fewer than {MIN_WINDOWS} windows of 25 calls in "
-                       f"{'the baseline' if not _enough(base) else 'this run'} "
-                       f"({len(base.windows_per_s or [])} and {len(row.windows_per_s or [])}): "
-                       f"bench both with a longer --seconds, or use --baseline-rerun")
+        reason = _not_comparable(row, base, same_machine)
         section.rows.append(_judged(row.target, row.batch, row.windows_per_s,
                                     base.windows_per_s if base else None, max_slowdown, reason))
     return section
+
+
+def _not_comparable(row: LatencyRow, base: LatencyRow | None, same_machine: bool) -> str | None:
+    """Why ``row`` cannot be judged against ``base`` (None: it can)."""
+    if not same_machine:
+        return "another machine fingerprint"
+    if base is None:
+        return "no baseline row for this target and batch"
+    if not (_enough(row) and _enough(base)):
+        return (f"fewer than {MIN_WINDOWS} windows of 25 calls in "
+                f"{'the baseline' if not _enough(base) else 'this run'} "
+                f"({len(base.windows_per_s or [])} and {len(row.windows_per_s or [])}): bench "
+                f"both with a longer --seconds, or use --baseline-rerun")
+    return None
 
 
 def _enough(row: LatencyRow) -> bool:
@@ -201,15 +205,5 @@ def paired_windows(bundle: Path, baseline_model: Path, backend: str, precision: 
     spec = {"mode": "paired", "bundle": str(bundle), "baseline": str(baseline_model),
             "backend": backend, "precision": precision, "batch": batch, "windows": windows,
             "config": asdict(config)}
-    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads),
-           "MKL_NUM_THREADS": str(config.threads)}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
-        spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-m",
-                               "pipeline.stages.bench.worker", str(spec_path), str(result_path)],
-                              capture_output=True, text=True, env=env, timeout=1800)
-        if result_path.is_file():
-            return json.loads(result_path.read_text())
-        lines = (proc.stderr or proc.stdout or "no output").strip().splitlines() or ["no output"]
-        return {"error": f"paired worker exited {proc.returncode}: {lines[-1][:300]}"}
+    result, failure = worker_process(spec, config.threads)
+    return result if result is not None else {"error": failure}

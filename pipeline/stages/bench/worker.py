@@ -113,9 +113,15 @@ def set_threads(threads: int) -> None:
         pass
 
 
+def spec_config(spec: dict[str, Any]) -> BenchOptions:
+    """The BenchOptions a spec carries as JSON (tuples came back as lists)."""
+    config = spec["config"]
+    return BenchOptions(**{**config, "backends": tuple(config["backends"]),
+                           "batch_sizes": tuple(config["batch_sizes"])})
+
+
 def bench_backend(spec: dict[str, Any]) -> WorkerResult:
-    config = BenchOptions(**{**spec["config"], "backends": tuple(spec["config"]["backends"]),
-                            "batch_sizes": tuple(spec["config"]["batch_sizes"])})
+    config = spec_config(spec)
     backend, precision = spec["backend"], spec["precision"]
     bundle = Bundle.open(spec["bundle"])
     size = ModelSection.read(bundle).input_size
@@ -139,8 +145,7 @@ def paired(spec: dict[str, Any]) -> dict[str, Any]:
     """``bench --baseline-rerun``: this bundle's model and the baseline model (a bundle or a
     bare .onnx) under one backend, warmed up, then timed in alternating windows of 25 calls,
     A B B A ..., so that both see the same machine state; images/s per window of each."""
-    config = BenchOptions(**{**spec["config"], "backends": tuple(spec["config"]["backends"]),
-                            "batch_sizes": tuple(spec["config"]["batch_sizes"])})
+    config = spec_config(spec)
     backend, precision, batch = get_backend(spec["backend"]), spec["precision"], spec["batch"]
     set_threads(config.threads)
     bundle = Bundle.open(spec["bundle"])
