@@ -97,7 +97,9 @@ if want verify; then
 fi
 if want bench; then
   step "bench"
-  timeout 300 "$PY" -m pipeline bench "$WORK/b" \
+  # the label report --price looks the machine up by (report merges this file with CPU ones)
+  label=${GPU_CHECK_LABEL:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9.\n' '-')}
+  timeout 300 "$PY" -m pipeline bench "$WORK/b" --machine "${label:-gpu}" \
     --backends ort-cpu:fp32,torch-cuda,torchscript-cuda,torch-export-cuda,aoti-cuda,ort-cuda,ort-cuda-iobinding,ort-tensorrt \
     --batch-sizes 1,8,32 --iterations 100 --seconds 1 --warmup-seconds 0.5 || status=1
   save "$WORK/b/latency.json" "$WORK/b/report.md"
@@ -129,8 +131,9 @@ if want write; then
       echo "verify on the same machine (parity pairs and gates):"; echo
       sed 's/^/    /' "$WORK/verify.txt"
       echo; sed '1d' "$WORK/b/report.md"; } > "$RESULT"
-    save "$RESULT"
-    echo "wrote $RESULT"
+    cp "$WORK/b/latency.json" benchmarks/results/latency-gpu.json  # for report --price
+    save "$RESULT" benchmarks/results/latency-gpu.json
+    echo "wrote $RESULT and benchmarks/results/latency-gpu.json"
   else
     echo "no report: bench did not run" >&2; status=1
   fi

@@ -19,6 +19,7 @@ from pipeline.api import (
                           bench,
                           bench_offline,
                           classify,
+                          deploy_kubernetes,
                           deploy_triton,
                           export,
                           predict,
@@ -40,5 +41,5 @@ from pipeline.version import __version__
 
 __all__ = ["train", "export", "verify", "quantize", "bench", "bench_offline", "predict", "classify", "run",
            "report", "recheck",
-           "deploy_triton", "serve", "TrainResult", "ExportResult", "BenchResult",
+           "deploy_triton", "deploy_kubernetes", "serve", "TrainResult", "ExportResult", "BenchResult",
            "PipelineError", "InputError", "CheckFailed", "EnvironmentUnavailable", "__version__"]

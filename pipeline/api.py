@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from pipeline.core.console import log as stderr_log
 from pipeline.core.records import (
@@ -44,6 +44,7 @@ from pipeline.options import (
     SWEEP,
     BenchOptions,
     ExportOptions,
+    KubernetesOptions,
     PredictOptions,
     QuantizeOptions,
     RunOptions,
@@ -59,7 +60,9 @@ from pipeline.options import (
 from pipeline.runtimes.registry import get_backend, parse_targets, predict_backends, target_name
 
 if TYPE_CHECKING:  # these modules load numpy: imported inside the calls, off `import pipeline`
+    from pipeline.core.capacity import CostTable
     from pipeline.core.records import OfflineRun
+    from pipeline.serving.kubernetes import KubernetesDeployment
     from pipeline.serving.serve import Endpoints
     from pipeline.stages.predict import Prediction, StreamSummary
     from pipeline.stages.run import RunResult
@@ -191,11 +194,14 @@ class BenchResult:
 
 @dataclass
 class ReportResult:
-    """The comparison's recommendation and its warnings; ``path`` is report.md."""
+    """The comparison's recommendation, its cost table (None without prices or a bound) and
+    its warnings; ``path`` is report.md."""
 
     recommendation: Recommendation
     warnings: list[str]
     path: Path
+    costs: "CostTable | None" = None
+    files: list[Path] = field(default_factory=list)  # report.md, report.png, report-cost.png
 
     @property
     def record(self) -> Recommendation:
@@ -204,6 +210,21 @@ class ReportResult:
     @property
     def summary(self) -> str:
         return self.recommendation.summary
+
+
+@dataclass
+class KubernetesResult:
+    """What ``deploy kubernetes`` wrote: ``record`` holds the sizing, the pod and the files."""
+
+    record: "KubernetesDeployment"
+
+    @property
+    def path(self) -> Path:
+        return self.record.path
+
+    @property
+    def summary(self) -> str:
+        return self.record.summary
 
 
 @dataclass
@@ -411,7 +432,8 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
           poisson_trials: int = _SCENARIO.poisson_trials, fast_decode: bool = False,
           baseline: str | Path | None = None, max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
           baseline_rerun: str | Path | None = None, force: bool = False,
-          junit_xml: str | Path | None = None,
+          junit_xml: str | Path | None = None, machine: str | None = None,
+          verify_capacity: bool = False,
           log: Log = stderr_log) -> "BenchResult | OfflineRun":
     """Time every backend (each in its own process); writes latency.json, report.md and
     latency.png into the bundle. ``command`` is recorded as what made the numbers.
@@ -421,7 +443,11 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     (batch 1 and the batching ceiling), each level broken down by stage from the server's
     metrics; ``arrival="poisson"`` then searches the highest Poisson request rate whose p99 is
     within ``p99_ms`` (MLPerf LoadGen, at most ``poisson_trials`` runs). The results go into
-    latency.json's ``server`` section.
+    latency.json's ``server`` section; ``verify_capacity`` then runs Poisson arrivals once more
+    at 0.9x the capacity found and records whether the p99 held.
+
+    ``machine`` labels the machine in latency.json (default: the hostname): ``report`` groups
+    rows and looks up ``--price`` by it.
 
     ``scenario="offline"`` is ``bench_offline`` on the folder ``images`` (returns its
     OfflineRun): ``backends`` names at most one target predict can run (default: what
@@ -434,10 +460,19 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     baseline model in this run instead, alternating windows of the two. The result is falsy
     when a row regressed; ``junit_xml`` writes every row (and regression) as a test case."""
     from pipeline.core.bundle import Bundle
+    from pipeline.core.machine import check_label
 
     if scenario not in SCENARIOS:
         raise InputError(f"unknown --scenario {scenario!r}; choose from: {', '.join(SCENARIOS)}")
     check_arrival(scenario, arrival, p99_ms)
+    if machine is not None:
+        check_label(machine)
+    if verify_capacity and scenario != "server":
+        raise InputError("--verify-capacity re-runs a Poisson search's capacity: add --scenario "
+                         "server --arrival poisson --p99-ms BOUND")
+    if machine is not None and scenario == "offline":
+        raise InputError("--machine labels latency.json for report; the offline scenario writes "
+                         "offline.json: leave --machine out")
     if scenario != SCENARIOS[0] and (baseline or baseline_rerun or junit_xml):
         raise InputError("--baseline, --baseline-rerun and --junit-xml judge the single-stream "
                          "rows: leave --scenario out")
@@ -458,10 +493,10 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
             target, ScenarioOptions(concurrency=int_list(concurrency, "--concurrency"),
                                     seconds=seconds, warmup_s=max(warmup_seconds, 1.0),
                                     threads=threads, arrival=arrival, p99_ms=p99_ms,
-                                    poisson_trials=poisson_trials),
+                                    poisson_trials=poisson_trials, verify_capacity=verify_capacity),
             iterations=iterations, warmup_seconds=warmup_seconds, budget_ms=budget_ms,
             progress=progress, command=command or f"pipeline.bench({str(bundle)!r}, scenario='server')",
-            log=log)
+            log=log, label=machine)
         return BenchResult(target.root, doc, advice, stale_parity_warnings(target))
     from pipeline.data.images import find_images
     from pipeline.stages.bench.protocol import run_bench
@@ -484,7 +519,7 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
         from pipeline.stages.bench.regression import Gate
 
         gate = Gate.open(target, baseline, baseline_rerun, max_slowdown, force=force)
-    doc = run_bench(target.root, config, images=files, progress=progress)
+    doc = run_bench(target.root, config, images=files, progress=progress, label=machine)
     doc.command = command or f"pipeline.bench({str(bundle)!r})"
     if gate is not None:
         log("regression gate: " + ("re-measuring the baseline model, alternating windows"
@@ -633,20 +668,48 @@ def run(arch: str | None = None, data: str | None = None, *,
 
 
 def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget_ms: float | None = None,
-           force: bool = False, command: str | None = None) -> ReportResult:
+           force: bool = False, prices: Mapping[str, float] | Sequence[str] | None = None,
+           prices_file: str | Path | None = None, p99_ms: float | None = None,
+           target_rate: str | None = None, headroom: float | None = None,
+           command: str | None = None) -> ReportResult:
     """Merge latency.json files from several machines into out/report.md and report.png;
-    returns the recommendation and any warnings."""
+    returns the recommendation, the cost table and any warnings.
+
+    Rows are grouped by machine label (``bench --machine``); two different machines under one
+    label are refused unless ``force``. ``prices`` (label -> US dollars per hour, or
+    ``"LABEL=USD"`` strings) and ``prices_file`` (TOML) add each verified configuration's cost
+    per million images; ``p99_ms`` its capacity and cost within that p99 bound;
+    ``target_rate`` (``"400 images/s"`` or ``"400 requests/s"``) the replicas needed and the
+    fleet's cost per hour, at ``headroom`` (0.8) of each replica's capacity. The cheapest
+    configuration within the bound and the fastest are ``result.costs.cheapest`` and
+    ``.fastest``; report-cost.png plots cost against p99 with the Pareto front."""
     from pipeline.core.bundle import ensure_writable_dir
+    from pipeline.core.capacity import HEADROOM, Rate, gather_prices
+    from pipeline.core.records import LatencyDoc
     from pipeline.stages.report import write_comparison
 
-    out = ensure_writable_dir(Path(out))
     files = [Path(p) for p in latency_files]
+    if p99_ms is not None and not p99_ms > 0:
+        raise InputError(f"--p99-ms {p99_ms:g} must be more than 0")
+    rate = Rate.parse(target_rate) if target_rate is not None else None
+    if prices is not None and not isinstance(prices, Mapping):
+        given = [prices] if isinstance(prices, str) else list(prices)
+    else:
+        given = [f"{label}={usd}" for label, usd in (prices or {}).items()]
+    price_table = None
+    if given or prices_file is not None:
+        labels = [LatencyDoc.load(path).machine_label for path in files]
+        price_table = gather_prices(given, Path(prices_file) if prices_file else None, labels)
+    out = ensure_writable_dir(Path(out))
     command = command or "python -m pipeline report " + " ".join(str(p) for p in files)
-    advice, warnings = write_comparison(files, out, budget_ms, command, force=force)
-    return ReportResult(advice, warnings, out / "report.md")
+    made = write_comparison(files, out, budget_ms, command, force=force, prices=price_table,
+                            p99_ms=p99_ms, target_rate=rate,
+                            headroom=HEADROOM if headroom is None else headroom)
+    return ReportResult(made.advice, made.warnings, out / "report.md", made.costs, made.files)
 
 
 _TRITON = TritonOptions()
+_KUBERNETES = KubernetesOptions()
 
 
 def deploy_triton(bundle: str | Path, out: str | Path, *, name: str | None = _TRITON.name,
@@ -659,3 +722,26 @@ def deploy_triton(bundle: str | Path, out: str | Path, *, name: str | None = _TR
     return DeployResult(triton_repository(Path(bundle), Path(out), TritonOptions(
         name=name, target=target, precision=precision, max_batch_size=max_batch_size,
         instances=instances)))
+
+
+def deploy_kubernetes(bundle: str | Path, out: str | Path, *, name: str | None = _TRITON.name,
+                      target: str = _TRITON.target, precision: str | None = _TRITON.precision,
+                      latency: str | Path | None = None, replicas: int | None = None,
+                      target_rate: str | None = None, p99_ms: float | None = None,
+                      headroom: float = _KUBERNETES.headroom, max_replicas: int | None = None,
+                      kserve: bool = False, model_image: str | None = None,
+                      storage_uri: str | None = None,
+                      namespace: str | None = None) -> "KubernetesResult":
+    """Write Triton for Kubernetes into ``out``: the model repository, a Dockerfile for the
+    image that carries it, and a Deployment + Service + HorizontalPodAutoscaler (or, with
+    ``kserve``, a KServe InferenceService), the pods sized from ``latency`` (the bundle's
+    latency.json by default): CPU from the threads, memory from the measured peak. The count
+    is ``replicas``, or sized for ``target_rate`` within ``p99_ms`` as ``report`` sizes it."""
+    from pipeline.serving.kubernetes import kubernetes_deployment
+
+    options = KubernetesOptions(
+        triton=TritonOptions(name=name, target=target, precision=precision),
+        latency=str(latency) if latency is not None else None, replicas=replicas,
+        target_rate=target_rate, p99_ms=p99_ms, headroom=headroom, max_replicas=max_replicas,
+        kserve=kserve, model_image=model_image, storage_uri=storage_uri, namespace=namespace)
+    return KubernetesResult(kubernetes_deployment(Path(bundle), Path(out), options))

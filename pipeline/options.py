@@ -210,6 +210,9 @@ class ScenarioOptions:
     arrival: str = "closed"
     p99_ms: float | None = None
     poisson_trials: int = 5
+    # after the search, one Poisson run at 0.9x the capacity found, as long as a trial: does
+    # the p99 hold when the capacity is used?
+    verify_capacity: bool = False
 
     def check(self) -> None:
         if not self.concurrency or any(c < 1 or c > 256 for c in self.concurrency):
@@ -226,6 +229,9 @@ class ScenarioOptions:
             raise InputError("--p99-ms bounds the Poisson search: add --arrival poisson")
         if not 1 <= self.poisson_trials <= 20:
             raise InputError(f"--poisson-trials {self.poisson_trials} must be from 1 to 20")
+        if self.verify_capacity and self.arrival != "poisson":
+            raise InputError("--verify-capacity re-runs the capacity a Poisson search found: add "
+                             "--arrival poisson --p99-ms BOUND")
 
 
 # ----------------------------------------------------------------------------- predict
@@ -337,6 +343,47 @@ class TritonOptions:
             raise InputError(f"--instances {self.instances} must be at least 1")
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise InputError(f"--name {self.name!r} must use letters, digits, '_', '.' and '-' only")
+
+
+@dataclass(frozen=True)
+class KubernetesOptions:
+    """``deploy kubernetes``: the Triton repository (``triton``) and how the cluster runs it."""
+
+    triton: TritonOptions = TritonOptions()
+    latency: str | None = None  # the latency.json sizing the pods (default: the bundle's)
+    replicas: int | None = None  # a fixed count: no autoscaler
+    target_rate: str | None = None  # "400 images/s": size the count from the capacity
+    p99_ms: float | None = None
+    headroom: float = 0.8
+    max_replicas: int | None = None  # the autoscaler's ceiling (default: twice the minimum)
+    kserve: bool = False  # a KServe InferenceService instead of the Deployment and Service
+    model_image: str | None = None  # the image that carries the repository
+    storage_uri: str | None = None  # --kserve: where KServe fetches the repository from
+    namespace: str | None = None
+
+    def check(self) -> None:
+        self.triton.check()
+        if self.replicas is not None and self.target_rate is not None:
+            raise InputError("--replicas fixes the count and --target-rate sizes it: give one")
+        if self.replicas is not None and not 1 <= self.replicas <= 1000:
+            raise InputError(f"--replicas {self.replicas} must be from 1 to 1000")
+        if self.target_rate is not None and self.p99_ms is None:
+            raise InputError("--target-rate sizes the replicas from the capacity measured within "
+                             "a p99 bound: give it with --p99-ms, e.g. --p99-ms 100")
+        if self.p99_ms is not None and not self.p99_ms > 0:
+            raise InputError(f"--p99-ms {self.p99_ms:g} must be more than 0")
+        if not 0 < self.headroom <= 1:
+            raise InputError(f"--headroom {self.headroom:g} must be in (0, 1]: the share of the "
+                             f"measured capacity each replica is planned to carry")
+        if self.max_replicas is not None and self.max_replicas < 1:
+            raise InputError(f"--max-replicas {self.max_replicas} must be at least 1")
+        if self.storage_uri is not None and not self.kserve:
+            raise InputError("--storage-uri tells KServe where the repository is: add --kserve "
+                             "(the plain Deployment copies it from --model-image)")
+        if self.namespace is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?",
+                                                           self.namespace):
+            raise InputError(f"--namespace {self.namespace!r} is not a Kubernetes namespace name "
+                             f"(lowercase letters, digits and '-', at most 63)")
 
 
 # ----------------------------------------------------------------------------- the model

@@ -67,6 +67,7 @@ def test_every_stage_result_has_the_one_shape(tiny_bundle: Path, tmp_path: Path)
         StageResult,
         TritonRepository,
     )
+    from pipeline.serving.kubernetes import KubernetesDeployment
 
     quantized = pipeline.quantize(tiny_bundle, precisions="int8", calibration="synthetic",
                                   count=16, log=lambda line: None)
@@ -75,10 +76,11 @@ def test_every_stage_result_has_the_one_shape(tiny_bundle: Path, tmp_path: Path)
                            seconds=0, warmup_seconds=0, log=lambda line: None)
     merged = pipeline.report([tiny_bundle / "latency.json"], out=tmp_path / "cmp")
     deployed = pipeline.deploy_triton(tiny_bundle, tmp_path / "repo")
+    cluster = pipeline.deploy_kubernetes(tiny_bundle, tmp_path / "k8s", replicas=2)
     calibration = CalibrationRecord.load(tiny_bundle / "calibration.json")
     for result, record in ((quantized, dict), (report, ParityReport), (bench, LatencyDoc),
                            (merged, Recommendation), (deployed, TritonRepository),
-                           (calibration, CalibrationRecord)):
+                           (cluster, KubernetesDeployment), (calibration, CalibrationRecord)):
         assert isinstance(result, StageResult), type(result)
         assert isinstance(result.record, record), (type(result), type(result.record))
         assert result.path is not None and Path(result.path).exists(), (type(result), result.path)
@@ -87,6 +89,10 @@ def test_every_stage_result_has_the_one_shape(tiny_bundle: Path, tmp_path: Path)
     assert isinstance(bench.recommendation, Recommendation)
     assert LatencyDoc.load(bench.path).recommendation == bench.recommendation
     assert not hasattr(merged, "__iter__") and not isinstance(quantized, dict)
+    assert cluster.record.sizing.replicas == 2 and merged.costs is None
+    costs = pipeline.report([tiny_bundle / "latency.json"], out=tmp_path / "cmp2",
+                            prices={bench.doc.machine_label: 0.25}).costs
+    assert costs.prices == {bench.doc.machine_label: 0.25} and costs.rows
 
 
 def test_verify_report_is_falsy_when_a_pair_fails(tiny_bundle: Path) -> None:

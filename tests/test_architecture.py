@@ -17,7 +17,7 @@ import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ("train", "export", "verify", "recheck", "quantize", "bench", "bench_offline", "predict", "classify", "run", "report", "serve",
-       "deploy_triton")
+       "deploy_triton", "deploy_kubernetes")
 
 
 def test_layers_contract_and_no_cycles_hold():

@@ -17,6 +17,7 @@ import click
 
 from pipeline import api
 from pipeline.cli import render
+from pipeline.core.capacity import HEADROOM
 from pipeline.core.checks import Check, latency_checks, parity_checks
 from pipeline.core.records import ImageLoop, OfflineRun
 from pipeline.errors import (
@@ -560,6 +561,13 @@ def _registry_help() -> str:
 @click.option("--p99-ms", type=float, default=None, help="The p99 bound of --arrival poisson.")
 @click.option("--poisson-trials", type=int, default=SCENARIO.poisson_trials, show_default=True,
               help="At most this many Poisson runs of --seconds each (the search bisects the rate).")
+@click.option("--verify-capacity", is_flag=True,
+              help="After the Poisson search, run its load once more at 0.9x the capacity found "
+                   "and record whether the p99 held (report marks the capacity 'held at 90%' or "
+                   "'not confirmed').")
+@click.option("--machine", "machine", default=None, metavar="LABEL",
+              help="Your name for this machine in latency.json, e.g. c7i.large [default: the "
+                   "hostname]; report groups rows and looks up --price by it.")
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
               help="Regression gate: compare each row with this earlier latency.json's row for "
                    "the same target and batch on the same machine fingerprint; exit 1 when one "
@@ -582,7 +590,8 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
           batch_sizes: str, iterations: int,
           seconds: float, warmup_seconds: float, threads: int | None, images: Path | None,
           budget_ms: float | None, scenario: str, fast_decode: bool, concurrency: str,
-          arrival: str, p99_ms: float | None, poisson_trials: int, baseline: Path | None,
+          arrival: str, p99_ms: float | None, poisson_trials: int, verify_capacity: bool,
+          machine: str | None, baseline: Path | None,
           max_slowdown: float, baseline_rerun: Path | None, force: bool, junit_xml: Path | None,
           strict: bool, verbose: bool, as_json: bool) -> None:
     """Per-image latency on every backend this machine has, each in its own process.
@@ -596,6 +605,7 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
       python -m pipeline bench exported/resnet18 --images photos/ --budget-ms 20 --verbose
       python -m pipeline bench exported/resnet18 --scenario server --concurrency 1,4,16 --seconds 10
       python -m pipeline bench exported/resnet18 --scenario server --arrival poisson --p99-ms 100
+      python -m pipeline bench exported/resnet18 --machine c7i.large --scenario server --arrival poisson --p99-ms 100 --verify-capacity
       python -m pipeline bench exported/resnet18 --scenario offline --images photos/
       python -m pipeline bench exported/resnet18 --baseline old/latency.json --max-slowdown 0.10
       python -m pipeline bench exported/resnet18 --baseline-rerun old-bundle/ --junit-xml bench.xml
@@ -608,7 +618,8 @@ def bench(ctx: click.Context, bundle: Path, backends: str | None, precisions: st
                        concurrency=concurrency, arrival=arrival, p99_ms=p99_ms,
                        poisson_trials=poisson_trials, fast_decode=fast_decode, baseline=baseline,
                        max_slowdown=max_slowdown, baseline_rerun=baseline_rerun, force=force,
-                       junit_xml=junit_xml, log=_log)
+                       junit_xml=junit_xml, machine=machine, verify_capacity=verify_capacity,
+                       log=_log)
     if isinstance(result, OfflineRun):
         if as_json:
             emit_json(result.to_dict())
@@ -669,27 +680,54 @@ def _print_image_loops(loops: list[ImageLoop], verbose: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="Folder for report.md and report.png.")
 @click.option("--budget-ms", type=float, default=None, help="Latency budget to check at p90.")
-@click.option("--force", is_flag=True, help="Merge latency files of different archs or input sizes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the recommendation as JSON.")
-def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None, force: bool,
-           as_json: bool) -> None:
-    """Merge latency.json files from several machines into one comparison.
+@click.option("--price", "prices", multiple=True, metavar="LABEL=USD_PER_HOUR",
+              help="A machine's price per hour, by its bench --machine label (repeatable): adds "
+                   "each verified configuration's cost per million images.")
+@click.option("--prices", "prices_file", type=click.Path(path_type=Path), default=None,
+              metavar="FILE.toml", help='Prices from a TOML file: "LABEL" = USD_PER_HOUR lines '
+                                        'under [prices]; --price overrides it.')
+@click.option("--p99-ms", type=float, default=None,
+              help="A p99 bound: each configuration's capacity and cost within it (the Poisson "
+                   "search's where a file has one, otherwise rows whose p99 is within it).")
+@click.option("--target-rate", default=None, metavar="'R images/s' | 'R requests/s'",
+              help="A load to serve within --p99-ms: the replicas each configuration needs and "
+                   "the fleet's cost per hour.")
+@click.option("--headroom", type=float, default=HEADROOM, show_default=True,
+              help="The share of its measured capacity each replica is planned to carry.")
+@click.option("--force", is_flag=True, help="Merge latency files of different archs or input "
+                                            "sizes, or of different machines under one label.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the recommendation (and the cost table) as JSON.")
+def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None,
+           prices: tuple[str, ...], prices_file: Path | None, p99_ms: float | None,
+           target_rate: str | None, headroom: float, force: bool, as_json: bool) -> None:
+    """Merge latency.json files from several machines into one comparison, with what each
+    configuration costs when given prices.
 
     \b
     Example:
       python -m pipeline report cpu-box/latency.json gpu-box/latency.json --out compare/
+      python -m pipeline report a/latency.json b/latency.json --price c7i.large=0.0893 --price g6.xlarge=0.8048
+      python -m pipeline report a/latency.json b/latency.json --prices prices.toml --p99-ms 100 --target-rate '400 images/s'
     """
-    result = api.report(list(latency_files), out=out, budget_ms=budget_ms, force=force)
+    result = api.report(list(latency_files), out=out, budget_ms=budget_ms, force=force,
+                        prices=list(prices), prices_file=prices_file, p99_ms=p99_ms,
+                        target_rate=target_rate, headroom=headroom,
+                        command=_command_line("report", *latency_files))
     for warning in result.warnings:
         _log(f"warning: {warning}")
     if as_json:
-        emit_json(result.recommendation.to_dict())
-    else:
-        best = result.recommendation.fastest_batch1
-        if best:
-            click.echo(f"fastest verified at batch 1: {best.backend} {best.precision} on "
-                       f"{best.machine} (p50 {best.p50_ms:.2f} ms)")
-        _log(f"wrote {out}/report.md and {out}/report.png")
+        emit_json({"recommendation": result.recommendation.to_dict(),
+                   "costs": result.costs.to_dict() if result.costs else None})
+        return
+    best = result.recommendation.fastest_batch1
+    if best:
+        click.echo(f"fastest verified at batch 1: {best.backend} {best.precision} on "
+                   f"{best.machine} (p50 {best.p50_ms:.2f} ms)")
+    if result.costs is not None:
+        for line in render.cost_answer(result.costs):
+            click.echo(line)
+    _log(f"wrote {', '.join(str(out / name) for name in result.files)}")
 
 
 # ----------------------------------------------------------------------------- deploy
@@ -737,6 +775,65 @@ def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precis
                    f"max_batch_size {written.max_batch_size}, preferred batch sizes "
                    f"{written.preferred_batch_size or 'none (run bench for them)'})")
         click.echo(f"start it with: tritonserver --model-repository {written.repository}")
+
+
+@deploy.command("kubernetes")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The folder to write: model_repository/, Dockerfile, the manifest, README.md.")
+@click.option("--name", default=None, help="Model name (default: the arch).")
+@click.option("--target", type=click.Choice(TRITON_TARGETS), default=TRITON.target, show_default=True,
+              help="cpu: ONNX Runtime on CPU cores, fp32. gpu: TensorRT, and nvidia.com/gpu: 1.")
+@click.option("--precision", type=click.Choice(TRITON_GPU_PRECISIONS), default=TRITON.precision,
+              help="TensorRT precision for --target gpu (default fp16).")
+@click.option("--latency", type=click.Path(path_type=Path), default=None,
+              help="The latency.json that sizes the pods [default: the bundle's].")
+@click.option("--replicas", type=int, default=None, help="A fixed replica count (no autoscaler).")
+@click.option("--target-rate", default=None, metavar="'R images/s' | 'R requests/s'",
+              help="Size the replicas for this load within --p99-ms, from the measured capacity "
+                   "(as report --target-rate does).")
+@click.option("--p99-ms", type=float, default=None, help="The p99 bound --target-rate is sized for.")
+@click.option("--headroom", type=float, default=HEADROOM, show_default=True,
+              help="The share of its capacity each replica carries; also the autoscaler's CPU "
+                   "utilization target.")
+@click.option("--max-replicas", type=int, default=None,
+              help="The autoscaler's ceiling [default: twice the sized count, or 4].")
+@click.option("--kserve", is_flag=True, help="A KServe InferenceService (Triton runtime) instead "
+                                             "of the Deployment and Service.")
+@click.option("--model-image", default=None, metavar="IMAGE",
+              help="The image that carries the repository [default: NAME-model-repository:SHA, "
+                   "a local name; give your registry's].")
+@click.option("--storage-uri", default=None,
+              help="--kserve: where KServe fetches the repository [default: oci://MODEL_IMAGE].")
+@click.option("--namespace", default=None, help="The namespace to put in the manifests.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON only.")
+def deploy_kubernetes(bundle: Path, out: Path, name: str | None, target: str,
+                      precision: str | None, latency: Path | None, replicas: int | None,
+                      target_rate: str | None, p99_ms: float | None, headroom: float,
+                      max_replicas: int | None, kserve: bool, model_image: str | None,
+                      storage_uri: str | None, namespace: str | None, as_json: bool) -> None:
+    """Triton on Kubernetes: the repository, an image that carries it, and the manifests
+    (Deployment, Service, autoscaler; or a KServe InferenceService), sized from bench.
+
+    \b
+    Example:
+      python -m pipeline deploy kubernetes exported/resnet18 --out k8s/
+      python -m pipeline deploy kubernetes exported/resnet18 --out k8s/ --target-rate '400 images/s' --p99-ms 100
+      python -m pipeline deploy kubernetes exported/resnet18 --out k8s/ --kserve --replicas 2
+    """
+    written = api.deploy_kubernetes(
+        bundle, out, name=name, target=target, precision=precision, latency=latency,
+        replicas=replicas, target_rate=target_rate, p99_ms=p99_ms, headroom=headroom,
+        max_replicas=max_replicas, kserve=kserve, model_image=model_image,
+        storage_uri=storage_uri, namespace=namespace).record
+    if as_json:
+        emit_json(written.to_dict())
+        return
+    click.echo(written.summary)
+    for path in written.files:
+        _log(f"wrote {path}")
+    click.echo(f"then: docker build -t {written.model_image} {written.out} && kubectl apply -f "
+               f"{written.manifests[0]}")
 
 
 # ----------------------------------------------------------------------------- serve

@@ -19,6 +19,7 @@ from pipeline.core.records import (
 from pipeline.stages.bench.writeup import server_lines
 
 if TYPE_CHECKING:  # verify loads numpy and the data modules: off the --help path
+    from pipeline.core.capacity import CostTable
     from pipeline.stages.verify import GateResult, ParityReport
 
 
@@ -223,7 +224,7 @@ def archs_table(rows: list[dict[str, Any]]) -> str:
 def offline_table(run: OfflineRun) -> str:
     """The offline scenario: the two ceilings, the bound they set, and the end-to-end rate."""
     lines = [f"offline scenario: {run.files} files, {run.target} at batch {run.batch} "
-             f"({run.choice}); {run.machine.get('cpu')}, {run.cores} cores",
+             f"({run.choice}); {run.machine.cpu}, {run.cores} cores",
              f"{'':<34} {'img/s':>9}",
              f"{'decode only (' + str(run.cores) + ' processes)':<34} {run.decode_only_per_s:9.1f}",
              f"{'inference only (' + str(run.cores) + ' threads)':<34} {run.infer_only_per_s:9.1f}",
@@ -234,3 +235,28 @@ def offline_table(run: OfflineRun) -> str:
     if run.errors:
         lines.append(f"{run.errors} file(s) could not be classified")
     return "\n".join(lines)
+
+
+def cost_answer(table: CostTable) -> list[str]:
+    """report's cost answer on the terminal: the cheapest within the bound, the fastest."""
+    where = (f"within p99 {table.p99_bound_ms:g} ms" if table.p99_bound_ms is not None
+             else "at peak throughput")
+    lines = []
+    cheap, fast = table.cheapest, table.fastest
+    if cheap is None:
+        lines.append(f"cheapest {where}: none (no priced, verified configuration)")
+    elif table.target_rate is not None:
+        lines.append(f"cheapest {where} for {table.target_rate}: {cheap.name}, "
+                     f"{_count(cheap.replicas, 'replica')}, ${cheap.fleet_usd_per_hour:.3f}/h")
+    else:
+        per_million = cheap.per_million_bound if table.p99_bound_ms is not None else cheap.per_million_peak
+        lines.append(f"cheapest {where}: {cheap.name}, ${per_million:.4f} per million images")
+    if fast is not None:
+        speed = fast.capacity_per_s if table.p99_bound_ms is not None else fast.images_per_s
+        lines.append(f"fastest {where}: {fast.name}, {speed:.1f} images/s per replica"
+                     + (f", {_count(fast.replicas, 'replica')}" if fast.replicas is not None else ""))
+    return lines + [f"note: {note}" for note in table.notes]
+
+
+def _count(n: int | None, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import InputError
 from pipeline.version import __version__
+
+if TYPE_CHECKING:
+    from pipeline.core.records import Machine
 
 LIBRARIES = ("torch", "torchvision", "onnx", "onnxsim", "onnxscript", "numpy")
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
@@ -112,19 +117,27 @@ def _nvidia_driver() -> str | None:
         return None
     # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04 ..." or "... Open Kernel
     # Module for x86_64  580.159.04 ...": the first dotted number is the version.
-    import re
-
     found = re.search(r"\b(\d{3,}\.\d+(?:\.\d+)?)\b", first)
     return found.group(1) if found else first.strip() or None
 
 
-def machine_block() -> dict[str, Any]:
-    return {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cpu_count": os.cpu_count(),
-        "gpu": gpu_info(),
-        "versions": library_versions(),
-    }
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,62}")
+
+
+def check_label(label: str) -> str:
+    """A machine label (``bench --machine``): report keys prices by it (``--price LABEL=USD``)."""
+    if not LABEL.fullmatch(label):
+        raise InputError(f"--machine {label!r} is not a usable label: give 1-63 letters, digits "
+                         f"or . _ : / + - starting with a letter or digit, e.g. c7i.large")
+    return label
+
+
+def machine_block(label: str | None = None) -> "Machine":
+    """This machine's facts, under ``label`` (the hostname when None)."""
+    from pipeline.core.records import GpuFacts, Machine
+
+    gpu = gpu_info()
+    return Machine(hostname=platform.node(), platform=platform.platform(), cpu=cpu_model(),
+                   cpu_flags=cpu_flags(), cpu_count=os.cpu_count(),
+                   gpu=GpuFacts(**gpu) if gpu else None, versions=library_versions(),
+                   label=check_label(label) if label is not None else platform.node())

@@ -21,11 +21,12 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 from pipeline.core.bundle import PARITY, write_json_atomic
 from pipeline.errors import InputError
 
-LATENCY_SCHEMA_VERSION = 3  # 2: rows without the stability windows (stable, window_spread)
+LATENCY_SCHEMA_VERSION = 4  # 2: rows without the stability windows (stable, window_spread);
+# 3: no machine label, no peak memory per row, no --verify-capacity run
 LATENCY_KIND = "pipeline.latency"
 PARITY_SCHEMA_VERSION = 3  # 1: no schema_version yet; 2: no "localized", no "machine"
 CALIBRATION_SCHEMA_VERSION = 1
-OFFLINE_SCHEMA_VERSION = 1
+OFFLINE_SCHEMA_VERSION = 2  # 1: no machine label
 
 R = TypeVar("R", bound="Record")
 
@@ -181,13 +182,96 @@ class StageResult(Protocol):
     def record(self) -> Any: ...
 
 
+# ----------------------------------------------------------------------------- machine facts
+@dataclass
+class GpuFacts(Record):
+    """The first CUDA device as torch saw it."""
+
+    name: str
+    memory_gib: float | None = None
+    capability: str | None = None
+    driver: str | None = None
+    cuda_runtime: str | None = None
+    count: int = 1
+
+
+@dataclass
+class Machine(Record):
+    """The machine a latency.json (or offline.json) was measured on. ``label`` is the user's
+    name for it (``bench --machine c7i.large``; the hostname by default): report groups rows
+    and looks up prices by it. Files written before the label existed read as their hostname."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"label", "platform", "gpu", "versions"})
+    NESTED: ClassVar[dict[str, type[Record]]] = {"gpu": GpuFacts}
+    WRITE_NONE: ClassVar[bool] = True
+
+    hostname: str = "?"
+    cpu: str = "?"
+    cpu_flags: dict[str, bool] = field(default_factory=dict)
+    cpu_count: int | None = None
+    platform: str | None = None
+    gpu: GpuFacts | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The label, or the hostname for files from before ``--machine``."""
+        return self.label or self.hostname
+
+    @property
+    def flags(self) -> list[str]:
+        return sorted(flag for flag, present in self.cpu_flags.items() if present)
+
+    @property
+    def description(self) -> str:
+        """'AMD EPYC, 2 cores + NVIDIA H200': what the machine is, without its label."""
+        text = f"{self.cpu}, {self.cpu_count or '?'} cores"
+        return f"{text} + {self.gpu.name}" if self.gpu else text
+
+    def same_hardware(self, other: "Machine") -> bool:
+        """Could these two be the one machine? CPU model, flags, core count and GPU agree."""
+        return ((self.cpu, self.flags, self.cpu_count, self.gpu.name if self.gpu else None)
+                == (other.cpu, other.flags, other.cpu_count, other.gpu.name if other.gpu else None))
+
+
 # ----------------------------------------------------------------------------- latency.json
+@dataclass
+class BenchedModel(Record):
+    """latency.json's ``model``: what was timed."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"num_classes", "gmacs_per_image", "onnx_file"})
+
+    arch: str
+    input_size: int
+    num_classes: int | None = None
+    gmacs_per_image: float | None = None
+    onnx_file: str | None = None
+
+
+@dataclass
+class BenchConfig(Record):
+    """latency.json's ``config``: how it was timed (``options.BenchOptions``, as run)."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"max_batch", "sweep", "min_warmup_iterations"})
+
+    threads: int
+    backends: list[str] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    iterations: int = 75
+    seconds: float = 5.0
+    warmup_s: float = 1.0
+    max_batch: int | None = None
+    sweep: bool | None = None
+    min_warmup_iterations: int | None = None
+
+
 @dataclass
 class LatencyRow(Record):
     """One (backend, precision, batch) of a single-stream sweep: numbers, or a reason."""
 
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"machine", "arch", "stable", "window_spread",
-                                                     "windows_per_s"})
+                                                     "windows_per_s", "peak_rss_mib"})
 
     backend: str
     batch: int
@@ -225,6 +309,10 @@ class LatencyRow(Record):
     # images/s of every complete window of 25 timed calls, in order: what the regression gate
     # (bench --baseline) tests against another run's windows.
     windows_per_s: list[float] | None = None
+    # The peak resident memory of the worker process that timed this target, read after this
+    # batch size (so every batch size it ran before too, with the interpreter and the runtime):
+    # what a pod serving it at batches up to this one needs.
+    peak_rss_mib: float | None = None
     # What verify said of the very file this row timed (see stages.bench.recommend).
     verified: str = "not verified"
     top1_agreement: float | None = None
@@ -249,6 +337,17 @@ class LatencyRow(Record):
     @property
     def precision_label(self) -> str:
         return precision_label(self.precision, self.precision_requested)
+
+    @property
+    def recommendable(self) -> bool:
+        """May this row be recommended (or ranked by cost)? fp32 unless its parity failed or
+        verify never ran its backend here; reduced precision only with a passed accuracy gate."""
+        if self.requested == "fp32":
+            return self.verified not in ("parity failed", NOT_ON_THIS_MACHINE)
+        return self.verified == "gate passed"
+
+
+NOT_ON_THIS_MACHINE = "not verified on this machine"
 
 
 def reason_rows(backend: str, precision: str, batch_sizes: tuple[int, ...], reason: str,
@@ -460,7 +559,8 @@ class PoissonTrial(Record):
 class PoissonSearch(Record):
     """``--arrival poisson``: the highest Poisson request rate whose p99 stays within the bound."""
 
-    NESTED: ClassVar[dict[str, type[Record]]] = {"trials": PoissonTrial, "best": PoissonTrial}
+    NESTED: ClassVar[dict[str, type[Record]]] = {"trials": PoissonTrial, "best": PoissonTrial,
+                                                 "checks": PoissonTrial}
 
     p99_bound_ms: float
     generator: str  # mlcommons-loadgen and its version
@@ -468,6 +568,45 @@ class PoissonSearch(Record):
     trial_seconds: float
     trials: list[PoissonTrial]
     best: PoissonTrial | None  # None: no rate tried kept its p99 within the bound
+    # --verify-capacity: Poisson runs at VERIFY_FRACTION x the capacity, as long as a trial;
+    # each one that fails lowers the capacity to the rate it ran at, up to MAX_CHECKS runs
+    checks: list[PoissonTrial] = field(default_factory=list)
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"checks"})
+    VERIFY_FRACTION: ClassVar[float] = 0.9
+    MAX_CHECKS: ClassVar[int] = 3
+
+    @property
+    def found_per_s(self) -> float | None:
+        """What the search found: the highest rate a trial ran at whose p99 held (never a
+        bisection midpoint no trial ran at)."""
+        return self.best.target_per_s if self.best else None
+
+    @property
+    def capacity_per_s(self) -> float | None:
+        """The capacity: what the search found; after --verify-capacity, the rate whose
+        VERIFY_FRACTION held in the last check, or, when no check held, the rate the last one
+        missed at (an upper bound, marked not confirmed)."""
+        if not self.checks:
+            return self.found_per_s
+        last = self.checks[-1]
+        return round(last.target_per_s / self.VERIFY_FRACTION, 2) if last.within_bound \
+            else last.target_per_s
+
+    @property
+    def verification(self) -> PoissonTrial | None:
+        """--verify-capacity's last run (None when it was not asked for)."""
+        return self.checks[-1] if self.checks else None
+
+    @property
+    def capacity_check(self) -> str | None:
+        """``held at 90%`` when --verify-capacity's last run kept its p99 within the bound,
+        ``not confirmed`` when none did; None when it was not asked for."""
+        if not self.checks:
+            return None
+        if self.checks[-1].within_bound:
+            return f"held at {100 * self.VERIFY_FRACTION:.0f}%"
+        return "not confirmed"
 
 
 @dataclass
@@ -581,11 +720,13 @@ class LatencyDoc(Document):
     NESTED: ClassVar[dict[str, type[Record]]] = {"rows": LatencyRow, "server": ServerSection,
                                                  "images": ImageLoop,
                                                  "recommendation": Recommendation,
-                                                 "regression": RegressionSection}
+                                                 "regression": RegressionSection,
+                                                 "machine": Machine, "model": BenchedModel,
+                                                 "config": BenchConfig}
 
-    model: dict[str, Any]
-    config: dict[str, Any]
-    machine: dict[str, Any]
+    model: BenchedModel
+    config: BenchConfig
+    machine: Machine
     rows: list[LatencyRow]
     created: str
     images: list[ImageLoop] = field(default_factory=list)
@@ -605,7 +746,7 @@ class LatencyDoc(Document):
         if data.get("kind") != LATENCY_KIND:
             raise InputError(f"{str(path)!r} is not a latency.json written by python -m pipeline "
                              f"bench")
-        if data.get("schema_version") == 2:  # rows had no stability fields: they are optional
+        if data.get("schema_version") in (2, 3):  # the fields added since are optional
             data = {**data, "schema_version": LATENCY_SCHEMA_VERSION}
         return data
 
@@ -617,9 +758,8 @@ class LatencyDoc(Document):
 
     @property
     def machine_label(self) -> str:
-        gpu = self.machine.get("gpu")
-        label = f"{self.machine.get('hostname', '?')}: {self.machine.get('cpu', '?')}"
-        return f"{label} + {gpu['name']}" if gpu else label
+        """The machine's label (``bench --machine``; the hostname by default)."""
+        return self.machine.name
 
 
 # ----------------------------------------------------------------------------- parity.json
@@ -971,12 +1111,19 @@ class OfflineRun(Document):
     large query), end to end from files to labels, beside the two ceilings that bound it on
     the same cores, measured in the same run."""
 
+    NESTED: ClassVar[dict[str, type[Record]]] = {"machine": Machine}
     FILE: ClassVar[str] = "offline.json"
     REMAKE: ClassVar[str] = "python -m pipeline bench BUNDLE --scenario offline --images DIR"
     VERSION: ClassVar[int | None] = OFFLINE_SCHEMA_VERSION
 
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], path: Path) -> dict[str, Any]:
+        if data.get("schema_version") == 1:  # the machine's label is optional
+            data = {**data, "schema_version": OFFLINE_SCHEMA_VERSION}
+        return data
+
     created: str
-    machine: dict[str, Any]
+    machine: Machine
     target: str  # backend:precision that ran (what predict's --precision auto chose, or given)
     choice: str  # why
     files: int

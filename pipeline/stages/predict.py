@@ -138,7 +138,7 @@ def _measured_speed(bundle: Bundle) -> dict[str, float]:
         doc = LatencyDoc.load(path)
     except InputError:
         return {}
-    if doc.machine.get("cpu") != cpu_model() or doc.machine.get("cpu_flags") != cpu_flags():
+    if doc.machine.cpu != cpu_model() or doc.machine.cpu_flags != cpu_flags():
         return {}
     best: dict[str, float] = {}
     for row in doc.rows:

@@ -10,6 +10,7 @@ backend verify did not run says so and is never recommended; only fp32 rows whos
 from __future__ import annotations
 
 from pipeline.core.records import (
+    NOT_ON_THIS_MACHINE,
     Advice,
     LatencyRow,
     ParityReport,
@@ -53,15 +54,10 @@ def attach_verification(rows: list[LatencyRow], parity: ParityReport | None) -> 
             row.top1_agreement, row.top1_drop_points = gate.top1_agreement, gate.top1_drop_points
 
 
-NOT_ON_THIS_MACHINE = "not verified on this machine"
-
-
 def eligible(row: LatencyRow) -> bool:
-    """May this row be recommended? fp32 unless its parity failed or verify never ran its
-    backend; reduced precision only with a passed accuracy gate."""
-    if row.requested == "fp32":
-        return row.verified not in ("parity failed", NOT_ON_THIS_MACHINE)
-    return row.verified == "gate passed"
+    """May this row be recommended? The rule is the row's own (``LatencyRow.recommendable``),
+    so the cost ranking (``core.capacity``) applies the same one."""
+    return row.recommendable
 
 
 def recommend(rows: list[LatencyRow], budget_ms: float | None = None) -> Recommendation:

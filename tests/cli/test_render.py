@@ -61,7 +61,7 @@ def test_latency_table_shows_numbers_and_reasons():
 def test_targets_that_cannot_run_here_collapse_into_one_line_per_reason():
     """A CPU machine's bench: every GPU target at every batch size is one line, not 8 rows,
     in the terminal and in report.md; latency.json keeps the rows."""
-    from pipeline.core.records import LatencyDoc, reason_rows
+    from pipeline.core.records import BenchConfig, BenchedModel, LatencyDoc, Machine, reason_rows
     from pipeline.stages.bench.writeup import rows_table
 
     no_gpu = "no CUDA GPU visible (torch.cuda.is_available() is False)"
@@ -79,7 +79,7 @@ def test_targets_that_cannot_run_here_collapse_into_one_line_per_reason():
     assert sum(line.startswith("| ort-cpu") for line in markdown) == 1
     assert not any("cuda" in line for line in markdown if line.startswith("|"))
     assert f"- {no_gpu}: 4 targets not run" in "\n".join(markdown)
-    doc = LatencyDoc.from_dict(LatencyDoc(model={}, config={}, machine={}, rows=rows,
+    doc = LatencyDoc.from_dict(LatencyDoc(model=BenchedModel(arch="r", input_size=32), config=BenchConfig(threads=1), machine=Machine(), rows=rows,
                                           created="now").to_dict(), where="test")
     assert len(doc.rows) == 9  # every row is still recorded
 

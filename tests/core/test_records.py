@@ -11,11 +11,14 @@ import pytest
 
 from pipeline.core.records import (
     PARITY_SCHEMA_VERSION,
+    BenchConfig,
+    BenchedModel,
     CalibrationRecord,
     GateResult,
     ImageLoop,
     LatencyDoc,
     LatencyRow,
+    Machine,
     ModelSection,
     PairResult,
     ParityReport,
@@ -60,7 +63,8 @@ def _doc() -> LatencyDoc:
                                                total_s=0.006, lines=["1/2: a.png 0.003s"],
                                                skipped=[]),
                      pipelined=PipelinedLoop(n=2, workers=2, wall_s=0.05, images_per_s=40.0))
-    return LatencyDoc(model={"arch": "resnet18"}, config={"threads": 2}, machine={"cpu": "x"},
+    return LatencyDoc(model=BenchedModel(arch="resnet18", input_size=224),
+                      config=BenchConfig(threads=2), machine=Machine(cpu="x"),
                       rows=rows, created="2026-12-02", command="python -m pipeline bench b",
                       server=server, images=[loop])
 
@@ -107,7 +111,7 @@ def test_another_schema_version_is_refused_with_the_fix(tmp_path):
     data = {**_doc().to_dict(), "schema_version": 1}
     path = tmp_path / "latency.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(InputError, match="schema_version 1; this pipeline reads 3. Make a new "
+    with pytest.raises(InputError, match="schema_version 1; this pipeline reads 4. Make a new "
                                          "one with python -m pipeline bench"):
         LatencyDoc.load(path)
 

@@ -22,10 +22,11 @@ def _parse(path: Path):
 
 def _with_bench_sweep(bundle: Path, sizes: tuple[int, ...]) -> None:
     """A latency.json whose ORT sweep measured ``sizes`` (and 128, above max_batch_size)."""
-    from pipeline.core.records import LatencyDoc, LatencyRow
+    from pipeline.core.records import BenchConfig, BenchedModel, LatencyDoc, LatencyRow, Machine
 
     rows = [LatencyRow("ort-cpu", n, p50_ms=1.0) for n in (*sizes, 128)]
-    LatencyDoc(model={"arch": "resnet18_cifar"}, config={}, machine={}, rows=rows,
+    LatencyDoc(model=BenchedModel(arch="resnet18_cifar", input_size=32),
+               config=BenchConfig(threads=1), machine=Machine(), rows=rows,
                created="2026-12-02T00:00:00+0000").dump(bundle / "latency.json")
 
 

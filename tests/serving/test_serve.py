@@ -4,6 +4,7 @@ good, bad and concurrent requests, a client that hangs up, SIGTERM, and the port
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import socket
@@ -80,8 +81,13 @@ def test_health_and_metadata_answer(server) -> None:
     client = http.InferenceServerClient(server["url"])
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     config = client.get_model_config(MODEL)
+    version = client.get_server_metadata()["version"]
     client.close()
     assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+    # deploy kubernetes pins the NGC image of this very Triton release
+    from pipeline.serving.kubernetes import TRITON_VERSION
+
+    assert version == TRITON_VERSION
     with urllib.request.urlopen(f"http://127.0.0.1:{server['metrics_port']}/metrics", timeout=10) as r:
         assert r.status == 200 and b"nv_inference_request_success" in r.read()
 
@@ -452,13 +458,14 @@ def test_bundle_without_an_export_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_server_scenario_bench(tiny_bundle: Path) -> None:
-    """Closed-loop levels with their breakdown and CPU shares, then the Poisson search."""
+def test_server_scenario_bench(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Closed-loop levels with their breakdown and CPU shares, then the Poisson search and its
+    --verify-capacity run against the real Triton, and report's capacity from it."""
     bound = 1000.0
     result = run_cli("bench", tiny_bundle, "--scenario", "server", "--concurrency", "1,4",
                      "--seconds", "2", "--warmup-seconds", "1", "--iterations", "10",
                      "--budget-ms", "1000", "--arrival", "poisson", "--p99-ms", str(bound),
-                     "--poisson-trials", "2")
+                     "--poisson-trials", "2", "--verify-capacity", "--machine", "ci-box")
     assert result.exit_code == 0, result.stderr
     doc = json.loads((tiny_bundle / "latency.json").read_text())
     rows = doc["server"]["rows"]
@@ -495,6 +502,28 @@ def test_server_scenario_bench(tiny_bundle: Path) -> None:
     assert "Where a request's time goes" in report and "Overhead at concurrency 1" in report
     assert "Open loop: Poisson arrivals" in report
 
+    # --verify-capacity: one more LoadGen run at 0.9x the capacity, as long as a trial
+    best, checks = search["best"], search["checks"]
+    assert best is not None, "a 1000 ms bound holds on the tiny model"
+    capacity = best["target_per_s"]
+    for check in checks:  # each at 90% of the capacity so far; a miss lowers it to its rate
+        assert check["target_per_s"] == pytest.approx(0.9 * capacity, abs=0.01)
+        assert check["requests"] >= 100
+        assert check["within_bound"] == (check["p99_ms"] <= bound and check["errors"] == 0)
+        capacity = check["target_per_s"] / 0.9 if check["within_bound"] else check["target_per_s"]
+    assert 1 <= len(checks) <= 3 and (checks[-1]["within_bound"] or len(checks) == 3)
+    assert all(not c["within_bound"] for c in checks[:-1])
+    held = "held at 90%" if checks[-1]["within_bound"] else "not confirmed"
+    assert "Capacity check (`--verify-capacity`)" in report and held in report
+    assert doc["machine"]["label"] == "ci-box"
+    costs = json.loads(run_cli("report", tiny_bundle / "latency.json", "--out", tmp_path, "--json",
+                               "--price", "ci-box=0.5", "--p99-ms", str(bound), "--target-rate",
+                               "50 requests/s").stdout)["costs"]
+    poisson = next(r for r in costs["rows"] if r["source"] == "server Poisson")
+    assert poisson["capacity_per_s"] == pytest.approx(capacity, abs=0.01)
+    assert poisson["capacity_check"] == held
+    assert poisson["replicas"] == math.ceil(50 / (poisson["capacity_per_s"] * 0.8))
+
 
 @pytest.mark.parametrize("args, message", [
     (["--scenario", "server", "--arrival", "poisson"], "give it with --p99-ms"),
@@ -503,6 +532,9 @@ def test_server_scenario_bench(tiny_bundle: Path) -> None:
     (["--scenario", "offline", "--p99-ms", "50"], "add --scenario server"),
     (["--scenario", "server", "--arrival", "poisson", "--p99-ms", "50", "--poisson-trials", "0"],
      "--poisson-trials 0 must be from 1 to 20"),
+    (["--scenario", "server", "--verify-capacity"], "add --arrival poisson --p99-ms BOUND"),
+    (["--verify-capacity"], "add --scenario server"),
+    (["--machine", "my box"], "is not a usable label"),
 ])
 def test_poisson_options_are_checked_before_anything_runs(tiny_bundle: Path, args, message) -> None:
     result = run_module("bench", tiny_bundle, *args, timeout=60)

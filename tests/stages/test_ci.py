@@ -287,14 +287,15 @@ def _baseline(path: Path, *, arch: str, cpu: str | None = None) -> Path:
     """A latency.json as an earlier bench on this machine (or on ``cpu``) would have written
     it: one ort-cpu fp32 row at batch 1 with 8 windows."""
     from pipeline.core.machine import machine_block
-    from pipeline.core.records import LatencyDoc, LatencyRow
+    from pipeline.core.records import BenchConfig, BenchedModel, LatencyDoc, LatencyRow
 
     machine = machine_block()
     if cpu:
-        machine["cpu"] = cpu
+        machine.cpu = cpu
     row = LatencyRow("ort-cpu", 1, precision="fp32", precision_requested="fp32", p50_ms=2.0,
                      p90_ms=2.2, images_per_s=500.0, windows_per_s=[500.0] * 8)
-    LatencyDoc(model={"arch": arch, "input_size": 32}, config={"threads": 1}, machine=machine,
+    LatencyDoc(model=BenchedModel(arch=arch, input_size=32), config=BenchConfig(threads=1),
+               machine=machine,
                rows=[row], created="2026-12-01T00:00:00").dump(path)
     return path
 

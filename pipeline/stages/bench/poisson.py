@@ -199,3 +199,32 @@ def search(url: str, model: Any, bound_ms: float, ceiling: float, seconds: float
     return PoissonSearch(p99_bound_ms=bound_ms, generator=loadgen_version(),
                          ceiling_per_s=round(ceiling, 2), trial_seconds=seconds, trials=trials,
                          best=best)
+
+
+def verify_capacity(url: str, model: Any, found: PoissonSearch, metrics_url: str | None,
+                    log: Callable[[str], None]) -> PoissonSearch:
+    """``--verify-capacity``: after the search, a run at ``VERIFY_FRACTION`` x the capacity,
+    as long as a search trial, on a fresh schedule rather than trusting the one trial that
+    passed (capacity planning runs replicas below their capacity: the p99 must hold there).
+    A run that misses lowers the capacity to its own rate, and the next run checks 90% of
+    that, up to ``MAX_CHECKS`` runs: the capacity ends where its 90% held, or is marked not
+    confirmed."""
+    if found.capacity_per_s is None:
+        log("  --verify-capacity: the search found no rate within the bound; nothing to verify")
+        return found
+    checked = found
+    for _ in range(found.MAX_CHECKS):
+        capacity = checked.capacity_per_s
+        assert capacity is not None
+        rate = found.VERIFY_FRACTION * capacity
+        row = trial(url, model, rate, found.p99_bound_ms, found.trial_seconds, metrics_url)
+        checked = replace(checked, checks=[*checked.checks, row])
+        over = row.p99_ms - found.p99_bound_ms
+        log(f"  verify capacity {capacity:.1f} req/s at {100 * found.VERIFY_FRACTION:.0f}% "
+            f"({rate:.1f} req/s): p99 {row.p99_ms:.1f} ms, {row.errors} errors: " + (
+                "held" if row.within_bound else
+                f"NOT held ({over:+.1f} ms over {found.p99_bound_ms:g} ms)" if row.errors == 0
+                else f"NOT held ({row.errors} requests failed)"))
+        if row.within_bound:
+            break
+    return checked

@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 from pipeline.core.bundle import Bundle
 from pipeline.core.machine import machine_block
 from pipeline.core.records import (
+    BenchConfig,
+    BenchedModel,
     ImageLoop,
     LatencyDoc,
     LatencyRow,
@@ -118,8 +120,9 @@ def worker_failure(returncode: int, output: str) -> str:
 
 
 def run_bench(bundle: Path, config: BenchOptions, *, images: list[str] | None = None,
-              progress: bool = True) -> LatencyDoc:
-    """Every selected backend, each in its own subprocess; returns the latency document."""
+              progress: bool = True, label: str | None = None) -> LatencyDoc:
+    """Every selected backend, each in its own subprocess; returns the latency document, its
+    machine under ``label`` (the hostname when None)."""
     from tqdm import tqdm
 
     opened = Bundle.open(bundle)
@@ -138,10 +141,10 @@ def run_bench(bundle: Path, config: BenchOptions, *, images: list[str] | None = 
     attach_verification(rows, read_parity(opened))
     return LatencyDoc(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        model={"arch": model.arch, "input_size": model.input_size,
-               "num_classes": model.num_classes, "gmacs_per_image": gmacs,
-               "onnx_file": opened.fp32_onnx()},
-        config={**asdict(config), "backends": list(config.backends),
-                "batch_sizes": list(config.batch_sizes), "sweep": config.sweep,
-                "min_warmup_iterations": MIN_WARMUP_ITERATIONS},
-        machine=machine_block(), rows=rows, images=loops)
+        model=BenchedModel(arch=model.arch, input_size=model.input_size,
+                           num_classes=model.num_classes, gmacs_per_image=gmacs,
+                           onnx_file=opened.fp32_onnx()),
+        config=BenchConfig(**{**asdict(config), "backends": list(config.backends),
+                              "batch_sizes": list(config.batch_sizes)}, sweep=config.sweep,
+                           min_warmup_iterations=MIN_WARMUP_ITERATIONS),
+        machine=machine_block(label), rows=rows, images=loops)

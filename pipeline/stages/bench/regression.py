@@ -49,10 +49,8 @@ MIN_WINDOWS = 6
 def fingerprint(doc: LatencyDoc) -> dict[str, Any]:
     """What must match for two latency files' numbers to be compared across runs."""
     machine = doc.machine
-    gpu = machine.get("gpu") or {}
-    flags = sorted(f for f, present in (machine.get("cpu_flags") or {}).items() if present)
-    return {"cpu": machine.get("cpu"), "cpu_flags": flags, "cpu_count": machine.get("cpu_count"),
-            "threads": doc.config.get("threads"), "gpu": gpu.get("name")}
+    return {"cpu": machine.cpu, "cpu_flags": machine.flags, "cpu_count": machine.cpu_count,
+            "threads": doc.config.threads, "gpu": machine.gpu.name if machine.gpu else None}
 
 
 def judge(now: list[float], baseline: list[float], max_slowdown: float) -> tuple[float, float, bool]:
@@ -87,7 +85,7 @@ class Gate:
         ours = ModelSection.read(bundle)
         doc = LatencyDoc.load(baseline) if baseline is not None else None
         theirs: tuple[str | None, int | None] | None = (
-            (doc.model.get("arch"), doc.model.get("input_size")) if doc else None)
+            (doc.model.arch, doc.model.input_size) if doc else None)
         model = Path(rerun) if rerun is not None else None
         if model is not None:
             if not model.exists():

@@ -222,6 +222,8 @@ def run_server_scenario(bundle: Any, scenario: ScenarioOptions, log: Callable[[s
                 f"{scenario.p99_ms:g} ms (at most {scenario.poisson_trials} runs)")
             search = poisson.search(server.url, model, scenario.p99_ms, ceiling, scenario.seconds,
                                     scenario.poisson_trials, server.metrics_url, log)
+            if scenario.verify_capacity:
+                search = poisson.verify_capacity(server.url, model, search, server.metrics_url, log)
     finally:
         stopped = server.stop()
     return rows, search, stopped, server.url
@@ -229,7 +231,8 @@ def run_server_scenario(bundle: Any, scenario: ScenarioOptions, log: Callable[[s
 
 def server_bench(bundle: Any, scenario: ScenarioOptions, *, iterations: int, warmup_seconds: float,
                  budget_ms: float | None, progress: bool, command: str,
-                 log: Callable[[str], None]) -> tuple[LatencyDoc, Recommendation]:
+                 log: Callable[[str], None], label: str | None = None
+                 ) -> tuple[LatencyDoc, Recommendation]:
     """The server scenario beside fresh in-process ORT baselines (batch 1, and powers of two up
     to the largest batch the server could form: the best of them is the batching ceiling), into
     latency.json's ``server`` section and report.md."""
@@ -245,7 +248,7 @@ def server_bench(bundle: Any, scenario: ScenarioOptions, *, iterations: int, war
     base_doc = run_bench(bundle.root, BenchOptions(backends=("ort-cpu:fp32",), batch_sizes=batches,
                                                   iterations=iterations, seconds=scenario.seconds,
                                                   warmup_s=warmup_seconds, threads=threads),
-                         progress=progress)
+                         progress=progress, label=label)
     good = ok_rows(base_doc.rows)
     baseline = next((r for r in good if r.batch == 1), None)
     ceiling = max((r for r in good if r.batch > 1), key=lambda r: r.images_per_s or 0.0,
@@ -253,6 +256,8 @@ def server_bench(bundle: Any, scenario: ScenarioOptions, *, iterations: int, war
     rows, search, stopped, _ = run_server_scenario(bundle, scenario, log)
     try:
         doc = LatencyDoc.load(bundle.path(LATENCY))  # keep the single-stream rows measured before
+        if label is not None:  # otherwise the label the single-stream run recorded stays
+            doc.machine.label = label
     except InputError:
         doc = base_doc
     doc.server = ServerSection(

@@ -49,6 +49,9 @@ def bench_batches(runner: Any, backend: str, requested: str, config: BenchOption
 
     def measure(batch_size: int) -> float | None:
         row = bench_batch(runner, backend, requested, config, size, gmacs, cold, batch_size)
+        # the process's peak so far: with batch sizes ascending (the sweep, or a sorted list),
+        # the memory this batch size needs with the runtime loaded
+        row.peak_rss_mib = peak_rss_mib()
         rows.append(row)
         return row.images_per_s if row.ok else None
 
@@ -139,6 +142,15 @@ def bench_backend(spec: dict[str, Any]) -> WorkerResult:
             result.images = [image_loops(runner, backend, bundle, spec["images"], config,
                                          device_label(runner))]
     return result
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, MiB (Linux reports ru_maxrss in KiB)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def paired(spec: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pipeline.core.records import (
     ImageLoop,
     LatencyDoc,
     LatencyRow,
+    PoissonSearch,
     Recommendation,
     ServerRow,
     ServerSection,
@@ -40,7 +41,7 @@ from pipeline.stages.recommend import recommend
 
 def labelled_rows(docs: list[LatencyDoc]) -> list[LatencyRow]:
     """Every row tagged with its machine, so rows from several machines can share a table."""
-    return [replace(row, machine=doc.machine_label, arch=doc.model["arch"])
+    return [replace(row, machine=doc.machine_label, arch=doc.model.arch)
             for doc in docs for row in doc.rows]
 
 
@@ -158,24 +159,25 @@ def image_loop_lines(loops: list[ImageLoop]) -> list[str]:
 
 def machine_lines(doc: LatencyDoc) -> list[str]:
     machine, config = doc.machine, doc.config
-    gpu = machine.get("gpu")
-    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
-    flags = " ".join(f for f, present in (machine.get("cpu_flags") or {}).items() if present)
-    return [f"- CPU: {machine['cpu']} ({machine['cpu_count']} logical cores; flags: {flags or 'none of note'})",
-            f"- GPU: {gpu['name']}, driver {gpu['driver']}, CUDA {gpu['cuda_runtime']}" if gpu else "- GPU: none",
-            f"- Threads for every CPU backend: {config['threads']}",
-            f"- Protocol: warm-up >= {config['min_warmup_iterations']} iterations and >= "
-            f"{config['warmup_s']} s; timed until >= {config['iterations']} iterations and >= "
-            f"{config['seconds']} s; TF32 off on GPU",
+    gpu = machine.gpu
+    versions = ", ".join(f"{k} {v}" for k, v in machine.versions.items() if v)
+    flags = " ".join(machine.flags)
+    return [f"- Machine label: {machine.name} (hostname {machine.hostname})",
+            f"- CPU: {machine.cpu} ({machine.cpu_count} logical cores; flags: {flags or 'none of note'})",
+            f"- GPU: {gpu.name}, driver {gpu.driver}, CUDA {gpu.cuda_runtime}" if gpu else "- GPU: none",
+            f"- Threads for every CPU backend: {config.threads}",
+            f"- Protocol: warm-up >= {config.min_warmup_iterations or '?'} iterations and >= "
+            f"{config.warmup_s} s; timed until >= {config.iterations} iterations and >= "
+            f"{config.seconds} s; TF32 off on GPU",
             f"- Versions: {versions}", ""]
 
 
 def bench_markdown(doc: LatencyDoc, advice: Recommendation) -> str:
     model = doc.model
-    lines = [f"# Latency: {model['arch']} at {model['input_size']} px", "",
+    gmacs = "?" if model.gmacs_per_image is None else f"{model.gmacs_per_image:.3f}"
+    lines = [f"# Latency: {model.arch} at {model.input_size} px", "",
              f"Command: `{doc.command or 'python -m pipeline bench'}`", "",
-             f"Created {doc.created}; {model['gmacs_per_image']:.3f} GMACs per image; "
-             f"ONNX file {model['onnx_file']}.", ""]
+             f"Created {doc.created}; {gmacs} GMACs per image; ONNX file {model.onnx_file}.", ""]
     lines += machine_lines(doc)
     lines += recommendation_lines(advice)
     lines += ["## Results", ""] + rows_table(labelled_rows([doc]), with_machine=False) + [""]
@@ -368,8 +370,34 @@ def poisson_lines(server: ServerSection) -> list[str]:
         lines += ["", f"**Highest Poisson rate within p99 {search.p99_bound_ms:g} ms: {best.target_per_s:g} "
                       f"requests/s** (p50 {best.p50_ms:.2f} ms, p99 {best.p99_ms:.2f} ms, "
                       f"{best.errors} errors, {best.requests} requests)."]
+        lines += capacity_check_lines(search)
     else:
         lines += ["", f"**No rate tried kept p99 within {search.p99_bound_ms:g} ms.**"]
+    return lines
+
+
+def capacity_check_lines(search: PoissonSearch) -> list[str]:
+    """``--verify-capacity``'s runs: each at 90% of the capacity so far, a miss lowering it."""
+    if not search.checks:
+        return []
+    fraction = f"{100 * search.VERIFY_FRACTION:.0f}%"
+    lines = ["", f"Capacity check (`--verify-capacity`): Poisson arrivals at {fraction} of the "
+                 f"capacity, {search.trial_seconds:g} s each; a run whose p99 misses lowers the "
+                 f"capacity to its own rate (at most {search.MAX_CHECKS} runs).", "",
+             "| capacity req/s | check req/s | p50 ms | p99 ms | requests | errors | held |",
+             "|---|---|---|---|---|---|---|"]
+    for check in search.checks:
+        capacity = check.target_per_s / search.VERIFY_FRACTION
+        over = check.p99_ms - search.p99_bound_ms
+        held = "yes" if check.within_bound else (
+            f"no: {check.errors} requests failed" if check.errors else
+            f"no: p99 {over:.2f} ms ({100 * over / search.p99_bound_ms:.0f}%) over the bound")
+        lines.append(f"| {capacity:.2f} | {check.target_per_s:g} | {check.p50_ms:.2f} | "
+                     f"{check.p99_ms:.2f} | {check.requests} | {check.errors} | {held} |")
+    lowered = (f", lowered from {search.found_per_s:g}" if search.capacity_per_s != search.found_per_s
+               else "")
+    lines += ["", f"**Capacity {search.capacity_per_s:g} requests/s{lowered}: "
+                  f"{search.capacity_check}.**"]
     return lines
 
 
@@ -416,7 +444,7 @@ def write_bench_outputs(doc: LatencyDoc, folder: Path, budget_ms: float | None) 
     doc.recommendation = advice
     doc.dump(folder / LATENCY)
     write_text_atomic(folder / REPORT, bench_markdown(doc, advice))
-    plot(doc.rows, folder / LATENCY_PLOT, f"{doc.model['arch']} — {doc.machine_label}")
+    plot(doc.rows, folder / LATENCY_PLOT, f"{doc.model.arch} — {doc.machine_label}")
     return advice
 
 
