@@ -3,9 +3,11 @@
 Benches a trained, verified bundle (the one `python -m pipeline run` makes: its int8 and
 OpenVINO gates have run on held-apart images) as two machines: all its cores under one label,
 then one thread under another, the way a 2-vCPU and a 1-vCPU instance of the same CPU differ.
-The 2-thread machine also gets the server scenario's Poisson search with --verify-capacity.
-Then `report` merges the two files with prices. Everything lands in --out, so that README's
-report command runs as written on the committed files.
+Each also gets the server scenario's Poisson search with --verify-capacity (what a served
+replica sustains within the bound). Then `report` merges the two files with prices, once at
+peak throughput (--out/peak) and once within the bound for a target rate (--out).
+Everything lands in --out, so that README's report commands run as written on the committed
+files.
 
     python -m pipeline run --out /tmp/cost/trained
     python benchmarks/cost_example.py --bundle /tmp/cost/trained --out benchmarks/results/cost
@@ -40,20 +42,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     bundle = str(args.bundle)
     single = ["--backends", BACKENDS, "--batch-sizes", "1,8", "--seconds", "3"]
-    pipeline("bench", bundle, "--machine", "zen4-2vcpu", "--threads", "2", *single)
-    pipeline("bench", bundle, "--machine", "zen4-2vcpu", "--threads", "2", "--scenario", "server",
-             "--seconds", "10", "--arrival", "poisson", "--p99-ms", f"{args.p99_ms:g}",
-             "--verify-capacity")
-    shutil.copyfile(args.bundle / "latency.json", args.out / "zen4-2vcpu.json")
-    pipeline("bench", bundle, "--machine", "zen4-1vcpu", "--threads", "1", *single)
-    shutil.copyfile(args.bundle / "latency.json", args.out / "zen4-1vcpu.json")
+    server = ["--scenario", "server", "--seconds", "10", "--arrival", "poisson", "--p99-ms",
+              f"{args.p99_ms:g}", "--verify-capacity"]
+    for label, threads in (("zen4-2vcpu", "2"), ("zen4-1vcpu", "1")):
+        pipeline("bench", bundle, "--machine", label, "--threads", threads, *single)
+        pipeline("bench", bundle, "--machine", label, "--threads", threads, *server)
+        shutil.copyfile(args.bundle / "latency.json", args.out / f"{label}.json")
     (args.out / "prices.toml").write_text(
         "# Illustrative prices, US dollars per hour, by bench --machine label: the 1-vCPU\n"
         "# machine at half the 2-vCPU one's. Use your provider's list prices.\n[prices]\n"
         + "".join(f'"{label}" = {usd}\n' for label, usd in PRICES.items()), encoding="utf-8")
-    pipeline("report", str(args.out / "zen4-2vcpu.json"), str(args.out / "zen4-1vcpu.json"),
-             "--prices", str(args.out / "prices.toml"), "--p99-ms", f"{args.p99_ms:g}",
-             "--target-rate", args.target_rate, "--out", str(args.out))
+    files = [str(args.out / "zen4-2vcpu.json"), str(args.out / "zen4-1vcpu.json")]
+    prices = ["--prices", str(args.out / "prices.toml")]
+    pipeline("report", *files, *prices, "--out", str(args.out / "peak"))
+    pipeline("report", *files, *prices, "--p99-ms", f"{args.p99_ms:g}", "--target-rate",
+             args.target_rate, "--out", str(args.out))
 
 
 if __name__ == "__main__":

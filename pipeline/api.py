@@ -715,13 +715,15 @@ _KUBERNETES = KubernetesOptions()
 def deploy_triton(bundle: str | Path, out: str | Path, *, name: str | None = _TRITON.name,
                   target: str = _TRITON.target, precision: str | None = _TRITON.precision,
                   max_batch_size: int = _TRITON.max_batch_size,
-                  instances: int = _TRITON.instances) -> DeployResult:
-    """Write a Triton model repository (ONNX Runtime backend) for the bundle into ``out``."""
+                  instances: int = _TRITON.instances,
+                  threads: int | None = _TRITON.threads) -> DeployResult:
+    """Write a Triton model repository (ONNX Runtime backend) for the bundle into ``out``;
+    ``threads`` sets ONNX Runtime's intra-op threads per instance."""
     from pipeline.serving.repository import triton_repository
 
     return DeployResult(triton_repository(Path(bundle), Path(out), TritonOptions(
         name=name, target=target, precision=precision, max_batch_size=max_batch_size,
-        instances=instances)))
+        instances=instances, threads=threads)))
 
 
 def deploy_kubernetes(bundle: str | Path, out: str | Path, *, name: str | None = _TRITON.name,

@@ -326,8 +326,13 @@ class TritonOptions:
     max_batch_size: int = 64
     instances: int = 1
     queue_delay_us: int = DEPLOY_QUEUE_DELAY_US
+    # ONNX Runtime's intra-op threads per instance (None: ORT's default, every core it sees,
+    # which in a container is the node's, not the pod's)
+    threads: int | None = None
 
     def check(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads {self.threads} must be at least 1")
         if self.target not in TRITON_TARGETS:
             raise InputError(f"unknown --target {self.target!r}; choose from: "
                              f"{', '.join(TRITON_TARGETS)}")

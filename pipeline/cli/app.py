@@ -727,7 +727,7 @@ def report(latency_files: tuple[Path, ...], out: Path, budget_ms: float | None,
     if result.costs is not None:
         for line in render.cost_answer(result.costs):
             click.echo(line)
-    _log(f"wrote {', '.join(str(out / name) for name in result.files)}")
+    _log(f"wrote {', '.join(str(path) for path in result.files)}")
 
 
 # ----------------------------------------------------------------------------- deploy
@@ -754,9 +754,11 @@ def deploy() -> None:
               help="Triton's max_batch_size (the ONNX batch axis is dynamic).")
 @click.option("--instances", type=int, default=TRITON.instances, show_default=True,
               help="instance_group count.")
+@click.option("--threads", type=int, default=TRITON.threads,
+              help="ONNX Runtime's intra-op threads per instance [default: ORT's, all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON only.")
 def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precision: str | None,
-                  max_batch_size: int, instances: int, as_json: bool) -> None:
+                  max_batch_size: int, instances: int, threads: int | None, as_json: bool) -> None:
     """Write a Triton model repository (ONNX Runtime backend) for the bundle.
 
     Preferred batch sizes for dynamic batching come from the bundle's bench sweep, if any.
@@ -767,7 +769,8 @@ def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precis
       python -m pipeline deploy triton exported/resnet18 --out repo --target gpu --precision int8
     """
     written = api.deploy_triton(bundle, out, name=name, target=target, precision=precision,
-                                max_batch_size=max_batch_size, instances=instances).record
+                                max_batch_size=max_batch_size, instances=instances,
+                                threads=threads).record
     if as_json:
         emit_json(written.to_dict())
     else:

@@ -587,11 +587,11 @@ class PoissonSearch(Record):
         """The capacity: what the search found; after --verify-capacity, the rate whose
         VERIFY_FRACTION held in the last check, or, when no check held, the rate the last one
         missed at (an upper bound, marked not confirmed)."""
-        if not self.checks:
-            return self.found_per_s
-        last = self.checks[-1]
-        return round(last.target_per_s / self.VERIFY_FRACTION, 2) if last.within_bound \
-            else last.target_per_s
+        capacity = self.found_per_s
+        for check in self.checks:  # a check that holds confirms; one that misses lowers
+            if not check.within_bound:
+                capacity = check.target_per_s
+        return capacity
 
     @property
     def verification(self) -> PoissonTrial | None:
@@ -610,6 +610,14 @@ class PoissonSearch(Record):
 
 
 @dataclass
+class ServerStop(Record):
+    """How the served process ended after SIGTERM, and whether its ports were free again."""
+
+    exit_code: int | None = None
+    ports_free: bool | None = None
+
+
+@dataclass
 class ServerSection(Record):
     """latency.json's ``server`` section: the levels, the single-stream baselines measured in
     the same run, how the server stopped, and the recommended level."""
@@ -617,13 +625,13 @@ class ServerSection(Record):
     OPTIONAL: ClassVar[frozenset[str]] = frozenset({"poisson"})
     NESTED: ClassVar[dict[str, type[Record]]] = {"rows": ServerRow, "baseline": LatencyRow,
                                                  "batched_ceiling": LatencyRow, "best": ServerRow,
-                                                 "poisson": PoissonSearch}
+                                                 "poisson": PoissonSearch, "stop": ServerStop}
 
     scenario: str
     rows: list[ServerRow]
     baseline: LatencyRow | None
     batched_ceiling: LatencyRow | None
-    stop: dict[str, Any]
+    stop: ServerStop
     budget_ms: float | None
     best: ServerRow | None
     seconds: float

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +318,10 @@ def kubernetes_deployment(bundle_dir: Path | str, out: Path | str,
     pod = pod_size(doc, latency_path, options)
     sizing = size(doc, latency_path, options)
     root = ensure_writable_dir(Path(out))
-    repository = triton_repository(bundle.root, root / "model_repository", options.triton)
+    # ONNX Runtime in the pod runs as many threads as it has CPUs requested (its default would
+    # be the node's core count), as bench measured it
+    triton = replace(options.triton, threads=options.triton.threads or pod.cpu)
+    repository = triton_repository(bundle.root, root / "model_repository", triton)
     name = k8s_name(repository.model)
     recorded = bundle.artifacts().get(repository.onnx)
     sha = (recorded.sha256 if recorded and recorded.sha256 else "latest")[:12]
@@ -368,8 +371,9 @@ def _readme(root: Path, name: str, manifest: str, model_image: str, storage_uri:
              f"    kubectl apply -f {root / manifest}", ""]
     if options.kserve:
         lines += [f"KServe ({KSERVE_VERSION}) fetches the repository from `{storage_uri}` "
-                  "(an `oci://` URI needs KServe's modelcar support enabled; `--storage-uri` "
-                  "takes s3://, gs:// or pvc:// instead).", ""]
+                  "(an `oci://` URI is a modelcar: `storageInitializer.enableModelcar` in KServe's "
+                  "inferenceservice-config, on by default in v0.20.0; `--storage-uri` takes s3://, "
+                  "gs:// or pvc:// instead).", ""]
     else:
         lines += [f"Check it: `kubectl rollout status deployment/{name}`, then "
                   f"`kubectl port-forward service/{name} {HTTP}:{HTTP}` and "

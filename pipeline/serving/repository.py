@@ -98,6 +98,9 @@ def config_text(name: str, spec: dict[str, Any], options: TritonOptions, preferr
                          (spec["input"], spec["input_dims"], spec["output"], spec["output_dims"]),
                          preferred, options.queue_delay_us, options.instances,
                          "KIND_GPU" if options.target == "gpu" else "KIND_CPU", "labels.txt")
+    if options.threads is not None:  # the ONNX Runtime backend's session threads
+        lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: '
+                     f'"{options.threads}" }} }}')
     if options.target == "gpu":
         lines += ["optimization {", "  execution_accelerators {", "    gpu_execution_accelerator [",
                   "      {", '        name: "tensorrt"',

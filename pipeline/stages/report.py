@@ -25,6 +25,7 @@ from pipeline.stages.bench.writeup import (
 from pipeline.stages.recommend import recommend
 
 COST_PLOT = "report-cost.png"
+MARKERS = {"single-stream": "o", "server closed loop": "s", "server Poisson": "*"}
 
 
 @dataclass
@@ -131,10 +132,17 @@ def cost_plot(table: CostTable, path: Path) -> None:
     shown = [r for r in table.rows if r.ranked and r.per_million_peak and r.p99_ms]
     fig, axes = plt.subplots(figsize=(9, 6))
     machines = sorted({r.machine for r in shown})
-    for index, machine in enumerate(machines):
-        mine = [r for r in shown if r.machine == machine]
-        axes.scatter([r.p99_ms for r in mine], [r.per_million_peak for r in mine], s=36,
-                     color=f"C{index}", label=machine, zorder=3)
+    for index, machine in enumerate(machines):  # colour: the machine; shape: how it was measured
+        for source, marker in MARKERS.items():
+            mine = [r for r in shown if r.machine == machine and r.source == source]
+            if mine:
+                axes.scatter([r.p99_ms for r in mine], [r.per_million_peak for r in mine],
+                             s=90 if marker == "*" else 36, marker=marker, color=f"C{index}",
+                             zorder=3)
+        axes.scatter([], [], s=36, color=f"C{index}", label=machine)
+    for source, marker in MARKERS.items():
+        if any(r.source == source for r in shown):
+            axes.scatter([], [], s=36, marker=marker, color="grey", label=source)
     front = [shown[i] for i in pareto_front([(r.p99_ms, r.per_million_peak) for r in shown])]
     if front:
         axes.step([r.p99_ms for r in front], [r.per_million_peak for r in front], where="post",

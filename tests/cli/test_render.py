@@ -9,6 +9,7 @@ from pipeline.core.records import (
     PairResult,
     ParityReport,
     ServerSection,
+    ServerStop,
 )
 
 
@@ -92,7 +93,7 @@ def test_server_table_compares_with_single_stream():
                             rows=[ServerRow("server", "triton-ort-cpu", 1, 4, 500, 0, None, 2.0,
                                             150.0, "ok", p50_ms=20.0, p90_ms=25.0, p99_ms=30.0)],
                             baseline=baseline, batched_ceiling=None,
-                            stop={"exit_code": 0, "ports_free": True}, budget_ms=None, best=None,
+                            stop=ServerStop(exit_code=0, ports_free=True), budget_ms=None, best=None,
                             seconds=2.0, warmup_s=1.0, max_batch_size=32, queue_delay_us=2000,
                             threads=2, command="bench b --scenario server", created="now")
     text = render.server_table(section)
@@ -135,7 +136,7 @@ def test_server_table_breaks_down_each_level_and_checks_the_targets():
                         p99_ms=150.0, max_ms=170.0, within_bound=False, early_stopping_met=True,
                         seconds=10.0)
     section = ServerSection(scenario="server", rows=[one, many], baseline=baseline,
-                            batched_ceiling=ceiling, stop={"exit_code": 0, "ports_free": True},
+                            batched_ceiling=ceiling, stop=ServerStop(exit_code=0, ports_free=True),
                             budget_ms=None, best=many, seconds=10.0, warmup_s=2.0,
                             max_batch_size=32, queue_delay_us=0, threads=2, command="bench b",
                             created="now",

@@ -23,6 +23,7 @@ from pipeline.core.records import (
     PoissonTrial,
     ServerRow,
     ServerSection,
+    ServerStop,
 )
 from pipeline.errors import InputError
 from tests.conftest import run_cli
@@ -161,7 +162,7 @@ def test_a_poisson_capacity_is_used_where_a_file_has_one(tmp_path):
                       requests=1000, errors=0, first_error=None, seconds=10.0, images_per_s=140.0,
                       status="ok", p99_ms=45.0)
     server = ServerSection(scenario="server", rows=[level], baseline=baseline,
-                           batched_ceiling=None, stop={}, budget_ms=None, best=level, seconds=10.0,
+                           batched_ceiling=None, stop=ServerStop(), budget_ms=None, best=level, seconds=10.0,
                            warmup_s=2.0, max_batch_size=32, queue_delay_us=0, threads=2,
                            command="bench", created="2026-12-07", poisson=search)
     doc(cpu_machine(), [baseline], server).dump(tmp_path / "latency.json")

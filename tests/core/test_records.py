@@ -28,6 +28,7 @@ from pipeline.core.records import (
     SequentialLoop,
     ServerRow,
     ServerSection,
+    ServerStop,
     StageBreakdown,
 )
 from pipeline.errors import InputError
@@ -51,7 +52,7 @@ def _doc() -> LatencyDoc:
                                                               None, 1.0, 10.0, "ok", p99_ms=3.0,
                                                               breakdown=stages,
                                                               cpu_ms_per_request={"other": 0.1})],
-                           baseline=rows[0], batched_ceiling=None, stop={"exit_code": 0},
+                           baseline=rows[0], batched_ceiling=None, stop=ServerStop(exit_code=0),
                            budget_ms=None, best=None, seconds=1.0, warmup_s=1.0, max_batch_size=8,
                            queue_delay_us=100, threads=2, command="bench", created="now",
                            poisson=PoissonSearch(p99_bound_ms=10.0, generator="mlcommons-loadgen",

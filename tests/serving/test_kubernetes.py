@@ -5,6 +5,7 @@ report's for the same inputs; bad input is exit 2 with nothing written."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
@@ -13,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.records import LatencyDoc, PoissonSearch, PoissonTrial, ServerSection
+from pipeline.core.records import (
+    LatencyDoc,
+    PoissonSearch,
+    PoissonTrial,
+    ServerSection,
+    ServerStop,
+)
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +50,7 @@ def with_capacity(benched: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
                         seconds=10.7)
     baseline = next(r for r in doc.rows if r.ok)
     doc.server = ServerSection(
-        scenario="server", rows=[], baseline=baseline, batched_ceiling=None, stop={},
+        scenario="server", rows=[], baseline=baseline, batched_ceiling=None, stop=ServerStop(),
         budget_ms=None, best=None, seconds=10.0, warmup_s=2.0, max_batch_size=32,
         queue_delay_us=0, threads=1, command="python -m pipeline bench", created=doc.created,
         poisson=PoissonSearch(p99_bound_ms=100.0, generator="mlcommons-loadgen 6.0.17",
@@ -66,11 +73,19 @@ def k8s_valid(document: dict) -> None:
         kubernetes_validate.validate(document, version, strict=True)
 
 
-def kserve_valid(document: dict) -> None:
-    import jsonschema
+@functools.lru_cache(maxsize=1)
+def kserve_crd() -> dict:
+    """KServe's CRD (2 MB of YAML: parsed once, with libyaml where PyYAML has it)."""
     import yaml
 
-    crd = yaml.safe_load(gzip.decompress(KSERVE_CRD.read_bytes()))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(gzip.decompress(KSERVE_CRD.read_bytes()), Loader=loader)
+
+
+def kserve_valid(document: dict) -> None:
+    import jsonschema
+
+    crd = kserve_crd()
     version = next(v for v in crd["spec"]["versions"] if v["name"] == document["apiVersion"].split("/")[1])
     jsonschema.validate(document, version["schema"]["openAPIV3Schema"])
     assert document["kind"] == crd["spec"]["names"]["kind"]
@@ -101,7 +116,9 @@ def test_the_default_manifests_validate_and_are_sized_from_bench(benched, tmp_pa
     assert {p["port"] for p in service["spec"]["ports"]} == {8000, 8001, 8002}
     assert service["metadata"]["annotations"]["prometheus.io/port"] == "8002"
     assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] == 1
-    assert (out / "model_repository" / "resnet18_cifar" / "config.pbtxt").is_file()
+    config = (out / "model_repository" / "resnet18_cifar" / "config.pbtxt").read_text()
+    # ONNX Runtime runs the pod's CPUs as threads, not the node's cores
+    assert 'key: "intra_op_thread_count" value: { string_value: "1" }' in config
     assert "COPY model_repository /models" in (out / "Dockerfile").read_text()
     assert "kubectl apply -f" in (out / "README.md").read_text()
 

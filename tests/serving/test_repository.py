@@ -33,7 +33,7 @@ def _with_bench_sweep(bundle: Path, sizes: tuple[int, ...]) -> None:
 def test_cpu_repository_matches_the_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
     _with_bench_sweep(tiny_bundle, (1, 8, 32))
     out = tmp_path / "repo"
-    result = run_cli("deploy", "triton", tiny_bundle, "--out", out, "--json")
+    result = run_cli("deploy", "triton", tiny_bundle, "--out", out, "--json", "--threads", "2")
     assert result.exit_code == 0, result.stderr
     written = json.loads(result.stdout)
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
@@ -55,6 +55,7 @@ def test_cpu_repository_matches_the_bundle(tiny_bundle: Path, tmp_path: Path) ->
     (group,) = config.instance_group
     assert group.count == 1 and group.kind == pb.ModelInstanceGroup.KIND_CPU
     assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert config.parameters["intra_op_thread_count"].string_value == "2"  # ORT's threads
 
     labels = (out / name / "labels.txt").read_text().splitlines()
     assert labels == manifest["model"]["class_names"]

@@ -532,14 +532,24 @@ def test_server_scenario_bench(tiny_bundle: Path, tmp_path: Path) -> None:
     (["--scenario", "offline", "--p99-ms", "50"], "add --scenario server"),
     (["--scenario", "server", "--arrival", "poisson", "--p99-ms", "50", "--poisson-trials", "0"],
      "--poisson-trials 0 must be from 1 to 20"),
-    (["--scenario", "server", "--verify-capacity"], "add --arrival poisson --p99-ms BOUND"),
-    (["--verify-capacity"], "add --scenario server"),
-    (["--machine", "my box"], "is not a usable label"),
 ])
 def test_poisson_options_are_checked_before_anything_runs(tiny_bundle: Path, args, message) -> None:
     result = run_module("bench", tiny_bundle, *args, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scenario", "server", "--verify-capacity"], "add --arrival poisson --p99-ms BOUND"),
+    (["--verify-capacity"], "add --scenario server"),
+    (["--machine", "my box"], "is not a usable label"),
+    (["--scenario", "offline", "--images", ".", "--machine", "box"], "leave --machine out"),
+])
+def test_capacity_and_label_options_are_checked_before_anything_runs(tiny_bundle: Path, args,
+                                                                     message) -> None:
+    result = run_cli("bench", tiny_bundle, *args)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output and not (tiny_bundle / "latency.json").exists()
 
 
 def test_a_request_limit_that_is_not_positive_exits_2(tiny_bundle: Path) -> None:

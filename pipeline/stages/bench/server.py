@@ -31,6 +31,7 @@ from pipeline.core.records import (
     Recommendation,
     ServerRow,
     ServerSection,
+    ServerStop,
     ok_rows,
 )
 from pipeline.errors import EnvironmentUnavailable, InputError
@@ -88,7 +89,7 @@ class Server:
         text = self.log_path.read_text(errors="replace").strip().splitlines()
         return " | ".join(text[-5:])[-600:]
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self) -> ServerStop:
         """SIGTERM, then wait; returns how it ended and whether its port is free again."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -108,7 +109,7 @@ class Server:
             free = True
         except EnvironmentUnavailable:
             free = False
-        return {"exit_code": self.process.returncode, "ports_free": free}
+        return ServerStop(exit_code=self.process.returncode, ports_free=free)
 
 
 def _client_loop(url: str, model: Any, image: np.ndarray, stop_at: int, record_after: int,
@@ -187,7 +188,7 @@ def drive(url: str, model: Any, concurrency: int, seconds: float, warmup_s: floa
 
 
 def run_server_scenario(bundle: Any, scenario: ScenarioOptions, log: Callable[[str], None]
-                        ) -> tuple[list[ServerRow], PoissonSearch | None, dict[str, Any], str]:
+                        ) -> tuple[list[ServerRow], PoissonSearch | None, ServerStop, str]:
     """Serve the bundle, drive it at every concurrency (then the Poisson search, if asked),
     stop it; returns the rows, the search, how the server stopped, and its URL."""
     model = served_model(bundle, "fp32")

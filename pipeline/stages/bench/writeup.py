@@ -237,9 +237,9 @@ def server_lines(server: ServerSection | None) -> list[str]:
     lines += cpu_lines(server)
     lines += target_lines(server)
     lines += poisson_lines(server)
-    stop = server.stop or {}
-    lines += ["", f"Server stopped by SIGTERM: exit code {stop.get('exit_code')}, ports free again: "
-                  f"{stop.get('ports_free')}.", ""]
+    stop = server.stop
+    lines += ["", f"Server stopped by SIGTERM: exit code {stop.exit_code}, ports free again: "
+                  f"{stop.ports_free}.", ""]
     return lines
 
 
@@ -386,14 +386,16 @@ def capacity_check_lines(search: PoissonSearch) -> list[str]:
                  f"capacity to its own rate (at most {search.MAX_CHECKS} runs).", "",
              "| capacity req/s | check req/s | p50 ms | p99 ms | requests | errors | held |",
              "|---|---|---|---|---|---|---|"]
+    capacity = search.found_per_s or 0.0
     for check in search.checks:
-        capacity = check.target_per_s / search.VERIFY_FRACTION
         over = check.p99_ms - search.p99_bound_ms
         held = "yes" if check.within_bound else (
             f"no: {check.errors} requests failed" if check.errors else
             f"no: p99 {over:.2f} ms ({100 * over / search.p99_bound_ms:.0f}%) over the bound")
-        lines.append(f"| {capacity:.2f} | {check.target_per_s:g} | {check.p50_ms:.2f} | "
+        lines.append(f"| {capacity:g} | {check.target_per_s:g} | {check.p50_ms:.2f} | "
                      f"{check.p99_ms:.2f} | {check.requests} | {check.errors} | {held} |")
+        if not check.within_bound:
+            capacity = check.target_per_s
     lowered = (f", lowered from {search.found_per_s:g}" if search.capacity_per_s != search.found_per_s
                else "")
     lines += ["", f"**Capacity {search.capacity_per_s:g} requests/s{lowered}: "
