@@ -91,7 +91,7 @@ def test_bench_rows_and_schema(bench_result, cuda_available):
     bundle, result = bench_result
     assert result.exit_code == 0, result.output
     doc = json.loads((bundle / "latency.json").read_text())
-    assert doc["schema_version"] == 3 and doc["kind"] == "pipeline.latency"
+    assert doc["schema_version"] == 4 and doc["kind"] == "pipeline.latency"
     assert {"cpu", "cpu_flags", "cpu_count", "gpu", "versions"} <= set(doc["machine"])
     assert {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"} \
         <= set(doc["machine"]["cpu_flags"])
@@ -100,10 +100,13 @@ def test_bench_rows_and_schema(bench_result, cuda_available):
     assert [(r["backend"], r["batch"]) for r in rows] == [
         (b, n) for b in ("torch-cpu", "torchscript-cpu", "ort-cpu", "ort-cuda") for n in (1, 2)]
     for row in rows:
-        # every key the record declares, and no other (machine/arch only in comparisons)
-        assert set(row) == {f.name for f in fields(LatencyRow)} - LatencyRow.OPTIONAL
+        # every key the record declares, and no other (machine/arch only in comparisons; the
+        # worker's peak memory on rows that ran)
+        measured = {"peak_rss_mib"} if row["status"] == "ok" else set()
+        assert set(row) == {f.name for f in fields(LatencyRow)} - LatencyRow.OPTIONAL | measured
     for row in rows[:6]:
         assert row["status"] == "ok" and row["threads"] == 1
+        assert 50 < row["peak_rss_mib"] < 24 * 1024  # MiB: the worker with its runtime loaded
         assert row["n"] >= 5 and row["warmup_iterations"] >= MIN_WARMUP_ITERATIONS
         assert row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] <= row["max_ms"]
         assert row["p99_ms"] is None and "omitted" in row["p99_note"]
@@ -160,7 +163,7 @@ def test_report_merges_two_machines(bench_result, tmp_path):
     bundle, _ = bench_result
     doc = json.loads((bundle / "latency.json").read_text())
     other = json.loads(json.dumps(doc))
-    other["machine"]["hostname"] = "other-box"
+    other["machine"]["hostname"] = other["machine"]["label"] = "other-box"
     for row in other["rows"]:
         if row["status"] == "ok":
             row["p50_ms"] /= 2

@@ -32,8 +32,10 @@ def _corrupt_onnx_layer(path, weight):
     onnx.save(model, str(path))
 
 
-@pytest.mark.parametrize("name,candidate", [("model.onnx", "onnx-ort-cpu"),
-                                            ("model.sim.onnx", "onnx-sim-ort-cpu")])
+# the raw export is slow: the simplified file runs the same localization in the quick suite
+@pytest.mark.parametrize("name,candidate", [
+    pytest.param("model.onnx", "onnx-ort-cpu", marks=pytest.mark.slow),
+    ("model.sim.onnx", "onnx-sim-ort-cpu")])
 def test_a_corrupted_onnx_layer_is_named(tiny_bundle, name, candidate):
     _corrupt_onnx_layer(tiny_bundle / name, "layer3.1.conv2.weight")
     _rehash(tiny_bundle, name)
