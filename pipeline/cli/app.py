@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -741,15 +741,28 @@ def deploy() -> None:
     """
 
 
+def _repository_options(out_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """BUNDLE, --out and what the Triton repository serves: deploy triton's and kubernetes'."""
+    def wrap(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed([
+                click.argument("bundle", type=click.Path(path_type=Path)),
+                click.option("--out", type=click.Path(path_type=Path), required=True, help=out_help),
+                click.option("--name", default=None, help="Model name in the repository (default: "
+                                                          "the arch)."),
+                click.option("--target", type=click.Choice(TRITON_TARGETS), default=TRITON.target,
+                             show_default=True, help="cpu: KIND_CPU instances, fp32. gpu: KIND_GPU "
+                                                     "with the TensorRT accelerator."),
+                click.option("--precision", type=click.Choice(TRITON_GPU_PRECISIONS),
+                             default=TRITON.precision,
+                             help="TensorRT precision for --target gpu (default fp16; int8 serves "
+                                  "model.int8.onnx).")]):
+            command = option(command)
+        return command
+    return wrap
+
+
 @deploy.command("triton")
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="The model repository folder to write (tritonserver --model-repository).")
-@click.option("--name", default=None, help="Model name in the repository (default: the arch).")
-@click.option("--target", type=click.Choice(TRITON_TARGETS), default=TRITON.target, show_default=True,
-              help="cpu: KIND_CPU instances, fp32. gpu: KIND_GPU with the TensorRT accelerator.")
-@click.option("--precision", type=click.Choice(TRITON_GPU_PRECISIONS), default=TRITON.precision,
-              help="TensorRT precision for --target gpu (default fp16; int8 serves model.int8.onnx).")
+@_repository_options("The model repository folder to write (tritonserver --model-repository).")
 @click.option("--max-batch-size", type=int, default=TRITON.max_batch_size, show_default=True,
               help="Triton's max_batch_size (the ONNX batch axis is dynamic).")
 @click.option("--instances", type=int, default=TRITON.instances, show_default=True,
@@ -781,14 +794,7 @@ def deploy_triton(bundle: Path, out: Path, name: str | None, target: str, precis
 
 
 @deploy.command("kubernetes")
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="The folder to write: model_repository/, Dockerfile, the manifest, README.md.")
-@click.option("--name", default=None, help="Model name (default: the arch).")
-@click.option("--target", type=click.Choice(TRITON_TARGETS), default=TRITON.target, show_default=True,
-              help="cpu: ONNX Runtime on CPU cores, fp32. gpu: TensorRT, and nvidia.com/gpu: 1.")
-@click.option("--precision", type=click.Choice(TRITON_GPU_PRECISIONS), default=TRITON.precision,
-              help="TensorRT precision for --target gpu (default fp16).")
+@_repository_options("The folder to write: model_repository/, Dockerfile, the manifest, README.md.")
 @click.option("--latency", type=click.Path(path_type=Path), default=None,
               help="The latency.json that sizes the pods [default: the bundle's].")
 @click.option("--replicas", type=int, default=None, help="A fixed replica count (no autoscaler).")
