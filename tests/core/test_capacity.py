@@ -294,3 +294,21 @@ def test_a_failed_capacity_check_lowers_the_capacity():
     search.checks.append(trial(17.01, True))  # 90% of 18.9 held
     assert search.capacity_per_s == 18.9 and search.capacity_check == "held at 90%"
     assert search.found_per_s == 21.0
+
+
+def test_readmes_worked_example_runs_on_the_committed_files(tmp_path):
+    """README's two report commands, on benchmarks/results/cost/, give the answers it quotes."""
+    cost = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cost"
+    files = [cost / "zen4-2vcpu.json", cost / "zen4-1vcpu.json"]
+    peak = report_json(*files, "--prices", cost / "prices.toml", "--out", tmp_path / "peak")["costs"]
+    assert (peak["cheapest"]["config"], peak["cheapest"]["machine"]) == (
+        "openvino-cpu int8 batch 8", "zen4-1vcpu")
+    served = report_json(*files, "--prices", cost / "prices.toml", "--p99-ms", "50",
+                         "--target-rate", "2000 images/s", "--out", tmp_path / "served")["costs"]
+    cheap, fast = served["cheapest"], served["fastest"]
+    assert (cheap["machine"], cheap["replicas"], round(cheap["fleet_usd_per_hour"], 3)) == (
+        "zen4-1vcpu", 15, 0.769)
+    assert (fast["machine"], fast["replicas"], round(fast["fleet_usd_per_hour"], 3)) == (
+        "zen4-2vcpu", 12, 1.231)
+    readme = (cost.parents[2] / "README.md").read_text()
+    assert "15 replicas of zen4-1vcpu at $0.769/h" in readme and "12 of zen4-2vcpu at $1.231/h" in readme
