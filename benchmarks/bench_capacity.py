@@ -23,9 +23,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.core.capacity import HEADROOM
 from pipeline.core.machine import cpu_summary, library_versions
 from pipeline.core.records import LatencyDoc
+from pipeline.options import HEADROOM
 
 
 def main() -> None:

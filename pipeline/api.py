@@ -39,6 +39,7 @@ from pipeline.core.records import (
 from pipeline.errors import InputError
 from pipeline.options import (
     DEFAULT_MAX_SLOWDOWN,
+    HEADROOM,
     MODEL,
     SCENARIOS,
     SWEEP,
@@ -443,8 +444,9 @@ def bench(bundle: str | Path, *, backends: str | Sequence[str] | None = None,
     (batch 1 and the batching ceiling), each level broken down by stage from the server's
     metrics; ``arrival="poisson"`` then searches the highest Poisson request rate whose p99 is
     within ``p99_ms`` (MLPerf LoadGen, at most ``poisson_trials`` runs). The results go into
-    latency.json's ``server`` section; ``verify_capacity`` then runs Poisson arrivals once more
-    at 0.9x the capacity found and records whether the p99 held.
+    latency.json's ``server`` section; ``verify_capacity`` then runs Poisson arrivals at 0.9x
+    the capacity found (a miss lowers the capacity to its rate, at most 3 runs) and records
+    each check.
 
     ``machine`` labels the machine in latency.json (default: the hostname): ``report`` groups
     rows and looks up ``--price`` by it.
@@ -670,7 +672,7 @@ def run(arch: str | None = None, data: str | None = None, *,
 def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget_ms: float | None = None,
            force: bool = False, prices: Mapping[str, float] | Sequence[str] | None = None,
            prices_file: str | Path | None = None, p99_ms: float | None = None,
-           target_rate: str | None = None, headroom: float | None = None,
+           target_rate: str | None = None, headroom: float = HEADROOM,
            command: str | None = None) -> ReportResult:
     """Merge latency.json files from several machines into out/report.md and report.png;
     returns the recommendation, the cost table and any warnings.
@@ -684,7 +686,7 @@ def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget
     configuration within the bound and the fastest are ``result.costs.cheapest`` and
     ``.fastest``; report-cost.png plots cost against p99 with the Pareto front."""
     from pipeline.core.bundle import ensure_writable_dir
-    from pipeline.core.capacity import HEADROOM, Rate, gather_prices
+    from pipeline.core.capacity import Rate, gather_prices
     from pipeline.core.records import LatencyDoc
     from pipeline.stages.report import write_comparison
 
@@ -703,8 +705,7 @@ def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget
     out = ensure_writable_dir(Path(out))
     command = command or "python -m pipeline report " + " ".join(str(p) for p in files)
     made = write_comparison(files, out, budget_ms, command, force=force, prices=price_table,
-                            p99_ms=p99_ms, target_rate=rate,
-                            headroom=HEADROOM if headroom is None else headroom)
+                            p99_ms=p99_ms, target_rate=rate, headroom=headroom)
     return ReportResult(made.advice, made.warnings, out / "report.md", made.costs, made.files)
 
 

@@ -210,8 +210,8 @@ class ScenarioOptions:
     arrival: str = "closed"
     p99_ms: float | None = None
     poisson_trials: int = 5
-    # after the search, one Poisson run at 0.9x the capacity found, as long as a trial: does
-    # the p99 hold when the capacity is used?
+    # after the search, Poisson runs at 0.9x the capacity found, as long as a trial: does the
+    # p99 hold when the capacity is used? (a miss lowers the capacity; at most 3 runs)
     verify_capacity: bool = False
 
     def check(self) -> None:
@@ -350,6 +350,12 @@ class TritonOptions:
             raise InputError(f"--name {self.name!r} must use letters, digits, '_', '.' and '-' only")
 
 
+# The share of its measured capacity each replica is planned to carry (report --target-rate,
+# deploy kubernetes): below the 90% that bench --verify-capacity confirms, with room to lose a
+# replica in a rolling update while the autoscaler reacts (README, "Choosing a device").
+HEADROOM = 0.8
+
+
 @dataclass(frozen=True)
 class KubernetesOptions:
     """``deploy kubernetes``: the Triton repository (``triton``) and how the cluster runs it."""
@@ -359,7 +365,7 @@ class KubernetesOptions:
     replicas: int | None = None  # a fixed count: no autoscaler
     target_rate: str | None = None  # "400 images/s": size the count from the capacity
     p99_ms: float | None = None
-    headroom: float = 0.8
+    headroom: float = HEADROOM
     max_replicas: int | None = None  # the autoscaler's ceiling (default: twice the minimum)
     kserve: bool = False  # a KServe InferenceService instead of the Deployment and Service
     model_image: str | None = None  # the image that carries the repository

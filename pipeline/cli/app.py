@@ -17,7 +17,6 @@ import click
 
 from pipeline import api
 from pipeline.cli import render
-from pipeline.core.capacity import HEADROOM
 from pipeline.core.checks import Check, latency_checks, parity_checks
 from pipeline.core.records import ImageLoop, OfflineRun
 from pipeline.errors import (
@@ -34,6 +33,7 @@ from pipeline.options import (
     MODEL,
     ARRIVALS,
     DEFAULT_MAX_SLOWDOWN,
+    HEADROOM,
     CALIBRATION_METHODS,
     DEFAULT_MAX_TOP1_DROP,
     DEFAULT_MIN_AGREEMENT,

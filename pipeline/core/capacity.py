@@ -29,8 +29,7 @@ from typing import ClassVar
 
 from pipeline.core.records import LatencyDoc, LatencyRow, Record
 from pipeline.errors import InputError
-
-HEADROOM = 0.8
+from pipeline.options import HEADROOM
 IMAGES, REQUESTS = "images/s", "requests/s"
 _UNITS = {"images/s": IMAGES, "img/s": IMAGES, "images": IMAGES,
           "requests/s": REQUESTS, "req/s": REQUESTS, "requests": REQUESTS}

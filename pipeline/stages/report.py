@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.bundle import MANIFEST, Bundle, save_atomic, write_text_atomic
-from pipeline.core.capacity import HEADROOM, CostRow, CostTable, Rate, cost_table, pareto_front
+from pipeline.core.capacity import CostRow, CostTable, Rate, cost_table, pareto_front
 from pipeline.core.records import LatencyDoc, Recommendation
 from pipeline.errors import InputError
+from pipeline.options import HEADROOM
 from pipeline.stages.bench.writeup import (
     labelled_rows,
     machine_lines,
