@@ -200,8 +200,8 @@ def image_loops(loops: list[ImageLoop], *, verbose: bool = False) -> list[str]:
             lines += sequential.lines
         lines.append(f"[{loop.backend}] {loop.summary}")
         if sequential.decode and sequential.infer:
-            lines.append(f"[{loop.backend}] decode+preprocess p50 {sequential.decode['p50_ms']:.2f} ms, "
-                         f"inference p50 {sequential.infer['p50_ms']:.2f} ms; sequential "
+            lines.append(f"[{loop.backend}] decode+preprocess p50 {sequential.decode.p50_ms:.2f} ms, "
+                         f"inference p50 {sequential.infer.p50_ms:.2f} ms; sequential "
                          f"{sequential.images_per_s:.1f} img/s, pipelined "
                          f"({pipelined.workers} workers) {pipelined.images_per_s:.1f} img/s")
     return lines

@@ -645,14 +645,35 @@ class ServerSection(Record):
 
 
 @dataclass
+class Percentiles(Record):
+    """Percentile statistics of a list of timings, ms (``stages.bench.timing.percentile_stats``):
+    p99 is None below 600 samples, and ``p99_note`` says so."""
+
+    WRITE_NONE: ClassVar[bool] = True
+
+    n: int
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float | None
+    p99_note: str | None
+    max_ms: float
+
+
+@dataclass
 class SequentialLoop(Record):
     """The classic per-image loop: open, preprocess, infer, one file at a time."""
+
+    NESTED: ClassVar[dict[str, type[Record]]] = {"decode": Percentiles, "infer": Percentiles}
 
     n: int
     wall_s: float
     images_per_s: float | None
-    decode: dict[str, Any] | None  # percentile statistics of decode + preprocess, ms
-    infer: dict[str, Any] | None  # percentile statistics of inference, ms
+    decode: Percentiles | None  # decode + preprocess
+    infer: Percentiles | None  # inference
     total_s: float
     lines: list[str]  # `i/N: name 0.012s`, as the write-ups print them
     skipped: list[str]

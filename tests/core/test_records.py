@@ -21,6 +21,7 @@ from pipeline.core.records import (
     Machine,
     ModelSection,
     PairResult,
+    Percentiles,
     ParityReport,
     PipelinedLoop,
     PoissonSearch,
@@ -35,6 +36,11 @@ from pipeline.errors import InputError
 from tests.conftest import run_cli
 
 PREVIOUS = Path(__file__).resolve().parents[1] / "fixtures" / "previous"
+
+
+def _stats(p50: float) -> Percentiles:
+    return Percentiles(n=2, mean_ms=p50, std_ms=0.1, min_ms=p50, p50_ms=p50, p90_ms=p50,
+                       p95_ms=p50, p99_ms=None, p99_note="omitted: n=2 < 600", max_ms=p50)
 
 
 def _doc() -> LatencyDoc:
@@ -60,7 +66,7 @@ def _doc() -> LatencyDoc:
                                                  trials=[trial], best=trial))
     loop = ImageLoop(backend="ort-cpu", device="cpu (x)", files=2, summary="device:cpu ...",
                      sequential=SequentialLoop(n=2, wall_s=0.1, images_per_s=20.0,
-                                               decode={"p50_ms": 1.0}, infer={"p50_ms": 2.0},
+                                               decode=_stats(1.0), infer=_stats(2.0),
                                                total_s=0.006, lines=["1/2: a.png 0.003s"],
                                                skipped=[]),
                      pipelined=PipelinedLoop(n=2, workers=2, wall_s=0.05, images_per_s=40.0))

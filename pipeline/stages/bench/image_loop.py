@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.bundle import Bundle
-from pipeline.core.records import ImageLoop, ModelSection, PipelinedLoop, SequentialLoop
+from pipeline.core.records import (
+    ImageLoop,
+    ModelSection,
+    Percentiles,
+    PipelinedLoop,
+    SequentialLoop,
+)
 from pipeline.data.images import BadImage, eval_transform, open_rgb
 from pipeline.models.archs import Preprocessing
 from pipeline.options import BenchOptions, PredictOptions
@@ -46,8 +52,8 @@ def sequential_loop(runner: Any, paths: list[Path], prep: Preprocessing) -> Sequ
     wall_s = (time.perf_counter_ns() - wall_start) / 1e9
     count = len(infer_ns)
     return SequentialLoop(n=count, wall_s=wall_s, images_per_s=count / wall_s if wall_s else None,
-                          decode=percentile_stats(decode_ns) if count else None,
-                          infer=percentile_stats(infer_ns) if count else None,
+                          decode=Percentiles(**percentile_stats(decode_ns)) if count else None,
+                          infer=Percentiles(**percentile_stats(infer_ns)) if count else None,
                           total_s=(sum(decode_ns) + sum(infer_ns)) / 1e9, lines=lines,
                           skipped=skipped)
 
@@ -86,8 +92,8 @@ def image_loops(runner: Any, backend: str, bundle: Bundle, images: list[str],
     sequential = sequential_loop(runner, paths, prep)
     # The engine's core split from the sequential loop's own costs (decode on one core,
     # inference on the runner's threads), as predict splits them.
-    decode_s = sequential.decode["mean_ms"] / 1e3 if sequential.decode else 1.0
-    infer_s = (sequential.infer["mean_ms"] / 1e3 * config.threads) if sequential.infer else 1.0
+    decode_s = sequential.decode.mean_ms / 1e3 if sequential.decode else 1.0
+    infer_s = (sequential.infer.mean_ms / 1e3 * config.threads) if sequential.infer else 1.0
     workers, _ = split_rule(available_cores(), decode_s, infer_s, device=runner.device)
     pipelined = pipelined_loop(runner, paths, prep, workers=workers)
     mean = sequential.total_s / sequential.n if sequential.n else float("nan")

@@ -151,8 +151,8 @@ def image_loop_lines(loops: list[ImageLoop]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for loop in loops:
         seq, pipe = loop.sequential, loop.pipelined
-        lines.append(f"| {loop.backend} | `{loop.summary}` | {_fmt((seq.decode or {}).get('p50_ms'))} | "
-                     f"{_fmt((seq.infer or {}).get('p50_ms'))} | {_fmt(seq.images_per_s, '.1f')} | "
+        lines.append(f"| {loop.backend} | `{loop.summary}` | {_fmt(seq.decode.p50_ms if seq.decode else None)} | "
+                     f"{_fmt(seq.infer.p50_ms if seq.infer else None)} | {_fmt(seq.images_per_s, '.1f')} | "
                      f"{_fmt(pipe.images_per_s, '.1f')} ({pipe.workers} workers) |")
     return lines + [""]
 
