@@ -171,7 +171,7 @@ def test_checkpoint_with_class_names_travels_into_onnx(tmp_path):
     torch.save({"state_dict": model.state_dict(), "arch": "resnet18_cifar", "num_classes": 3,
                 "class_names": ["ant", "bee", "wasp"]}, ckpt)
     out = tmp_path / "from_ckpt"
-    result = run_cli("export", "--checkpoint", ckpt, "--out", out, "--no-simplify")
+    result = run_cli("export", "--checkpoint", ckpt, "--out", out, "--no-simplify", "--no-pt2")
     assert result.exit_code == 0, result.output
     meta = read_onnx_metadata(out / "model.onnx")
     assert json.loads(meta["class_names"]) == ["ant", "bee", "wasp"]
