@@ -9,6 +9,8 @@ Three families:
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -158,7 +160,13 @@ def get_arch(name: str) -> ArchSpec:
 
 def describe(spec: ArchSpec, *, num_classes: int | None = None,
              input_size: int | None = None) -> dict[str, Any]:
-    """Parameter count and GMACs, counted on the meta device so nothing is allocated."""
+    """Parameter count and GMACs, counted on the meta device so nothing is allocated (once
+    per arch, classes and size in a process: every bench asks for its model's GMACs)."""
+    return copy.deepcopy(_described(spec, num_classes, input_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _described(spec: ArchSpec, num_classes: int | None, input_size: int | None) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
