@@ -6,10 +6,11 @@ two can never disagree:
 
 - cost per million images = price per hour / (images/s x 3600) x 10^6;
 - capacity within a p99 bound: the Poisson search's (``bench --scenario server --arrival
-  poisson``) where a file has one whose bound is within the one asked for; otherwise each
+  poisson``; lowered by any ``--verify-capacity`` check that missed) where a file has one
+  whose bound is within the one asked for; otherwise each
   single-stream, sweep or closed-loop server row whose own p99 is within the bound (closed
   loop: no queueing from random arrivals, so an optimistic figure, and the table says so);
-- replicas = ceil(R / (capacity x headroom)). The headroom, 0.8 by default, keeps each replica
+- replicas = ceil(R / (capacity x headroom)). The headroom (``options.HEADROOM``, 0.8) keeps each replica
   at 80% of the capacity measured: below the 90% ``bench --verify-capacity`` checks, so every
   replica runs at a load whose p99 was seen to hold, with room for a replica lost to a rolling
   update or a node drain while the autoscaler reacts.
