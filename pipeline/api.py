@@ -214,21 +214,6 @@ class ReportResult:
 
 
 @dataclass
-class KubernetesResult:
-    """What ``deploy kubernetes`` wrote: ``record`` holds the sizing, the pod and the files."""
-
-    record: "KubernetesDeployment"
-
-    @property
-    def path(self) -> Path:
-        return self.record.path
-
-    @property
-    def summary(self) -> str:
-        return self.record.summary
-
-
-@dataclass
 class DeployResult:
     """What ``deploy triton`` wrote: ``record`` says where, and what it serves."""
 
@@ -686,8 +671,7 @@ def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget
     configuration within the bound and the fastest are ``result.costs.cheapest`` and
     ``.fastest``; report-cost.png plots cost against p99 with the Pareto front."""
     from pipeline.core.bundle import ensure_writable_dir
-    from pipeline.core.capacity import Rate, gather_prices
-    from pipeline.core.records import LatencyDoc
+    from pipeline.core.capacity import Rate
     from pipeline.stages.report import write_comparison
 
     files = [Path(p) for p in latency_files]
@@ -698,13 +682,10 @@ def report(latency_files: Sequence[str | Path], *, out: str | Path = ".", budget
         given = [prices] if isinstance(prices, str) else list(prices)
     else:
         given = [f"{label}={usd}" for label, usd in (prices or {}).items()]
-    price_table = None
-    if given or prices_file is not None:
-        labels = [LatencyDoc.load(path).machine_label for path in files]
-        price_table = gather_prices(given, Path(prices_file) if prices_file else None, labels)
     out = ensure_writable_dir(Path(out))
     command = command or "python -m pipeline report " + " ".join(str(p) for p in files)
-    made = write_comparison(files, out, budget_ms, command, force=force, prices=price_table,
+    made = write_comparison(files, out, budget_ms, command, force=force, prices=given,
+                            prices_file=Path(prices_file) if prices_file else None,
                             p99_ms=p99_ms, target_rate=rate, headroom=headroom)
     return ReportResult(made.advice, made.warnings, out / "report.md", made.costs, made.files)
 
@@ -734,12 +715,13 @@ def deploy_kubernetes(bundle: str | Path, out: str | Path, *, name: str | None =
                       headroom: float = _KUBERNETES.headroom, max_replicas: int | None = None,
                       kserve: bool = False, model_image: str | None = None,
                       storage_uri: str | None = None,
-                      namespace: str | None = None) -> "KubernetesResult":
+                      namespace: str | None = None) -> "KubernetesDeployment":
     """Write Triton for Kubernetes into ``out``: the model repository, a Dockerfile for the
     image that carries it, and a Deployment + Service + HorizontalPodAutoscaler (or, with
     ``kserve``, a KServe InferenceService), the pods sized from ``latency`` (the bundle's
     latency.json by default): CPU from the threads, memory from the measured peak. The count
-    is ``replicas``, or sized for ``target_rate`` within ``p99_ms`` as ``report`` sizes it."""
+    is ``replicas``, or sized for ``target_rate`` within ``p99_ms`` as ``report`` sizes it.
+    The result is the typed record itself (a StageResult: ``path``, ``summary``, ``record``)."""
     from pipeline.serving.kubernetes import kubernetes_deployment
 
     options = KubernetesOptions(
@@ -747,4 +729,4 @@ def deploy_kubernetes(bundle: str | Path, out: str | Path, *, name: str | None =
         latency=str(latency) if latency is not None else None, replicas=replicas,
         target_rate=target_rate, p99_ms=p99_ms, headroom=headroom, max_replicas=max_replicas,
         kserve=kserve, model_image=model_image, storage_uri=storage_uri, namespace=namespace)
-    return KubernetesResult(kubernetes_deployment(Path(bundle), Path(out), options))
+    return kubernetes_deployment(Path(bundle), Path(out), options)

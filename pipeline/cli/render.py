@@ -239,8 +239,7 @@ def offline_table(run: OfflineRun) -> str:
 
 def cost_answer(table: CostTable) -> list[str]:
     """report's cost answer on the terminal: the cheapest within the bound, the fastest."""
-    where = (f"within p99 {table.p99_bound_ms:g} ms" if table.p99_bound_ms is not None
-             else "at peak throughput")
+    where = table.scope
     lines = []
     cheap, fast = table.cheapest, table.fastest
     if cheap is None:
@@ -249,10 +248,10 @@ def cost_answer(table: CostTable) -> list[str]:
         lines.append(f"cheapest {where} for {table.target_rate}: {cheap.name}, "
                      f"{_count(cheap.replicas, 'replica')}, ${cheap.fleet_usd_per_hour:.3f}/h")
     else:
-        per_million = cheap.per_million_bound if table.p99_bound_ms is not None else cheap.per_million_peak
+        per_million = table.per_million(cheap)
         lines.append(f"cheapest {where}: {cheap.name}, ${per_million:.4f} per million images")
     if fast is not None:
-        speed = fast.capacity_per_s if table.p99_bound_ms is not None else fast.images_per_s
+        speed = table.speed(fast)
         lines.append(f"fastest {where}: {fast.name}, {speed:.1f} images/s per replica"
                      + (f", {_count(fast.replicas, 'replica')}" if fast.replicas is not None else ""))
     return lines + [f"note: {note}" for note in table.notes]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from pipeline.core.records import LatencyDoc, LatencyRow, Record
+from pipeline.core.records import LatencyDoc, Record
 from pipeline.errors import InputError
 from pipeline.options import HEADROOM
 IMAGES, REQUESTS = "images/s", "requests/s"
@@ -188,56 +188,65 @@ class CostTable(Record):
     notes: list[str] = field(default_factory=list)
 
     @property
+    def scope(self) -> str:
+        """What the answer ranks within: 'within p99 100 ms' or 'at peak throughput'."""
+        return (f"within p99 {self.p99_bound_ms:g} ms" if self.p99_bound_ms is not None
+                else "at peak throughput")
+
+    def per_million(self, row: CostRow) -> float | None:
+        """The cost per million images the answer ranks by: within the bound when one was
+        given, else at peak throughput."""
+        return row.per_million_bound if self.p99_bound_ms is not None else row.per_million_peak
+
+    def speed(self, row: CostRow) -> float | None:
+        """The images/s per replica the answer ranks by: the capacity within the bound when one
+        was given, else the peak."""
+        return row.capacity_per_s if self.p99_bound_ms is not None else row.images_per_s
+
+    @property
     def unpriced(self) -> list[str]:
         return sorted({row.machine for row in self.rows} - set(self.prices))
 
 
-def _served_verification(doc: LatencyDoc) -> str:
-    """What verify said of the file the server scenario served: the in-process ort-cpu fp32
-    batch-1 baseline it measured in the same run (the same file)."""
-    baseline = doc.server.baseline if doc.server else None
-    return baseline.verified if baseline is not None else "not verified"
-
-
-def configurations(doc: LatencyDoc) -> list[tuple[LatencyRow | None, CostRow]]:
-    """Each measured configuration of one latency file as a CostRow without costs, beside the
-    single-stream row it came from (None for the server's)."""
+def configurations(doc: LatencyDoc) -> list[CostRow]:
+    """Each measured configuration of one latency file as a CostRow without costs."""
     label = doc.machine_label
     gpu = doc.machine.gpu is not None
-    out: list[tuple[LatencyRow | None, CostRow]] = []
+    out: list[CostRow] = []
     for row in doc.rows:
         if not row.ok or not row.images_per_s:
             continue
         precision = row.precision_label
-        out.append((row, CostRow(
+        out.append(CostRow(
             machine=label, config=f"{row.backend} {precision} batch {row.batch}",
             backend=row.backend, precision=row.requested, batch=row.batch, source="single-stream",
             verified=row.verified, ranked=row.recommendable,
             reason=None if row.recommendable else row.verified, images_per_s=row.images_per_s,
             p99_ms=row.p99_ms, usd_per_hour=None, per_million_peak=None, threads=row.threads,
-            peak_rss_mib=row.peak_rss_mib, gpu=(row.device or "cpu") != "cpu")))
+            peak_rss_mib=row.peak_rss_mib, gpu=(row.device or "cpu") != "cpu"))
     server = doc.server
     if server is None:
         return out
+    # the served file is the one the in-process ort-cpu fp32 batch-1 baseline of the same run
+    # timed: what verify said of that row is what it said of the served model
     baseline = server.baseline
-    verified = _served_verification(doc)
-    ranked = LatencyRow(SERVED_BACKEND, 1, precision="fp32", verified=verified).recommendable
+    verified = baseline.verified if baseline else "not verified"
+    ranked = baseline.recommendable if baseline else True  # fp32 no verify has judged
     common = dict(machine=label, backend=SERVED_BACKEND, precision="fp32", batch=1,
                   verified=verified, ranked=ranked, reason=None if ranked else verified,
                   usd_per_hour=None, per_million_peak=None, threads=server.threads,
                   peak_rss_mib=baseline.peak_rss_mib if baseline else None, gpu=gpu)
     for level in server.rows:
         if level.status == "ok" and level.images_per_s:
-            out.append((None, CostRow(config=f"{SERVED_BACKEND} fp32 concurrency {level.concurrency}",
-                                      source="server closed loop", images_per_s=level.images_per_s,
-                                      p99_ms=level.p99_ms, **common)))
+            out.append(CostRow(config=f"{SERVED_BACKEND} fp32 concurrency {level.concurrency}",
+                               source="server closed loop", images_per_s=level.images_per_s,
+                               p99_ms=level.p99_ms, **common))
     search = server.poisson
     if search is not None and search.best is not None:
         capacity = search.capacity_per_s or search.best.target_per_s
-        out.append((None, CostRow(config=f"{SERVED_BACKEND} fp32 Poisson", source="server Poisson",
-                                  images_per_s=capacity,
-                                  p99_ms=(search.verification or search.best).p99_ms,
-                                  capacity_check=search.capacity_check, **common)))
+        out.append(CostRow(config=f"{SERVED_BACKEND} fp32 Poisson", source="server Poisson",
+                           images_per_s=capacity, p99_ms=(search.verification or search.best).p99_ms,
+                           capacity_check=search.capacity_check, **common))
     return out
 
 
@@ -276,7 +285,7 @@ def cost_table(docs: list[LatencyDoc], prices: dict[str, float], *, bound_ms: fl
     table = CostTable(p99_bound_ms=bound_ms, headroom=headroom, target_rate=rate,
                       prices=dict(prices))
     for doc in docs:
-        for _, row in configurations(doc):
+        for row in configurations(doc):
             price = prices.get(row.machine)
             if price is not None:
                 row.usd_per_hour = price
@@ -300,16 +309,14 @@ def cost_table(docs: list[LatencyDoc], prices: dict[str, float], *, bound_ms: fl
                          f"row's p99 within it); measure one with: python -m pipeline bench "
                          f"BUNDLE --scenario server --arrival poisson --p99-ms {bound_ms:g}")
     within = [r for r in table.rows if r.ranked and (bound_ms is None or r.capacity_per_s)]
-    speed = (lambda r: r.capacity_per_s) if bound_ms is not None else (lambda r: r.images_per_s)
-    table.fastest = max(within, key=speed, default=None)
+    table.fastest = max(within, key=lambda r: table.speed(r) or 0.0, default=None)
     if rate is not None:
         priced = [r for r in within if r.fleet_usd_per_hour is not None]
         table.cheapest = min(priced, key=lambda r: (r.fleet_usd_per_hour, r.per_million_bound),
                              default=None)
     else:
-        cost = "per_million_bound" if bound_ms is not None else "per_million_peak"
-        priced = [r for r in within if getattr(r, cost) is not None]
-        table.cheapest = min(priced, key=lambda r: getattr(r, cost), default=None)
+        priced = [r for r in within if table.per_million(r) is not None]
+        table.cheapest = min(priced, key=lambda r: table.per_million(r) or 0.0, default=None)
     if table.unpriced:
         table.notes.append(f"no price for {', '.join(table.unpriced)}: shown without cost "
                            f"(give --price LABEL=USD_PER_HOUR)")

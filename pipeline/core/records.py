@@ -229,10 +229,15 @@ class Machine(Record):
         text = f"{self.cpu}, {self.cpu_count or '?'} cores"
         return f"{text} + {self.gpu.name}" if self.gpu else text
 
+    @property
+    def hardware(self) -> dict[str, Any]:
+        """What must agree for two files to come from one kind of machine: the CPU model, its
+        flags, the core count, the GPU."""
+        return {"cpu": self.cpu, "cpu_flags": self.flags, "cpu_count": self.cpu_count,
+                "gpu": self.gpu.name if self.gpu else None}
+
     def same_hardware(self, other: "Machine") -> bool:
-        """Could these two be the one machine? CPU model, flags, core count and GPU agree."""
-        return ((self.cpu, self.flags, self.cpu_count, self.gpu.name if self.gpu else None)
-                == (other.cpu, other.flags, other.cpu_count, other.gpu.name if other.gpu else None))
+        return self.hardware == other.hardware
 
 
 # ----------------------------------------------------------------------------- latency.json
@@ -587,11 +592,22 @@ class PoissonSearch(Record):
         """The capacity: what the search found; after --verify-capacity, the rate whose
         VERIFY_FRACTION held in the last check, or, when no check held, the rate the last one
         missed at (an upper bound, marked not confirmed)."""
-        capacity = self.found_per_s
-        for check in self.checks:  # a check that holds confirms; one that misses lowers
+        walked = self.check_capacities
+        if not walked:
+            return self.found_per_s
+        capacity, last = walked[-1]
+        return capacity if last.within_bound else last.target_per_s
+
+    @property
+    def check_capacities(self) -> list[tuple[float, PoissonTrial]]:
+        """Each --verify-capacity check with the capacity it checked (90% of which it ran
+        at): a check that holds confirms it; one that misses lowers it to the check's rate."""
+        walked, capacity = [], self.found_per_s or 0.0
+        for check in self.checks:
+            walked.append((capacity, check))
             if not check.within_bound:
                 capacity = check.target_per_s
-        return capacity
+        return walked
 
     @property
     def verification(self) -> PoissonTrial | None:

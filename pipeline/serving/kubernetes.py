@@ -189,8 +189,7 @@ def size(doc: LatencyDoc, path: Path, options: KubernetesOptions) -> Sizing:
     if options.replicas is not None:
         return Sizing(replicas=options.replicas, max_replicas=None, how="fixed by --replicas")
     if options.target_rate is None:
-        floor = 1
-        return Sizing(replicas=floor, max_replicas=options.max_replicas or 4,
+        return Sizing(replicas=1, max_replicas=options.max_replicas or 4,
                       how="no --target-rate: one replica, the autoscaler adds more on CPU load")
     rate = Rate.parse(options.target_rate)
     assert options.p99_ms is not None  # KubernetesOptions.check

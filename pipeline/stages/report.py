@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.bundle import MANIFEST, Bundle, save_atomic, write_text_atomic
-from pipeline.core.capacity import CostRow, CostTable, Rate, cost_table, pareto_front
+from pipeline.core.capacity import (
+    CostRow,
+    CostTable,
+    Rate,
+    cost_table,
+    gather_prices,
+    pareto_front,
+)
 from pipeline.core.records import LatencyDoc, Recommendation
 from pipeline.errors import InputError
 from pipeline.options import HEADROOM
@@ -64,7 +71,7 @@ def cost_lines(table: CostTable) -> list[str]:
                      f"{table.headroom:g})), each replica planned at {100 * table.headroom:.0f}% of "
                      f"its measured capacity.")
     lines.append("")
-    where = f"within p99 {bound:g} ms" if bound is not None else "at peak throughput"
+    where = table.scope
     cheap, fast = table.cheapest, table.fastest
     if cheap is not None:
         if table.target_rate is not None:
@@ -73,13 +80,13 @@ def cost_lines(table: CostTable) -> list[str]:
                          f"{_money(cheap.fleet_usd_per_hour, '.3f')}/h, "
                          f"{_money(cheap.per_million_bound)} per million images.")
         else:
-            per_million = cheap.per_million_bound if bound is not None else cheap.per_million_peak
+            per_million = table.per_million(cheap)
             lines.append(f"- **Cheapest {where}: {cheap.name}**: {_money(per_million)} per "
                          f"million images.")
     else:
         lines.append(f"- No priced, verified configuration {where}.")
     if fast is not None:
-        speed = fast.capacity_per_s if bound is not None else fast.images_per_s
+        speed = table.speed(fast)
         extra = ""
         if table.target_rate is not None and fast.replicas is not None:
             extra = (f"; {fast.replicas} replica{'s' if fast.replicas != 1 else ''}, "
@@ -115,8 +122,7 @@ def cost_lines(table: CostTable) -> list[str]:
 def _cost_ratio(fast: CostRow, cheap: CostRow, table: CostTable) -> str:
     if table.target_rate is not None and fast.fleet_usd_per_hour and cheap.fleet_usd_per_hour:
         return f"{fast.fleet_usd_per_hour / cheap.fleet_usd_per_hour:.1f}x the cheapest fleet's cost"
-    mine = fast.per_million_bound if table.p99_bound_ms is not None else fast.per_million_peak
-    theirs = cheap.per_million_bound if table.p99_bound_ms is not None else cheap.per_million_peak
+    mine, theirs = table.per_million(fast), table.per_million(cheap)
     if mine and theirs:
         return f"{mine / theirs:.1f}x the cheapest's cost per million images"
     return "no price"
@@ -248,18 +254,21 @@ def stale_rows(doc: LatencyDoc, path: Path) -> list[str]:
 
 
 def write_comparison(paths: list[Path], out: Path, budget_ms: float | None, command: str, *,
-                     force: bool = False, prices: dict[str, float] | None = None,
-                     p99_ms: float | None = None, target_rate: Rate | None = None,
-                     headroom: float = HEADROOM) -> Comparison:
-    """Merge latency files into report.md and report.png; with prices or a p99 bound, the cost
-    section and report-cost.png too. Everything is checked before a file is written."""
+                     force: bool = False, prices: list[str] | None = None,
+                     prices_file: Path | None = None, p99_ms: float | None = None,
+                     target_rate: Rate | None = None, headroom: float = HEADROOM) -> Comparison:
+    """Merge latency files into report.md and report.png; with prices (``LABEL=USD`` strings,
+    a TOML file) or a p99 bound, the cost section and report-cost.png too. Everything is
+    checked before a file is written."""
     docs = [LatencyDoc.load(path) for path in paths]
     warnings = check_mergeable(docs, paths, force) + check_labels(docs, paths, force)
     for doc, path in zip(docs, paths):
         warnings += stale_rows(doc, path)
+    price_table = (gather_prices(prices or [], prices_file, [d.machine_label for d in docs])
+                   if prices or prices_file else {})
     costs = None
-    if prices or p99_ms is not None or target_rate is not None:
-        costs = cost_table(docs, prices or {}, bound_ms=p99_ms, rate=target_rate,
+    if price_table or prices_file or p99_ms is not None or target_rate is not None:
+        costs = cost_table(docs, price_table, bound_ms=p99_ms, rate=target_rate,
                            headroom=headroom)
     rows = labelled_rows(docs)
     advice = recommend(rows, budget_ms)

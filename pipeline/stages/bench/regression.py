@@ -48,9 +48,7 @@ MIN_WINDOWS = 6
 
 def fingerprint(doc: LatencyDoc) -> dict[str, Any]:
     """What must match for two latency files' numbers to be compared across runs."""
-    machine = doc.machine
-    return {"cpu": machine.cpu, "cpu_flags": machine.flags, "cpu_count": machine.cpu_count,
-            "threads": doc.config.threads, "gpu": machine.gpu.name if machine.gpu else None}
+    return {**doc.machine.hardware, "threads": doc.config.threads}
 
 
 def judge(now: list[float], baseline: list[float], max_slowdown: float) -> tuple[float, float, bool]:

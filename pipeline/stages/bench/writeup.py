@@ -386,16 +386,13 @@ def capacity_check_lines(search: PoissonSearch) -> list[str]:
                  f"capacity to its own rate (at most {search.MAX_CHECKS} runs).", "",
              "| capacity req/s | check req/s | p50 ms | p99 ms | requests | errors | held |",
              "|---|---|---|---|---|---|---|"]
-    capacity = search.found_per_s or 0.0
-    for check in search.checks:
+    for capacity, check in search.check_capacities:
         over = check.p99_ms - search.p99_bound_ms
         held = "yes" if check.within_bound else (
             f"no: {check.errors} requests failed" if check.errors else
             f"no: p99 {over:.2f} ms ({100 * over / search.p99_bound_ms:.0f}%) over the bound")
         lines.append(f"| {capacity:g} | {check.target_per_s:g} | {check.p50_ms:.2f} | "
                      f"{check.p99_ms:.2f} | {check.requests} | {check.errors} | {held} |")
-        if not check.within_bound:
-            capacity = check.target_per_s
     lowered = (f", lowered from {search.found_per_s:g}" if search.capacity_per_s != search.found_per_s
                else "")
     lines += ["", f"**Capacity {search.capacity_per_s:g} requests/s{lowered}: "
