@@ -1269,6 +1269,82 @@ class TrainSection(Record):
         return self.data_spec == "synthetic"
 
 
+# ----------------------------------------------------------------------------- export
+@dataclass(kw_only=True)
+class AotiPackage(Record):
+    """One AOTInductor package as export compiled it: the toolchain and the CPU features it
+    may use (Inductor compiles with -march=native)."""
+
+    device: str
+    compile_s: float
+    compiler: str
+    compiler_version: str
+    vector_isa: str | None  # CPU packages only
+    isa_flags: list[str] | None
+    torch: str
+    max_batch: int
+
+
+@dataclass(kw_only=True)
+class Simplification(Record):
+    """What onnxsim did: node counts, its own check, and why the raw model was kept if it was."""
+
+    enabled: bool
+    nodes_before: int | None = None
+    nodes_after: int | None = None
+    check_ok: bool | None = None
+    warning: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return super().to_dict() if self.enabled else {"enabled": False}
+
+
+@dataclass(kw_only=True)
+class Pt2Export(Record):
+    """model.pt2: its dynamic batch range, and the reloaded program's distance from eager."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"dynamic_batch", "reload_max_abs_diff"})
+
+    enabled: bool
+    dynamic_batch: dict[str, int] | None = None  # {"min": 1, "max": ...}
+    reload_max_abs_diff: float | None = None
+
+
+@dataclass(kw_only=True)
+class ExportSection(Record):
+    """manifest.json's ``export`` section."""
+
+    exporter: str
+    opset: int
+    input_name: str
+    output_name: str
+    dynamic_axes: dict[str, dict[str, str]]
+    onnx_nodes: int
+    torchscript_reload_max_abs_diff: float
+    simplify: Simplification
+    pt2: Pt2Export
+    aoti: dict[str, AotiPackage]  # by device
+    captured_warnings: list[str]
+
+    def to_dict(self) -> dict[str, object]:
+        out = super().to_dict()
+        out["aoti"] = {device: package.to_dict() for device, package in self.aoti.items()}
+        return out
+
+
+@dataclass(kw_only=True)
+class EpochRow(Record):
+    """One epoch of training: a row of history.json (and of a training checkpoint's history)."""
+
+    epoch: int  # counted from 1
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float  # the rate the epoch trained at
+    duration_s: float
+
+
 @dataclass(kw_only=True)
 class TrainSummary(Record):
     """What ``fit`` hands back: the bundle it trained, its best validation accuracy, and the

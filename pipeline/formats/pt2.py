@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.bundle import atomic_path, save_atomic
 from pipeline.core.machine import cpu_flag_set
+from pipeline.core.records import AotiPackage
 from pipeline.errors import EnvironmentUnavailable, InputError
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ NO_COMPILER_FIX = ("install one (Debian/Ubuntu: apt install g++) or point CXX at
                    "run export --aoti again")
 
 
-def compile_aoti(program: "torch.export.ExportedProgram", path: Path, device: str) -> dict[str, Any]:
+def compile_aoti(program: "torch.export.ExportedProgram", path: Path, device: str) -> AotiPackage:
     """AOTInductor-compile ``program`` (already on ``device``) into a package at ``path``."""
     import torch
 
@@ -282,11 +283,11 @@ def compile_aoti(program: "torch.export.ExportedProgram", path: Path, device: st
                                              f"{NO_COMPILER_FIX}") from None
             raise
         target.replace(tmp)
-    return {"device": device, "compile_s": round(time.perf_counter() - started, 2),
-            "compiler": compiler, "compiler_version": compiler_version(compiler),
-            "vector_isa": vector_isa() if device == "cpu" else None,
-            "isa_flags": isa_flags() if device == "cpu" else None, "torch": torch.__version__,
-            "max_batch": MAX_BATCH}
+    return AotiPackage(device=device, compile_s=round(time.perf_counter() - started, 2),
+                       compiler=compiler, compiler_version=compiler_version(compiler),
+                       vector_isa=vector_isa() if device == "cpu" else None,
+                       isa_flags=isa_flags() if device == "cpu" else None,
+                       torch=torch.__version__, max_batch=MAX_BATCH)
 
 
 ISA_PREFIXES = ("sse", "ssse", "avx", "amx", "fma", "f16c", "bmi", "popcnt", "movbe", "lzcnt",

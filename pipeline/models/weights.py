@@ -12,12 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core.records import EpochRow
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.models.archs import ARCHS, ArchSpec, Preprocessing, get_arch
 from pipeline.options import MODEL
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
+
+# A module's weights by parameter name, as ``nn.Module.state_dict()`` returns them.
+StateDict = dict[str, "torch.Tensor"]
+# What a checkpoint written by ``python -m pipeline train`` says it is; resume checks it.
+TRAIN_CHECKPOINT_FORMAT = "pipeline.train.v1"
 
 DEFAULT_SEED = MODEL.seed
 DEFAULT_ARCH = MODEL.arch
@@ -34,13 +41,14 @@ class LoadedModel:
     num_classes: int
     class_names: list[str]
     preprocessing: Preprocessing
-    weights: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, object] = field(default_factory=dict)  # where they came from, for the manifest
 
     @property
     def arch(self) -> str:
         return self.spec.name
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, object]:
+        """The manifest's ``model`` section (``ModelSection`` reads it back)."""
         return {
             "arch": self.arch,
             "num_classes": self.num_classes,
@@ -49,6 +57,54 @@ class LoadedModel:
             "preprocessing": self.preprocessing.to_dict(),
             "weights": self.weights,
         }
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file, read: the weights, what they are, and for a training checkpoint the
+    state ``train --resume`` continues from. A bare state dict has only ``state_dict``."""
+
+    state_dict: StateDict
+    arch: str | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None
+    # written by train only
+    format: str | None = None
+    optimizer: dict[str, object] | None = None  # torch's own optimizer.state_dict()
+    scheduler: dict[str, object] | None = None
+    epoch: int = 0
+    best_acc: float = -1.0
+    history: list[EpochRow] = field(default_factory=list)
+    config: dict[str, object] = field(default_factory=dict)  # TrainOptions as the run had them
+    data_source: str | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.format == TRAIN_CHECKPOINT_FORMAT and self.optimizer is not None
+
+    def payload(self) -> dict[str, object]:
+        """What ``torch.save`` writes: plain types only, so ``weights_only`` loading reads it."""
+        return {"format": self.format, "state_dict": self.state_dict, "arch": self.arch,
+                "num_classes": self.num_classes, "class_names": self.class_names,
+                "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None,
+                "input_size": self.preprocessing.crop if self.preprocessing else None,
+                "optimizer": self.optimizer, "scheduler": self.scheduler, "epoch": self.epoch,
+                "best_acc": self.best_acc, "history": [row.to_dict() for row in self.history],
+                "config": self.config, "data_source": self.data_source}
+
+    @classmethod
+    def from_payload(cls, data: dict[str, object], where: str) -> "Checkpoint":
+        prep = data.get("preprocessing")
+        return cls(state_dict=data["state_dict"], arch=data.get("arch"),
+                   num_classes=data.get("num_classes"), class_names=data.get("class_names"),
+                   preprocessing=Preprocessing.from_dict(prep) if isinstance(prep, dict) else None,
+                   format=data.get("format"), optimizer=data.get("optimizer"),
+                   scheduler=data.get("scheduler"), epoch=data.get("epoch") or 0,
+                   best_acc=data.get("best_acc", -1.0),
+                   history=[EpochRow.from_dict(row, where=f"{where} history[{index}]")
+                            for index, row in enumerate(data.get("history") or [])],
+                   config=data.get("config") or {}, data_source=data.get("data_source"))
 
 
 def default_class_names(num_classes: int) -> list[str]:
@@ -64,8 +120,8 @@ def parse_class_names(text: str | None) -> list[str] | None:
     return names
 
 
-def read_checkpoint(path: Path | str) -> dict[str, Any]:
-    """Read a checkpoint safely and normalise it to the training-checkpoint shape."""
+def read_checkpoint(path: Path | str) -> Checkpoint:
+    """Read a checkpoint safely: a training checkpoint or a bare state dict."""
     import pickle
 
     import torch
@@ -81,34 +137,33 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
         raise InputError(f"checkpoint {str(path)!r} cannot be read as a weights-only torch "
                          f"file ({first_line[:200]}); is it truncated or not a checkpoint?") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        return data
+        return Checkpoint.from_payload(data, f"checkpoint {str(path)!r}")
     if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return {"state_dict": data}
+        return Checkpoint(state_dict=data)
     raise InputError(f"checkpoint {str(path)!r} holds neither a state dict nor a training "
                      f"checkpoint (a dict with 'state_dict')")
 
 
-def _classes_in_state_dict(state_dict: dict[str, Any]) -> int | None:
+def _classes_in_state_dict(state_dict: StateDict) -> int | None:
     weight = state_dict.get("fc.weight")
     return int(weight.shape[0]) if weight is not None else None
 
 
-def _resolve_checkpoint(checkpoint: dict[str, Any], arch: str | None,
+def _resolve_checkpoint(checkpoint: Checkpoint, arch: str | None,
                         num_classes: int | None, path: Path | str) -> tuple[str, int]:
-    stored_arch = checkpoint.get("arch")
+    stored_arch = checkpoint.arch
     if arch and stored_arch and arch != stored_arch:
         raise InputError(f"checkpoint {str(path)!r} is for arch {stored_arch!r}, not {arch!r}; "
                          f"pass --arch {stored_arch} or another checkpoint")
     spec = get_arch(arch or stored_arch or DEFAULT_ARCH)
-    stored_classes = checkpoint.get("num_classes") or _classes_in_state_dict(
-        checkpoint["state_dict"])
+    stored_classes = checkpoint.num_classes or _classes_in_state_dict(checkpoint.state_dict)
     if num_classes and stored_classes and num_classes != stored_classes:
         raise InputError(f"checkpoint {str(path)!r} has {stored_classes} classes, not "
                          f"--num-classes {num_classes}; drop --num-classes or use another checkpoint")
     return spec.name, int(num_classes or stored_classes or spec.default_num_classes)
 
 
-def _load_state_dict(model: "nn.Module", state_dict: dict[str, Any], spec: ArchSpec,
+def _load_state_dict(model: "nn.Module", state_dict: StateDict, spec: ArchSpec,
                      source: str) -> None:
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -118,19 +173,20 @@ def _load_state_dict(model: "nn.Module", state_dict: dict[str, Any], spec: ArchS
                          f"is it a checkpoint for another architecture?") from None
 
 
-def weights_preprocessing(weights: Any) -> dict[str, Any]:
+def weights_preprocessing(weights: Any) -> Preprocessing:
     """The eval transform a torchvision weights entry was evaluated with, as our spec.
 
     It differs between entries: ResNet-50's DEFAULT (IMAGENET1K_V2) resizes to 232, not 256,
     and using 256 with those weights costs accuracy. Built without downloading anything.
     """
     transform = weights.transforms()
-    return {"resize": int(transform.resize_size[0]), "crop": int(transform.crop_size[0]),
-            "mean": [float(v) for v in transform.mean], "std": [float(v) for v in transform.std],
-            "interpolation": transform.interpolation.value}
+    return Preprocessing.from_dict({
+        "resize": int(transform.resize_size[0]), "crop": int(transform.crop_size[0]),
+        "mean": [float(v) for v in transform.mean], "std": [float(v) for v in transform.std],
+        "interpolation": transform.interpolation.value})
 
 
-def imagenet_state_dict(spec: ArchSpec) -> tuple[dict[str, Any], list[str], str]:
+def imagenet_state_dict(spec: ArchSpec) -> tuple[StateDict, list[str], str]:
     """torchvision's DEFAULT ImageNet weights, from the torch hub cache or by download."""
     from torchvision.models import get_model_weights
 
@@ -178,26 +234,27 @@ def load_model(arch: str | None = None, *, num_classes: int | None = None,
     if num_classes is not None and num_classes < 1:
         raise InputError(f"--num-classes {num_classes} must be at least 1")
 
-    stored: dict[str, Any] = {}
+    stored: Preprocessing | None = None  # the preprocessing the weights came with
     if checkpoint is not None:
-        stored = read_checkpoint(checkpoint)
-        arch, num_classes = _resolve_checkpoint(stored, arch, num_classes, checkpoint)
+        read = read_checkpoint(checkpoint)
+        arch, num_classes = _resolve_checkpoint(read, arch, num_classes, checkpoint)
+        stored = read.preprocessing
     spec = get_arch(arch or DEFAULT_ARCH)
     num_classes = num_classes or spec.default_num_classes
 
     torch.manual_seed(seed)
-    record: dict[str, Any]
+    record: dict[str, object]
     if checkpoint is not None:
         model = spec.build(num_classes)
-        _load_state_dict(model, stored["state_dict"], spec, f"checkpoint {str(checkpoint)!r}")
+        _load_state_dict(model, read.state_dict, spec, f"checkpoint {str(checkpoint)!r}")
         record = {"source": "checkpoint", "path": str(checkpoint)}
-        class_names = class_names or stored.get("class_names")
+        class_names = class_names or read.class_names
     elif weights == "imagenet":
         state_dict, categories, name = imagenet_state_dict(spec)
         from torchvision.models import get_model_weights
 
         # the preprocessing these very weights were evaluated with, unless --input-size says
-        stored = {"preprocessing": weights_preprocessing(get_model_weights(spec.name).DEFAULT)}
+        stored = weights_preprocessing(get_model_weights(spec.name).DEFAULT)
         model = spec.build(1000)
         _load_state_dict(model, state_dict, spec, f"ImageNet weights {name}")
         if num_classes != 1000:
@@ -248,12 +305,12 @@ def calibrate_batchnorm(model: "nn.Module", size: int, seed: int) -> None:
     model.eval()
 
 
-def _preprocessing(spec: ArchSpec, stored: dict[str, Any], input_size: int | None) -> Preprocessing:
+def _preprocessing(spec: ArchSpec, stored: Preprocessing | None, input_size: int | None) -> Preprocessing:
     if input_size is not None and input_size < 8:
         raise InputError(f"--input-size {input_size} is too small; use at least 8 (32 for CIFAR, "
                          f"224 for ImageNet-style archs)")
-    if input_size is None and isinstance(stored.get("preprocessing"), dict):
-        return Preprocessing.from_dict(stored["preprocessing"])
+    if input_size is None and stored is not None:
+        return stored
     return spec.preprocessing(input_size)
 
 
@@ -268,7 +325,7 @@ def inject_outlier_channel(checkpoint: Path | str, block: str, channel: int, fac
     import torch
 
     data = read_checkpoint(checkpoint)
-    state = data["state_dict"]
+    state = data.state_dict
     names = [f"{block}.bn1.weight", f"{block}.bn1.bias", f"{block}.conv2.weight"]
     missing = [n for n in names if n not in state]
     if missing or factor <= 0:
@@ -277,4 +334,4 @@ def inject_outlier_channel(checkpoint: Path | str, block: str, channel: int, fac
     state[names[0]][channel] *= factor
     state[names[1]][channel] *= factor
     state[names[2]][:, channel] /= factor
-    torch.save(data, Path(checkpoint))
+    torch.save(data.payload(), Path(checkpoint))

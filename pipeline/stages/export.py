@@ -31,6 +31,7 @@ from pipeline.core.bundle import (
 )
 from pipeline.core.console import Captured, StageTimer, captured
 from pipeline.core.machine import library_versions
+from pipeline.core.records import AotiPackage, ExportSection, Pt2Export, Simplification
 from pipeline.errors import InputError
 from pipeline.formats.onnx import name_batch_axis, set_metadata
 from pipeline.formats.pt2 import (
@@ -132,13 +133,13 @@ def _torch_onnx_export(model: "torch.nn.Module", example: "torch.Tensor", path: 
 
 
 def write_program(program: "torch.export.ExportedProgram", loaded: LoadedModel,
-                  example: "torch.Tensor", path: Path, options: ExportOptions) -> dict[str, Any]:
+                  example: "torch.Tensor", path: Path, options: ExportOptions) -> Pt2Export:
     """model.pt2 with the ONNX file's metadata in extra_files; loaded back the safe way and
     compared with the eager model at another batch size."""
     save_program(program, path, onnx_metadata(loaded, options))
     probe = example_input(example.shape[-1], batch=EXAMPLE_BATCH + 1, seed=1)
-    return {"dynamic_batch": {"min": 1, "max": MAX_BATCH},
-            "reload_max_abs_diff": reload_difference(path, loaded.model, probe)}
+    return Pt2Export(enabled=True, dynamic_batch={"min": 1, "max": MAX_BATCH},
+                     reload_max_abs_diff=reload_difference(path, loaded.model, probe))
 
 
 def aoti_devices() -> list[str]:
@@ -149,7 +150,7 @@ def aoti_devices() -> list[str]:
 
 
 def write_aoti(loaded: LoadedModel, example: "torch.Tensor", path: Path, device: str, *,
-               program: "torch.export.ExportedProgram | None" = None) -> dict[str, Any]:
+               program: "torch.export.ExportedProgram | None" = None) -> AotiPackage:
     """An AOTInductor package for ``device``, from ``program`` or a fresh torch.export on it."""
     import copy
 
@@ -236,18 +237,17 @@ def weights_offloaded(model: "torch.nn.Module", saved: Path) -> Iterator[None]:
         model.eval()
 
 
-def simplify_onnx(source: Path, target: Path) -> dict[str, Any]:
+def simplify_onnx(source: Path, target: Path) -> Simplification:
     """Run onnxsim; on failure keep the raw model and return the reason as a warning."""
     import onnx
 
     proto = onnx.load(str(source))
-    info: dict[str, Any] = {"nodes_before": len(proto.graph.node), "nodes_after": None,
-                            "check_ok": None, "warning": None}
+    info = Simplification(enabled=True, nodes_before=len(proto.graph.node))
     try:
         import onnxsim
     except ImportError as exc:  # a core dependency, but an install can still lack it
-        info["warning"] = (f"onnxsim is not installed ({exc}); raw model kept: "
-                           f"pip install onnxsim, or export with --no-simplify")
+        info.warning = (f"onnxsim is not installed ({exc}); raw model kept: "
+                        f"pip install onnxsim, or export with --no-simplify")
         return info
     metadata = {p.key: p.value for p in proto.metadata_props}
     del proto  # onnxsim reads the file itself; one copy fewer of the weights in memory
@@ -255,15 +255,15 @@ def simplify_onnx(source: Path, target: Path) -> dict[str, Any]:
     try:
         simplified, check_ok = onnxsim.simplify(str(source), check_n=3)
     except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++; any is a skip
-        info["warning"] = f"onnxsim failed, raw model kept: {type(exc).__name__}: {exc}"
+        info.warning = f"onnxsim failed, raw model kept: {type(exc).__name__}: {exc}"
         return info
-    info["check_ok"] = bool(check_ok)
+    info.check_ok = bool(check_ok)
     if not check_ok:
-        info["warning"] = "onnxsim's own check failed; simplified model discarded, raw model kept"
+        info.warning = "onnxsim's own check failed; simplified model discarded, raw model kept"
         return info
     set_metadata(simplified, metadata)
     save_atomic(target, lambda tmp: onnx.save(simplified, str(tmp)))
-    info["nodes_after"] = len(simplified.graph.node)
+    info.nodes_after = len(simplified.graph.node)
     return info
 
 
@@ -287,38 +287,38 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
         step["text"] = WEIGHTS
     # One torch.export serves model.pt2, the dynamo ONNX export and the CPU AOTInductor
     # package; it shares the model's weights, and goes before onnxsim moves them off.
-    program, pt2_record = None, {"enabled": options.pt2}
+    program, pt2_record = None, Pt2Export(enabled=False)
     if options.pt2:
         with timer.stage("pt2") as step, captured(passthrough=options.verbose) as chatter:
             program = export_program(loaded.model, example)
-            pt2_record.update(write_program(program, loaded, example, bundle.path(PT2), options))
+            pt2_record = write_program(program, loaded, example, bundle.path(PT2), options)
             step["text"] = (f"{PT2} (torch.export, dynamic batch, reload max |diff| "
-                            f"{pt2_record['reload_max_abs_diff']:.2e})")
+                            f"{pt2_record.reload_max_abs_diff:.2e})")
         logs.append(("pt2", chatter))
     with timer.stage("onnx") as step, captured(passthrough=options.verbose) as chatter:
         nodes = export_onnx(loaded, example, bundle.path(ONNX), options, program=program)
         step["text"] = f"{ONNX} ({options.exporter}, opset {options.opset}, {nodes} nodes, checked)"
     logs.append(("onnx", chatter))
-    aoti_record: dict[str, Any] = {}
+    aoti_record: dict[str, AotiPackage] = {}
     if options.aoti:
         for device in aoti_devices():
             with timer.stage(f"aoti-{device}") as step, captured(passthrough=options.verbose) as chatter:
                 aoti_record[device] = write_aoti(loaded, example, bundle.path(AOTI_FILES[device]),
                                                  device, program=program if device == "cpu" else None)
-                step["text"] = (f"{AOTI_FILES[device]} (AOTInductor, {aoti_record[device]['compile_s']:.1f} s "
-                                f"with {aoti_record[device]['compiler']})")
+                step["text"] = (f"{AOTI_FILES[device]} (AOTInductor, {aoti_record[device].compile_s:.1f} s "
+                                f"with {aoti_record[device].compiler})")
             logs.append((f"aoti-{device}", chatter))
     del program
     release_memory()
-    simplify_info: dict[str, Any] = {"enabled": options.simplify}
+    simplify_info = Simplification(enabled=False)
     if options.simplify:
         with timer.stage("simplify") as step, captured(passthrough=options.verbose) as chatter:
             with weights_offloaded(loaded.model, bundle.path(WEIGHTS)):
-                simplify_info.update(simplify_onnx(bundle.path(ONNX), bundle.path(ONNX_SIMPLIFIED)))
+                simplify_info = simplify_onnx(bundle.path(ONNX), bundle.path(ONNX_SIMPLIFIED))
             step["text"] = _simplify_summary(simplify_info)
         logs.append(("simplify", chatter))
-        if simplify_info["warning"]:
-            warnings.append(simplify_info["warning"])
+        if simplify_info.warning:
+            warnings.append(simplify_info.warning)
 
     # TorchScript last: its trace and freeze leave the heap larger, and onnxsim's check (two
     # ORT sessions) is the peak of the whole export; run that peak from the smaller heap.
@@ -328,23 +328,23 @@ def export_bundle(loaded: LoadedModel, out: Path | str, options: ExportOptions,
     logs.append(("torchscript", chatter))
     release_memory()
     write_text_atomic(bundle.path(EXPORT_LOG), _format_log(logs))
-    export_record = {"exporter": options.exporter, "opset": options.opset,
-                     "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-                     "dynamic_axes": {INPUT_NAME: {"0": "batch"}, OUTPUT_NAME: {"0": "batch"}},
-                     "onnx_nodes": nodes, "torchscript_reload_max_abs_diff": ts_diff,
-                     "simplify": simplify_info, "pt2": pt2_record, "aoti": aoti_record,
-                     "captured_warnings": _captured_warnings(logs)}
+    export_record = ExportSection(
+        exporter=options.exporter, opset=options.opset, input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        dynamic_axes={INPUT_NAME: {"0": "batch"}, OUTPUT_NAME: {"0": "batch"}},
+        onnx_nodes=nodes, torchscript_reload_max_abs_diff=ts_diff, simplify=simplify_info,
+        pt2=pt2_record, aoti=aoti_record, captured_warnings=_captured_warnings(logs))
     _write_export_manifest(bundle, loaded, export_record, warnings,
                            {"duration_s": round(time.perf_counter() - start, 3),
                             "steps": dict(timer.durations)})
     return bundle
 
 
-def _simplify_summary(info: dict[str, Any]) -> str:
-    if info["warning"]:
-        return f"skipped: {info['warning'][:120]}"
-    return (f"{ONNX_SIMPLIFIED} (nodes {info['nodes_before']} -> {info['nodes_after']}, "
-            f"onnxsim check {'ok' if info['check_ok'] else 'FAILED'})")
+def _simplify_summary(info: Simplification) -> str:
+    if info.warning:
+        return f"skipped: {info.warning[:120]}"
+    return (f"{ONNX_SIMPLIFIED} (nodes {info.nodes_before} -> {info.nodes_after}, "
+            f"onnxsim check {'ok' if info.check_ok else 'FAILED'})")
 
 
 def _captured_warnings(logs: list[tuple[str, Captured]]) -> list[str]:
@@ -359,9 +359,9 @@ def _format_log(logs: list[tuple[str, Captured]]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _write_export_manifest(bundle: Bundle, loaded: LoadedModel, export_record: dict[str, Any],
-                           warnings: list[str], stage: dict[str, Any]) -> None:
+def _write_export_manifest(bundle: Bundle, loaded: LoadedModel, export_record: ExportSection,
+                           warnings: list[str], stage: dict[str, object]) -> None:
     bundle.record_stage("export", files=[n for n in EXPORT_FILES if n != PARITY],  # verify's
                         summary=stage, warnings=warnings,
-                        sections={"model": loaded.describe(), "export": export_record,
+                        sections={"model": loaded.describe(), "export": export_record.to_dict(),
                                   "versions": library_versions()})

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from pipeline.core.bundle import (
     CHECKPOINT,
@@ -28,18 +28,22 @@ from pipeline.core.bundle import (
     save_atomic,
     write_json_atomic,
 )
-from pipeline.core.records import TrainSummary
+from pipeline.core.records import EpochRow, TrainSummary
 from pipeline.data.datasets import load_data
 from pipeline.errors import EnvironmentUnavailable, InputError
 from pipeline.models.archs import get_arch
-from pipeline.models.weights import load_model, read_checkpoint
+from pipeline.models.weights import (
+    TRAIN_CHECKPOINT_FORMAT,
+    Checkpoint,
+    load_model,
+    read_checkpoint,
+)
 from pipeline.options import MODEL, OPTIMIZERS, ModelOptions, TrainOptions
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-CHECKPOINT_FORMAT = "pipeline.train.v1"
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -181,8 +185,17 @@ def train_one_epoch(model: "nn.Module", loader: Any, criterion: Any, optimizer: 
     return {"loss": float(sums[0] / sums[2]), "acc": float(sums[1] / sums[2])}
 
 
+@dataclass
+class Validation:
+    """One pass over the validation split: loss, top-1, and the confusion matrix."""
+
+    loss: float
+    acc: float
+    confusion: list[list[int]]  # rows: true class, columns: predicted
+
+
 def evaluate(model: "nn.Module", loader: Any, criterion: Any, *, device: str, num_classes: int,
-             ctx: Dist) -> dict[str, Any]:
+             ctx: Dist) -> Validation:
     """Loss, top-1 and the confusion matrix (rows: true class, columns: predicted)."""
     import torch
 
@@ -200,8 +213,7 @@ def evaluate(model: "nn.Module", loader: Any, criterion: Any, *, device: str, nu
     sums = all_reduce_sum(sums, ctx)
     confusion = all_reduce_sum(confusion, ctx)
     correct = float(confusion.diag().sum())
-    return {"loss": float(sums[0] / sums[1]), "acc": correct / float(sums[1]),
-            "confusion": confusion.long().tolist()}
+    return Validation(float(sums[0] / sums[1]), correct / float(sums[1]), confusion.long().tolist())
 
 
 def per_class_accuracy(confusion: list[list[int]], names: list[str]) -> dict[str, float | None]:
@@ -218,19 +230,19 @@ def state_digest(model: "nn.Module") -> str:
     return digest.hexdigest()
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+def plot_history(history: list[EpochRow], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
+    epochs = [row.epoch for row in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
-        axes[0].plot(epochs, [row[key] for row in history], marker="o", label=label)
+        axes[0].plot(epochs, [getattr(row, key) for row in history], marker="o", label=label)
     for key, label in (("train_acc", "train"), ("val_acc", "val")):
-        axes[1].plot(epochs, [row[key] for row in history], marker="o", label=label)
-    axes[2].plot(epochs, [row["lr"] for row in history], marker="o", color="tab:green")
+        axes[1].plot(epochs, [getattr(row, key) for row in history], marker="o", label=label)
+    axes[2].plot(epochs, [row.lr for row in history], marker="o", color="tab:green")
     for axis, title in zip(axes, ("loss", "accuracy", "learning rate")):
         axis.set_title(title)
         axis.set_xlabel("epoch")
@@ -242,13 +254,13 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- fit
-def read_resume(path: str, arch: str | None) -> dict[str, Any]:
+def read_resume(path: str, arch: str | None) -> Checkpoint:
     state = read_checkpoint(path)
-    if state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
+    if not state.resumable:
         raise InputError(f"--resume {path!r} is not a training checkpoint with optimizer state; "
                          f"resume from last.pt written by python -m pipeline train")
-    if arch and state["arch"] != arch:
-        raise InputError(f"--resume {path!r} is a checkpoint of arch {state['arch']!r}, not "
+    if arch and state.arch != arch:
+        raise InputError(f"--resume {path!r} is a checkpoint of arch {state.arch!r}, not "
                          f"{arch!r}; drop --arch or resume from a matching checkpoint")
     return state
 
@@ -271,48 +283,48 @@ class TrainingRun:
     batch_size: int
     epoch: int = 0
     best_acc: float = -1.0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRow] = field(default_factory=list)
 
     @property
     def model(self) -> "nn.Module":
         return self.loaded.model
 
-    def checkpoint(self) -> dict[str, Any]:
+    def checkpoint(self) -> Checkpoint:
         loaded = self.loaded
-        return {"format": CHECKPOINT_FORMAT, "state_dict": self.model.state_dict(),
-                "arch": loaded.arch, "num_classes": loaded.num_classes,
-                "class_names": loaded.class_names, "preprocessing": loaded.preprocessing.to_dict(),
-                "input_size": loaded.preprocessing.crop, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "epoch": self.epoch, "best_acc": self.best_acc, "history": self.history,
-                "config": asdict(self.config), "data_source": self.data.source}
+        return Checkpoint(format=TRAIN_CHECKPOINT_FORMAT, state_dict=self.model.state_dict(),
+                          arch=loaded.arch, num_classes=loaded.num_classes,
+                          class_names=loaded.class_names, preprocessing=loaded.preprocessing,
+                          optimizer=self.optimizer.state_dict(),
+                          scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+                          epoch=self.epoch, best_acc=self.best_acc, history=list(self.history),
+                          config=asdict(self.config), data_source=self.data.source)
 
 
-def _save(payload: dict[str, Any], path: Path) -> None:
+def _save(checkpoint: Checkpoint, path: Path) -> None:
     import torch
 
-    save_atomic(path, lambda tmp: torch.save(payload, tmp))
+    save_atomic(path, lambda tmp: torch.save(checkpoint.payload(), tmp))
 
 
-def _log_epoch(log: Callable[[str], None], row: dict[str, Any], epochs: int) -> None:
-    log(f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  lr {row['lr']:.2e}  "
-        f"{row['duration_s']:.1f}s")
+def _log_epoch(log: Callable[[str], None], row: EpochRow, epochs: int) -> None:
+    log(f"epoch {row.epoch}/{epochs}  train loss {row.train_loss:.4f} acc {row.train_acc:.4f}  "
+        f"val loss {row.val_loss:.4f} acc {row.val_acc:.4f}  lr {row.lr:.2e}  "
+        f"{row.duration_s:.1f}s")
 
 
-def _input_size(config: TrainOptions, family: str, resume: dict[str, Any] | None) -> int | None:
+def _input_size(config: TrainOptions, family: str, resume: Checkpoint | None) -> int | None:
     if resume:
-        return resume["input_size"]
+        return resume.preprocessing.crop if resume.preprocessing else None
     # The synthetic shapes are drawn at 64 px; 224 would only upsample them.
     return config.input_size or (64 if config.data == "synthetic" and family != "cifar" else None)
 
 
-def _setup(config: TrainOptions, resume: dict[str, Any] | None, log: Callable[[str], None]) -> TrainingRun:
+def _setup(config: TrainOptions, resume: Checkpoint | None, log: Callable[[str], None]) -> TrainingRun:
     """Device, process group, data, model, optimiser and bundle for one run."""
     import torch
     from torch import nn
 
-    spec = get_arch(resume["arch"] if resume else config.arch)
+    spec = get_arch(resume.arch if resume else config.arch)
     device = pick_device(config.device)
     ctx = init_distributed(device)
     if device == "cuda" and ctx.enabled:
@@ -348,15 +360,15 @@ def _fit_batch_size(batch_size: int, images: int, log: Callable[[str], None]) ->
     return images
 
 
-def _restore(run: TrainingRun, resume: dict[str, Any]) -> None:
-    run.model.load_state_dict(resume["state_dict"])
-    run.optimizer.load_state_dict(resume["optimizer"])
-    if run.scheduler is not None and resume.get("scheduler"):
-        run.scheduler.load_state_dict(resume["scheduler"])
-    run.epoch, run.best_acc, run.history = resume["epoch"], resume["best_acc"], list(resume["history"])
+def _restore(run: TrainingRun, resume: Checkpoint) -> None:
+    run.model.load_state_dict(resume.state_dict)
+    run.optimizer.load_state_dict(resume.optimizer)
+    if run.scheduler is not None and resume.scheduler:
+        run.scheduler.load_state_dict(resume.scheduler)
+    run.epoch, run.best_acc, run.history = resume.epoch, resume.best_acc, list(resume.history)
 
 
-def _train_epoch(run: TrainingRun, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _train_epoch(run: TrainingRun, epoch: int) -> tuple[EpochRow, Validation]:
     """One seeded epoch of training and validation; returns (history row, validation result)."""
     import torch
 
@@ -373,17 +385,17 @@ def _train_epoch(run: TrainingRun, epoch: int) -> tuple[dict[str, Any], dict[str
     val = evaluate(run.net, loaders[1], run.criterion, device=run.device,
                    num_classes=len(run.data.class_names), ctx=ctx)
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        run.scheduler.step(val["loss"])
+        run.scheduler.step(val.loss)
     elif run.scheduler is not None:
         run.scheduler.step()
-    row = {"epoch": epoch + 1, "train_loss": trained["loss"], "train_acc": trained["acc"],
-           "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
-           "duration_s": round(time.perf_counter() - started, 3)}
+    row = EpochRow(epoch=epoch + 1, train_loss=trained["loss"], train_acc=trained["acc"],
+                   val_loss=val.loss, val_acc=val.acc, lr=lr,
+                   duration_s=round(time.perf_counter() - started, 3))
     return row, val
 
 
-def build_config(options: dict[str, Any], *, resume: str | None = None,
-                 defaults: dict[str, Any] | None = None) -> TrainOptions:
+def build_config(options: Mapping[str, object], *, resume: str | None = None,
+                 defaults: Mapping[str, object] | None = None) -> TrainOptions:
     """A TrainOptions from ``options``, where None means "not given".
 
     Fresh runs fill what is not given from ``defaults``, then TrainOptions's own defaults.
@@ -397,7 +409,7 @@ def build_config(options: dict[str, Any], *, resume: str | None = None,
                          f"{', '.join(sorted(known))}")
     given = {key: value for key, value in options.items() if value is not None}
     if resume:
-        stored = read_checkpoint(resume).get("config") or {}
+        stored = read_checkpoint(resume).config
         values = {key: value for key, value in stored.items() if key in known}
         values.setdefault("arch", None)  # fit checks it against the checkpoint's own
     else:
@@ -434,8 +446,8 @@ def fit(config: TrainOptions, log: Callable[[str], None] | None = None) -> Train
             with deferred_interrupt():
                 run.history.append(row)
                 run.epoch = epoch + 1
-                improved = val["acc"] > run.best_acc
-                run.best_acc = max(run.best_acc, val["acc"])
+                improved = val.acc > run.best_acc
+                run.best_acc = max(run.best_acc, val.acc)
                 _log_epoch(main_log, row, config.epochs)
                 if run.ctx.is_main:
                     _write_epoch_files(run.bundle, run.checkpoint(), run.history, improved, val,
@@ -477,20 +489,20 @@ def _log_per_class(bundle: Bundle, log: Callable[[str], None]) -> None:
         log(f"Accuracy of {name:>5s} : {shown}")
 
 
-def _write_epoch_files(bundle: Bundle, payload: dict[str, Any], history: list[dict[str, Any]],
-                       improved: bool, val: dict[str, Any], names: list[str]) -> None:
+def _write_epoch_files(bundle: Bundle, checkpoint: Checkpoint, history: list[EpochRow],
+                       improved: bool, val: Validation, names: list[str]) -> None:
     """checkpoint/metrics (when improved) and history first, last.pt last: a last.pt on disk
     means every file of its epoch is there too."""
     if improved:
-        _save(payload, bundle.path(CHECKPOINT))
+        _save(checkpoint, bundle.path(CHECKPOINT))
         write_json_atomic(bundle.path(METRICS), {
-            "epoch": payload["epoch"], "top1": val["acc"], "val_loss": val["loss"],
-            "per_class_accuracy": per_class_accuracy(val["confusion"], names),
-            "class_names": names, "confusion_matrix": val["confusion"],
+            "epoch": checkpoint.epoch, "top1": val.acc, "val_loss": val.loss,
+            "per_class_accuracy": per_class_accuracy(val.confusion, names),
+            "class_names": names, "confusion_matrix": val.confusion,
             "confusion_matrix_axes": "rows: true class, columns: predicted class"})
-    write_json_atomic(bundle.path(HISTORY), history)
+    write_json_atomic(bundle.path(HISTORY), [row.to_dict() for row in history])
     plot_history(history, bundle.path(HISTORY_PLOT))
-    _save(payload, bundle.path(LAST_CHECKPOINT))
+    _save(checkpoint, bundle.path(LAST_CHECKPOINT))
 
 
 @contextlib.contextmanager
@@ -512,10 +524,10 @@ def deferred_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _record_training(bundle: Bundle, config: TrainOptions, data: Any, history: list[dict[str, Any]],
+def _record_training(bundle: Bundle, config: TrainOptions, data: Any, history: list[EpochRow],
                      best_acc: float) -> None:
     bundle.record_stage(
         "train", files=TRAIN_FILES, warnings=[f"skipped {s}" for s in data.skipped],
-        summary={"duration_s": round(sum(row["duration_s"] for row in history), 3),
+        summary={"duration_s": round(sum(row.duration_s for row in history), 3),
                  "data": data.source, "classes": data.class_names, "epochs": len(history),
                  "best_val_acc": best_acc, "skipped_images": data.skipped, "config": asdict(config)})

@@ -104,12 +104,11 @@ def test_eval_transform_equals_torchvision_resnet50_transforms(size):
     from torchvision.models import ResNet50_Weights
 
     from pipeline.data.images import eval_transform
-    from pipeline.models.archs import Preprocessing
     from pipeline.models.weights import weights_preprocessing
 
     image = _jpeg(*size, seed=size[0])
     pairs = [(get_arch("resnet50").preprocessing(), ResNet50_Weights.IMAGENET1K_V1),
-             (Preprocessing.from_dict(weights_preprocessing(ResNet50_Weights.DEFAULT)),
+             (weights_preprocessing(ResNet50_Weights.DEFAULT),
               ResNet50_Weights.DEFAULT)]
     assert pairs[1][0].resize == 232
     for prep, weights in pairs:

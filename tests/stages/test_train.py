@@ -39,8 +39,9 @@ def test_train_writes_every_result_file(tmp_path):
     assert set(metrics["per_class_accuracy"]) == {"circle", "square", "triangle", "cross"}
     assert sum(map(sum, metrics["confusion_matrix"])) == 8  # round(12 * 0.2) = 2 val images per class
     ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["arch"] == "resnet18" and ckpt["class_names"][0] == "circle"
-    assert {"optimizer", "scheduler", "epoch", "preprocessing"} <= set(ckpt)
+    assert ckpt.arch == "resnet18" and ckpt.class_names[0] == "circle"
+    assert ckpt.resumable and ckpt.scheduler is not None and ckpt.epoch >= 1
+    assert ckpt.preprocessing is not None and ckpt.preprocessing.crop == 32  # TINY's --input-size
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["artifacts"]["checkpoint.pt"]["stage"] == "train"
     assert "epoch 2/2" in result.stderr
@@ -95,7 +96,7 @@ def test_ctrl_c_inside_an_epoch_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.undo()
     # last.pt is the end of epoch 1, untouched by the half-done epoch 2
     saved = read_checkpoint(tmp_path / "b" / "last.pt")
-    assert saved["epoch"] == 1 and len(saved["history"]) == 1
+    assert saved.epoch == 1 and len(saved.history) == 1
     assert any("interrupted during epoch 2" in m and "keeps epoch 1" in m for m in messages)
     resumed = fit(_tiny_config(tmp_path / "b", epochs=3, resume=str(tmp_path / "b" / "last.pt")),
                   log=lambda m: None)
@@ -111,7 +112,7 @@ def test_ctrl_c_between_logging_and_files_loses_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(_tiny_config(tmp_path), log=_interrupt_after_first_epoch)
     saved = read_checkpoint(tmp_path / "last.pt")
-    assert saved["epoch"] == 1
+    assert saved.epoch == 1
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "checkpoint.pt").is_file()
     fit(_tiny_config(tmp_path, resume=str(tmp_path / "last.pt")), log=lambda m: None)
     assert json.loads((tmp_path / "metrics.json").read_text())["epoch"] in (1, 2)
@@ -128,7 +129,7 @@ def test_fine_tune_with_frozen_backbone_on_folders(tmp_path):
                      "--workers", "0")
     assert result.exit_code == 0, result.output
     assert "--batch-size 100 is larger than the 12 training images; using 12" in result.stderr
-    final = read_checkpoint(tmp_path / "b" / "last.pt")["state_dict"]
+    final = read_checkpoint(tmp_path / "b" / "last.pt").state_dict
     fresh = __import__("pipeline.models.weights", fromlist=["x"]).load_model(
         "resnet18", num_classes=2, input_size=32).model.state_dict()
     assert torch.equal(final["layer1.0.conv1.weight"], fresh["layer1.0.conv1.weight"])  # frozen
@@ -184,7 +185,7 @@ def test_ddp_two_cpu_processes_end_with_the_same_weights(tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()
     saved = read_checkpoint(tmp_path / "checkpoint.pt")
     model = __import__("pipeline.models.archs", fromlist=["x"]).get_arch("resnet18").build(4)
-    model.load_state_dict(saved["state_dict"])
+    model.load_state_dict(saved.state_dict)
     assert state_digest(model) == digests["0"]
 
 
@@ -215,6 +216,6 @@ def test_resume_from_the_command_line_keeps_the_runs_options(tmp_path):
     assert result.exit_code == 0, result.output
     history = json.loads((tmp_path / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]  # the stored 3 epochs, not the default 10
-    assert read_checkpoint(tmp_path / "last.pt")["config"]["optimizer"] == "sgd"
+    assert read_checkpoint(tmp_path / "last.pt").config["optimizer"] == "sgd"
     assert "resuming resnet18" in result.stderr
     assert "synthetic shapes (12 per class" in result.stderr and "32px" in result.stderr
