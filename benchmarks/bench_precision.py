@@ -78,7 +78,7 @@ def measure(arch: str, root: Path, threads: int, seconds: float) -> dict:
                                              seconds=seconds, threads=threads),
                     progress=False).to_dict()
     return {"rows": doc["rows"], "quantize_s": quantize_s,
-            "int8_s": record["int8"]["duration_s"], "reduce_range": record["int8"]["reduce_range"],
+            "int8_s": record["int8"].duration_s, "reduce_range": record["int8"].reduce_range,
             "s8s8_p50": s8s8_p50(bundle.root, threads, seconds)}
 
 

@@ -31,6 +31,7 @@ from pipeline.core.records import (
     LatencyRow,
     ModelSection,
     ParityReport,
+    QuantizedVariant,
     Recommendation,
     TrainSummary,
     TritonRepository,
@@ -140,11 +141,11 @@ class ExportResult:
 
 @dataclass
 class QuantizeResult:
-    """The variants written: ``record`` is the manifest's quantize section, one entry per
+    """The variants written: ``record`` holds the manifest's quantize entry of each, by
     precision (its file, source, duration, and for int8 the calibration and any repair)."""
 
     bundle: Path
-    record: dict[str, dict[str, Any]]
+    record: dict[str, QuantizedVariant]
 
     @property
     def path(self) -> Path:

@@ -63,6 +63,7 @@ def test_every_stage_result_has_the_one_shape(tiny_bundle: Path, tmp_path: Path)
         CalibrationRecord,
         LatencyDoc,
         ParityReport,
+        QuantizedVariant,
         Recommendation,
         StageResult,
         TritonRepository,
@@ -86,6 +87,8 @@ def test_every_stage_result_has_the_one_shape(tiny_bundle: Path, tmp_path: Path)
         assert result.path is not None and Path(result.path).exists(), (type(result), result.path)
         assert isinstance(result.summary, str) and result.summary
     assert quantized.precisions == ["int8"] and report.path == tiny_bundle / "parity.json"
+    assert isinstance(quantized.record["int8"], QuantizedVariant)
+    assert quantized.record["int8"].calibration["count"] == 16
     assert isinstance(bench.recommendation, Recommendation)
     assert LatencyDoc.load(bench.path).recommendation == bench.recommendation
     assert not hasattr(merged, "__iter__") and not isinstance(quantized, dict)

@@ -401,10 +401,10 @@ def quantize(bundle: Path, precisions: str, calibration: str | None, count: int,
                           method=method, seed=seed, reduce_range=reduce_range, repair=repair,
                           repair_images=repair_images, log=_log).record
     if as_json:
-        emit_json(record)
+        emit_json({precision: info.to_dict() for precision, info in record.items()})
     else:
         for precision, info in record.items():
-            calib = info.get("calibration")
+            calib = info.calibration
             extra = (f", calibrated on {calib['count']} images from {calib['source']} ({calib['method']})"
                      if calib else "")
             click.echo(f"{precision}: {bundle}/model.{precision}.onnx{extra}")

@@ -1269,6 +1269,50 @@ class TrainSection(Record):
         return self.data_spec == "synthetic"
 
 
+# ----------------------------------------------------------------------------- quantize
+@dataclass(kw_only=True)
+class QuantizedVariant(Record):
+    """One file quantize wrote: manifest.json's ``quantize.variants`` entry, and (without the
+    source fields) the ``quantization`` metadata stamped into the file itself."""
+
+    INT8: ClassVar[tuple[str, ...]] = (
+        "format", "per_channel", "activations", "weights", "why_u8s8", "reduce_range",
+        "why_reduce_range", "pre_process", "calibrate_method", "calibration",
+        "agreement_on_calibration_images", "repair")
+    FP16: ClassVar[tuple[str, ...]] = ("keep_io_types", "cast_nodes", "fp32_ops_kept")
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        INT8 + FP16 + ("source", "source_sha256", "duration_s"))
+    NESTED: ClassVar[dict[str, type[Record]]] = {"repair": RepairRecord}
+
+    precision: str  # int8 | fp16
+    # int8: ONNX Runtime's static QDQ quantization, and why each choice
+    format: str | None = None
+    per_channel: bool | None = None
+    activations: str | None = None
+    weights: str | None = None
+    why_u8s8: str | None = None
+    reduce_range: bool | None = None
+    why_reduce_range: str | None = None
+    pre_process: str | None = None
+    calibrate_method: str | None = None
+    calibration: dict[str, object] | None = None  # calibration.json without the file hashes
+    agreement_on_calibration_images: float | None = None  # without --repair
+    repair: RepairRecord | None = None  # with --repair
+    # fp16: onnxruntime's float16 converter
+    keep_io_types: bool | None = None
+    cast_nodes: int | None = None
+    fp32_ops_kept: list[str] | None = None
+    # the fp32 file it was made from, and how long it took
+    source: str | None = None
+    source_sha256: str | None = None
+    duration_s: float | None = None
+
+    def stamp(self) -> dict[str, object]:
+        """What the file itself says of how it was made (its source is the bundle's business)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ("precision", "source", "source_sha256", "duration_s")}
+
+
 # ----------------------------------------------------------------------------- export
 @dataclass(kw_only=True)
 class AotiPackage(Record):

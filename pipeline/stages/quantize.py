@@ -41,7 +41,7 @@ from pipeline.core.bundle import (
     sha256_of,
 )
 from pipeline.core.console import captured
-from pipeline.core.records import CalibrationRecord, ModelSection, TrainSection
+from pipeline.core.records import CalibrationRecord, ModelSection, QuantizedVariant, TrainSection
 from pipeline.data.datasets import (
     SYNTHETIC_CLASSES,
     labelled_folder,
@@ -168,7 +168,7 @@ def reduce_range_choice(requested: bool | None) -> tuple[bool, str]:
 
 def quantize_int8(source: Path, target: Path, calibration: Calibration, method: str,
                   input_name: str, reduce_range: bool | None = None,
-                  exclude: list[str] | None = None) -> dict[str, Any]:
+                  exclude: list[str] | None = None) -> QuantizedVariant:
     """Static QDQ int8 of ``source`` into ``target``; ``exclude`` names nodes kept in float."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -192,15 +192,15 @@ def quantize_int8(source: Path, target: Path, calibration: Calibration, method: 
             activation_type=getattr(QuantType, ACTIVATION_TYPE),
             weight_type=getattr(QuantType, WEIGHT_TYPE), calibrate_method=methods[method],
             nodes_to_exclude=list(exclude or []), extra_options={"CalibMovingAverage": False}))
-    return {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8",
-            "why_u8s8": "VNNI multiplies u8 x s8 natively and ORT's MLAS kernels expect it; S8S8 "
-                        "measured 3.6x slower than U8S8 on a Xeon with VNNI",
-            "reduce_range": reduce, "why_reduce_range": why_reduce,
-            "pre_process": "onnxruntime.quantization.quant_pre_process",
-            "calibrate_method": method}
+    return QuantizedVariant(
+        precision="int8", format="QDQ", per_channel=True, activations="uint8", weights="int8",
+        why_u8s8="VNNI multiplies u8 x s8 natively and ORT's MLAS kernels expect it; S8S8 "
+                 "measured 3.6x slower than U8S8 on a Xeon with VNNI",
+        reduce_range=reduce, why_reduce_range=why_reduce,
+        pre_process="onnxruntime.quantization.quant_pre_process", calibrate_method=method)
 
 
-def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
+def convert_fp16(source: Path, target: Path) -> QuantizedVariant:
     import onnx
     from onnxruntime.transformers.float16 import (
         DEFAULT_OP_BLOCK_LIST,
@@ -210,16 +210,18 @@ def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
     model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
     casts = sum(node.op_type == "Cast" for node in model.graph.node)
     save_atomic(target, lambda tmp: onnx.save(model, str(tmp)))
-    return {"keep_io_types": True, "cast_nodes": casts,
-            "fp32_ops_kept": sorted(set(DEFAULT_OP_BLOCK_LIST) & {n.op_type for n in model.graph.node})}
+    return QuantizedVariant(
+        precision="fp16", keep_io_types=True, cast_nodes=casts,
+        fp32_ops_kept=sorted(set(DEFAULT_OP_BLOCK_LIST) & {n.op_type for n in model.graph.node}))
 
 
-def _stamp(target: Path, source_meta: dict[str, str], precision: str, extra: dict[str, Any]) -> None:
+def _stamp(target: Path, source_meta: dict[str, str], variant: QuantizedVariant) -> None:
     """Carry the fp32 model's metadata (classes, preprocessing) and say what this file is."""
     import onnx
 
     model = onnx.load(str(target))
-    set_metadata(model, {**source_meta, "precision": precision, "quantization": json.dumps(extra)})
+    set_metadata(model, {**source_meta, "precision": variant.precision,
+                         "quantization": json.dumps(variant.stamp())})
     save_atomic(target, lambda tmp: onnx.save(model, str(tmp)))
 
 
@@ -233,8 +235,8 @@ def _source_facts(path: Path) -> tuple[int, str, dict[str, str]]:
 
 
 def quantize_bundle(path: Path | str, options: QuantizeOptions,
-                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write the requested variants into the bundle and record them; returns the record."""
+                    log: Callable[[str], None] | None = None) -> dict[str, QuantizedVariant]:
+    """Write the requested variants into the bundle and record them; returns them by precision."""
     log = log or (lambda message: None)
     options.check()
     bundle = Bundle.open(path)
@@ -249,7 +251,7 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
                          f"quantization needs >= {MIN_QUANT_OPSET}: re-export with --opset 17 or higher")
     calibration = (calibration_images(bundle, manifest, options, log)
                    if "int8" in options.precisions else None)
-    record: dict[str, Any] = {}
+    record: dict[str, QuantizedVariant] = {}
     started = time.perf_counter()
     for precision in options.precisions:
         target = bundle.path(ONNX_INT8 if precision == "int8" else ONNX_FP16)
@@ -264,14 +266,14 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
                 with captured():
                     info = convert_fp16(source, target)
             with captured():
-                _stamp(target, meta, precision, info)
+                _stamp(target, meta, info)
         except Exception:
             target.unlink(missing_ok=True)
             raise
-        info.update(source=source_name, source_sha256=sha256_of(source),
-                    duration_s=round(time.perf_counter() - step, 3))
+        info = replace(info, source=source_name, source_sha256=sha256_of(source),
+                       duration_s=round(time.perf_counter() - step, 3))
         record[precision] = info
-        log(f"  {precision:<5} {target.name} ({info['duration_s']:.1f}s)")
+        log(f"  {precision:<5} {target.name} ({info.duration_s:.1f}s)")
     if calibration is not None:
         described = calibration.record(options.method, options.count)
         if calibration.repair is not None:
@@ -284,7 +286,7 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions,
 
 def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target: Path,
                   calibration: Calibration, input_name: str, options: QuantizeOptions,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None]) -> QuantizedVariant:
     """model.int8.onnx as always; then, with ``options.repair``, repaired until it meets the
     gate's agreement limit on the repair images, or without it a quick check on the
     calibration images that says when ``--repair`` is worth running."""
@@ -299,11 +301,11 @@ def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target
         info = quantize_int8(source, target, calibration, options.method, input_name,
                              options.reduce_range)
     described = calibration.record(options.method, options.count).to_dict()
-    info["calibration"] = {k: v for k, v in described.items()
-                           if k not in ("files_sha256", "schema_version")}
+    info.calibration = {k: v for k, v in described.items()
+                        if k not in ("files_sha256", "schema_version")}
     if not options.repair:
         agreement = agreement_with_fp32(source, target, calibration.batch)
-        info["agreement_on_calibration_images"] = round(agreement, 6)
+        info.agreement_on_calibration_images = round(agreement, 6)
         if agreement < options.min_agreement:
             log(f"warning: int8 agrees with fp32 on {100 * agreement:.2f}% of the "
                 f"{len(calibration.batch)} calibration images, below the gate's "
@@ -323,7 +325,7 @@ def _int8_variant(bundle: Bundle, manifest: dict[str, Any], source: Path, target
         chosen, record = repair.run(plain, options.min_agreement, options.max_float_share)
         if chosen.path != target:
             save_atomic(target, lambda tmp: shutil.copyfile(chosen.path, tmp))
-    info["repair"] = record.to_dict()
+    info.repair = record
     verdict = "met" if record.met else "NOT met"
     if record.agreement_before >= options.min_agreement:
         log(f"  repair: int8 agrees with fp32 on {100 * record.agreement_before:.2f}% of the "
@@ -344,12 +346,12 @@ def _forget(bundle: Bundle, name: str) -> None:
     bundle.forget_stage((name,), entries=(("quantize", "variants", name),))
 
 
-def _record(bundle: Bundle, record: dict[str, Any], duration_s: float) -> None:
+def _record(bundle: Bundle, record: dict[str, QuantizedVariant], duration_s: float) -> None:
     section = bundle.read_manifest().get("quantize", {"variants": {}})
     names = []
     for precision, info in record.items():
         name = ONNX_INT8 if precision == "int8" else ONNX_FP16
-        section.setdefault("variants", {})[name] = {"precision": precision, **info}
+        section.setdefault("variants", {})[name] = info.to_dict()
         names.append(name)
     if "int8" in record:
         names.append(CALIBRATION)
