@@ -421,7 +421,7 @@ MODEL = ModelOptions()
 
 # ----------------------------------------------------------------------------- train and run
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "plateau", "none")
+SCHEDULES = ("cosine", "onecycle", "step", "plateau", "none")
 
 
 @dataclass

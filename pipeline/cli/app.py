@@ -427,7 +427,8 @@ def train_options(func: Any) -> Any:
                      help="sgd (momentum, nesterov), adam or adamw."),
         click.option("--weight-decay", type=float, default=TRAIN.weight_decay, show_default=True),
         click.option("--schedule", default=TRAIN.schedule, show_default=True,
-                     help="cosine, step, plateau or none."),
+                     help="cosine, onecycle (warm-up then anneal, stepped every batch), step, "
+                          "plateau or none."),
         click.option("--label-smoothing", type=float, default=TRAIN.label_smoothing, show_default=True),
         click.option("--weights", default=MODEL.weights, show_default=True,
                      help="random (train from scratch) or imagenet (fine-tune torchvision's weights)."),

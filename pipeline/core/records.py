@@ -195,6 +195,21 @@ class GpuFacts(Record):
     count: int = 1
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """What must agree for two files to come from one kind of machine: the CPU model, its
+    flags, the core count, the GPU."""
+
+    cpu: str
+    cpu_flags: list[str]
+    cpu_count: int | None
+    gpu: str | None
+
+    def describe(self, threads: int) -> str:
+        gpu = f", {self.gpu}" if self.gpu else ""
+        return f"{self.cpu}, {self.cpu_count} cores, {threads} threads{gpu}"
+
+
 @dataclass
 class Machine(Record):
     """The machine a latency.json (or offline.json) was measured on. ``label`` is the user's
@@ -230,11 +245,9 @@ class Machine(Record):
         return f"{text} + {self.gpu.name}" if self.gpu else text
 
     @property
-    def hardware(self) -> dict[str, Any]:
-        """What must agree for two files to come from one kind of machine: the CPU model, its
-        flags, the core count, the GPU."""
-        return {"cpu": self.cpu, "cpu_flags": self.flags, "cpu_count": self.cpu_count,
-                "gpu": self.gpu.name if self.gpu else None}
+    def hardware(self) -> "Hardware":
+        return Hardware(self.cpu, list(self.flags), self.cpu_count,
+                        self.gpu.name if self.gpu else None)
 
     def same_hardware(self, other: "Machine") -> bool:
         return self.hardware == other.hardware
@@ -1385,7 +1398,7 @@ class EpochRow(Record):
     train_acc: float
     val_loss: float
     val_acc: float
-    lr: float  # the rate the epoch trained at
+    lr: float  # the rate at the epoch's start (onecycle changes it every batch)
     duration_s: float
 
 

@@ -113,11 +113,20 @@ def build_optimizer(name: str, params: Any, lr: float, *, momentum: float, weigh
     raise InputError(f"unknown optimizer {name!r}; choose from: {', '.join(OPTIMIZERS)}")
 
 
-def build_scheduler(name: str, optimizer: "torch.optim.Optimizer", epochs: int) -> Any:
+def build_scheduler(name: str, optimizer: "torch.optim.Optimizer", epochs: int,
+                    steps_per_epoch: int) -> Any:
+    """The learning-rate schedule; ``onecycle`` is stepped after each of the ``steps_per_epoch``
+    batches of an epoch, the others once an epoch."""
     from torch.optim import lr_scheduler
 
     if name == "cosine":
         return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "onecycle":
+        # Smith's one cycle: warm up to the rate for the first 30% of the steps, then anneal
+        # (cosine) to 1/10000 of it; it reaches a given accuracy in fewer epochs than cosine.
+        rate = optimizer.param_groups[0]["lr"]
+        return lr_scheduler.OneCycleLR(optimizer, max_lr=rate, epochs=epochs,
+                                       steps_per_epoch=max(1, steps_per_epoch))
     if name == "step":
         return lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
     if name == "plateau":
@@ -152,7 +161,9 @@ def make_loader(dataset: Any, batch_size: int, *, train: bool, workers: int, see
 # ----------------------------------------------------------------------------- epochs
 def train_one_epoch(model: "nn.Module", loader: Any, criterion: Any, optimizer: Any, *,
                     device: str, scaler: Any, ctx: Dist, progress: bool, epoch: int,
-                    epochs: int) -> dict[str, float]:
+                    epochs: int, after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One pass over ``loader``; ``after_step`` runs after each optimizer step (a per-batch
+    learning-rate schedule)."""
     import torch
     from tqdm import tqdm
 
@@ -177,6 +188,8 @@ def train_one_epoch(model: "nn.Module", loader: Any, criterion: Any, optimizer: 
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step()
         count = labels.numel()
         sums += torch.tensor([loss.item() * count, (logits.argmax(1) == labels).sum().item(), count],
                              dtype=torch.float64)
@@ -345,12 +358,15 @@ def _setup(config: TrainOptions, resume: Checkpoint | None, log: Callable[[str],
     net = loaded.model
     if ctx.enabled:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[ctx.local_rank] if device == "cuda" else None)
+    batch_size = _fit_batch_size(config.batch_size, len(data.train), log)
+    steps = len(make_loader(data.train, batch_size, train=True, workers=0, seed=config.seed,
+                            epoch=0, ctx=ctx, pin=False))  # batches an epoch, on this rank
     return TrainingRun(config, ctx, device, data, loaded, net, optimizer,
-                       build_scheduler(config.schedule, optimizer, config.epochs),
+                       build_scheduler(config.schedule, optimizer, config.epochs, steps),
                        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
                        torch.amp.GradScaler("cuda") if device == "cuda" else None,
                        Bundle(ensure_writable_dir(Path(ModelOptions(out=config.out).bundle_dir(spec.name)))),
-                       _fit_batch_size(config.batch_size, len(data.train), log))
+                       batch_size)
 
 
 def _fit_batch_size(batch_size: int, images: int, log: Callable[[str], None]) -> int:
@@ -379,14 +395,16 @@ def _train_epoch(run: TrainingRun, epoch: int) -> tuple[EpochRow, Validation]:
                            seed=config.seed, epoch=epoch, ctx=ctx, pin=run.device == "cuda")
                for dataset, train in ((run.data.train, True), (run.data.val, False))]
     lr = run.optimizer.param_groups[0]["lr"]
+    per_batch = isinstance(run.scheduler, torch.optim.lr_scheduler.OneCycleLR)
     trained = train_one_epoch(run.net, loaders[0], run.criterion, run.optimizer, device=run.device,
                               scaler=run.scaler, ctx=ctx, progress=config.progress, epoch=epoch,
-                              epochs=config.epochs)
+                              epochs=config.epochs,
+                              after_step=run.scheduler.step if per_batch else None)
     val = evaluate(run.net, loaders[1], run.criterion, device=run.device,
                    num_classes=len(run.data.class_names), ctx=ctx)
     if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         run.scheduler.step(val.loss)
-    elif run.scheduler is not None:
+    elif run.scheduler is not None and not per_batch:
         run.scheduler.step()
     row = EpochRow(epoch=epoch + 1, train_loss=trained["loss"], train_acc=trained["acc"],
                    val_loss=val.loss, val_acc=val.acc, lr=lr,

@@ -87,19 +87,20 @@ def _interrupt_inside_epoch(monkeypatch, epoch: int, after_steps: int) -> None:
     monkeypatch.setattr(sys.modules["pipeline.stages.train"], "train_one_epoch", counting_train)
 
 
-def test_ctrl_c_inside_an_epoch_resumes_exactly(tmp_path, monkeypatch):
-    straight = fit(_tiny_config(tmp_path / "a", epochs=3), log=lambda m: None)
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])  # stepped each epoch / each batch
+def test_ctrl_c_inside_an_epoch_resumes_exactly(tmp_path, monkeypatch, schedule):
+    straight = fit(_tiny_config(tmp_path / "a", epochs=3, schedule=schedule), log=lambda m: None)
     messages = []
     _interrupt_inside_epoch(monkeypatch, epoch=2, after_steps=3)
     with pytest.raises(KeyboardInterrupt):
-        fit(_tiny_config(tmp_path / "b", epochs=3), log=messages.append)
+        fit(_tiny_config(tmp_path / "b", epochs=3, schedule=schedule), log=messages.append)
     monkeypatch.undo()
     # last.pt is the end of epoch 1, untouched by the half-done epoch 2
     saved = read_checkpoint(tmp_path / "b" / "last.pt")
     assert saved.epoch == 1 and len(saved.history) == 1
     assert any("interrupted during epoch 2" in m and "keeps epoch 1" in m for m in messages)
-    resumed = fit(_tiny_config(tmp_path / "b", epochs=3, resume=str(tmp_path / "b" / "last.pt")),
-                  log=lambda m: None)
+    resumed = fit(_tiny_config(tmp_path / "b", epochs=3, schedule=schedule,
+                               resume=str(tmp_path / "b" / "last.pt")), log=lambda m: None)
     assert resumed.weights_sha256 == straight.weights_sha256
     history = json.loads((tmp_path / "b" / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2, 3]

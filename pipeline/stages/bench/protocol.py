@@ -66,6 +66,47 @@ class WorkerResult(Record):
     images: list[ImageLoop] = field(default_factory=list)
 
 
+@dataclass(kw_only=True)
+class WorkerSpec:
+    """What bench hands a worker process (as JSON in a file): which backend times which
+    bundle, and how. ``mode="paired"`` is ``--baseline-rerun``'s alternating windows against
+    ``baseline``; otherwise the worker times ``config.batch_sizes`` (and ``images``)."""
+
+    bundle: str
+    backend: str
+    precision: str
+    config: BenchOptions
+    gmacs: float | None = None
+    images: list[str] | None = None
+    mode: str = "rows"  # rows | paired
+    baseline: str | None = None  # paired: the baseline bundle or .onnx
+    batch: int = 1  # paired: the batch size
+    windows: int = 0  # paired: how many windows each
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerSpec":
+        values = json.loads(text)
+        config = values.pop("config")  # tuples come back from JSON as lists
+        return cls(**values, config=BenchOptions(**{
+            **config, "backends": tuple(config["backends"]),
+            "batch_sizes": tuple(config["batch_sizes"])}))
+
+
+@dataclass
+class PairedRates(Record):
+    """A paired worker's answer: images/s per window of this bundle and of the baseline, or
+    why there are none."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"error"})
+
+    now: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
 def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float | None,
                images: list[str] | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> WorkerResult:
     """Run one target in a fresh interpreter; a crash or a hang becomes error rows. A
@@ -74,24 +115,24 @@ def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float 
     problem = get_backend(backend).precision_problem(precision)
     if problem:
         return WorkerResult(reason_rows(backend, precision, config.reason_batches, problem))
-    spec = {"bundle": str(bundle), "backend": backend, "precision": precision,
-            "config": asdict(config), "gmacs": gmacs, "images": images}
-    result, failure = worker_process(spec, config.threads, timeout_s)
+    spec = WorkerSpec(bundle=str(bundle), backend=backend, precision=precision, config=config,
+                      gmacs=gmacs, images=images)
+    result, failure = worker_process(spec, timeout_s)
     if result is None:
         return WorkerResult(reason_rows(backend, precision, config.reason_batches, failure,
                                         "error"))
     return WorkerResult.from_dict(result, where=f"bench worker for {target}")
 
 
-def worker_process(spec: dict[str, Any], threads: int,
-                   timeout_s: float = WORKER_TIMEOUT_S) -> tuple[Any, str]:
+def worker_process(spec: WorkerSpec, timeout_s: float = WORKER_TIMEOUT_S) -> tuple[Any, str]:
     """``python -m pipeline.stages.bench.worker`` on ``spec`` in a fresh interpreter with
-    ``threads`` OpenMP/MKL threads: (its JSON result, "") or (None, why it left none: a
-    timeout, a crash, an exit)."""
+    ``spec.config.threads`` OpenMP/MKL threads: (its JSON result, "") or (None, why it left
+    none: a timeout, a crash, an exit)."""
+    threads = spec.config.threads
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
-        spec_path.write_text(json.dumps(spec))
+        spec_path.write_text(spec.to_json())
         try:
             # -X faulthandler: a worker killed by a signal (a native crash) leaves the Python
             # frame it died in, which becomes the reason.

@@ -19,12 +19,12 @@ another decides nothing. The gate therefore:
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pipeline.core.bundle import Bundle
 from pipeline.core.records import (
+    Hardware,
     LatencyDoc,
     LatencyRow,
     ModelSection,
@@ -33,7 +33,7 @@ from pipeline.core.records import (
 )
 from pipeline.errors import InputError
 from pipeline.options import BenchOptions
-from pipeline.stages.bench.protocol import worker_process
+from pipeline.stages.bench.protocol import PairedRates, WorkerSpec, worker_process
 
 ALPHA = 0.05
 TEST = (f"one-sided Mann-Whitney U on the images/s of windows of 25 calls (scipy): regressed "
@@ -46,9 +46,10 @@ RERUN_WINDOWS = 12  # windows of each model in a --baseline-rerun, alternating
 MIN_WINDOWS = 6
 
 
-def fingerprint(doc: LatencyDoc) -> dict[str, Any]:
-    """What must match for two latency files' numbers to be compared across runs."""
-    return {**doc.machine.hardware, "threads": doc.config.threads}
+def fingerprint(doc: LatencyDoc) -> tuple[Hardware, int]:
+    """What must match for two latency files' numbers to be compared across runs: the
+    hardware and the thread count."""
+    return doc.machine.hardware, doc.config.threads
 
 
 def judge(now: list[float], baseline: list[float], max_slowdown: float) -> tuple[float, float, bool]:
@@ -126,7 +127,8 @@ def compare_files(doc: LatencyDoc, baseline: LatencyDoc, path: Path, max_slowdow
     same_machine = fingerprint(doc) == fingerprint(baseline)
     if not same_machine:
         section.notes.append("the baseline was measured on another machine fingerprint "
-                             f"({_describe(fingerprint(baseline))}; now {_describe(fingerprint(doc))}):"
+                             f"({baseline.machine.hardware.describe(baseline.config.threads)}; now "
+                             f"{doc.machine.hardware.describe(doc.config.threads)}):"
                              " no row is comparable; use --baseline-rerun")
     theirs = {(r.target, r.batch): r for r in baseline.rows if r.ok}
     for row in doc.rows:
@@ -168,11 +170,6 @@ def _judged(target: str, batch: int, now: list[float] | None, base: list[float] 
                          slowdown=slowdown, p_value=p, windows=[len(now), len(base)])
 
 
-def _describe(print_: dict[str, Any]) -> str:
-    gpu = f", {print_['gpu']}" if print_.get("gpu") else ""
-    return f"{print_['cpu']}, {print_['cpu_count']} cores, {print_['threads']} threads{gpu}"
-
-
 def rerun(bundle: Path, baseline_model: Path, doc: LatencyDoc, config: BenchOptions,
           max_slowdown: float, notes: list[str]) -> RegressionSection:
     """Each target and batch of ``doc`` measured again on both models in one worker process,
@@ -185,21 +182,23 @@ def rerun(bundle: Path, baseline_model: Path, doc: LatencyDoc, config: BenchOpti
             continue
         backend, precision = row.backend, row.requested
         outcome = paired_windows(bundle, baseline_model, backend, precision, row.batch, config)
-        if "error" in outcome:
+        if outcome.error is not None:
             section.rows.append(RegressionRow(target=row.target, batch=row.batch,
-                                              status="not comparable", reason=outcome["error"]))
+                                              status="not comparable", reason=outcome.error))
             continue
-        section.rows.append(_judged(row.target, row.batch, outcome["now"], outcome["baseline"],
+        section.rows.append(_judged(row.target, row.batch, outcome.now, outcome.baseline,
                                     max_slowdown, None))
     return section
 
 
 def paired_windows(bundle: Path, baseline_model: Path, backend: str, precision: str, batch: int,
-                   config: BenchOptions, windows: int = RERUN_WINDOWS) -> dict[str, Any]:
-    """Run ``pipeline.stages.bench.worker`` in paired mode: {"now": [...], "baseline": [...]}
-    images/s per window, or {"error": why}."""
-    spec = {"mode": "paired", "bundle": str(bundle), "baseline": str(baseline_model),
-            "backend": backend, "precision": precision, "batch": batch, "windows": windows,
-            "config": asdict(config)}
-    result, failure = worker_process(spec, config.threads)
-    return result if result is not None else {"error": failure}
+                   config: BenchOptions, windows: int = RERUN_WINDOWS) -> PairedRates:
+    """Run ``pipeline.stages.bench.worker`` in paired mode: images/s per window of each
+    model, or why not."""
+    spec = WorkerSpec(mode="paired", bundle=str(bundle), baseline=str(baseline_model),
+                      backend=backend, precision=precision, batch=batch, windows=windows,
+                      config=config)
+    result, failure = worker_process(spec)
+    if result is None:
+        return PairedRates(error=failure)
+    return PairedRates.from_dict(result, where="the paired bench worker's result")

@@ -22,7 +22,7 @@ from pipeline.errors import EnvironmentUnavailable, PipelineError
 from pipeline.options import BenchOptions
 from pipeline.runtimes.registry import VariantMissing, get_backend
 from pipeline.stages.bench.image_loop import image_loops
-from pipeline.stages.bench.protocol import WorkerResult
+from pipeline.stages.bench.protocol import PairedRates, WorkerResult, WorkerSpec
 from pipeline.stages.bench.timing import (
     WINDOW_CALLS,
     percentile_stats,
@@ -116,17 +116,9 @@ def set_threads(threads: int) -> None:
         pass
 
 
-def spec_config(spec: dict[str, Any]) -> BenchOptions:
-    """The BenchOptions a spec carries as JSON (tuples came back as lists)."""
-    config = spec["config"]
-    return BenchOptions(**{**config, "backends": tuple(config["backends"]),
-                           "batch_sizes": tuple(config["batch_sizes"])})
-
-
-def bench_backend(spec: dict[str, Any]) -> WorkerResult:
-    config = spec_config(spec)
-    backend, precision = spec["backend"], spec["precision"]
-    bundle = Bundle.open(spec["bundle"])
+def bench_backend(spec: WorkerSpec) -> WorkerResult:
+    config, backend, precision = spec.config, spec.backend, spec.precision
+    bundle = Bundle.open(spec.bundle)
     size = ModelSection.read(bundle).input_size
     set_threads(config.threads)
     try:
@@ -137,9 +129,9 @@ def bench_backend(spec: dict[str, Any]) -> WorkerResult:
                                         if isinstance(exc, EnvironmentUnavailable) else str(exc)))
     with runner:
         result = WorkerResult(bench_batches(runner, backend, precision, config, size,
-                                            spec.get("gmacs"), cold))
-        if spec.get("images"):
-            result.images = [image_loops(runner, backend, bundle, spec["images"], config,
+                                            spec.gmacs, cold))
+        if spec.images:
+            result.images = [image_loops(runner, backend, bundle, spec.images, config,
                                          device_label(runner))]
     return result
 
@@ -153,15 +145,15 @@ def peak_rss_mib() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def paired(spec: dict[str, Any]) -> dict[str, Any]:
+def paired(spec: WorkerSpec) -> PairedRates:
     """``bench --baseline-rerun``: this bundle's model and the baseline model (a bundle or a
     bare .onnx) under one backend, warmed up, then timed in alternating windows of 25 calls,
     A B B A ..., so that both see the same machine state; images/s per window of each."""
-    config = spec_config(spec)
-    backend, precision, batch = get_backend(spec["backend"]), spec["precision"], spec["batch"]
+    config, precision, batch = spec.config, spec.precision, spec.batch
+    backend = get_backend(spec.backend)
     set_threads(config.threads)
-    bundle = Bundle.open(spec["bundle"])
-    baseline = Path(spec["baseline"])
+    bundle = Bundle.open(spec.bundle)
+    baseline = Path(spec.baseline or "")
     try:
         now = backend.make(bundle, precision, threads=config.threads)
         if baseline.is_dir():
@@ -173,7 +165,7 @@ def paired(spec: dict[str, Any]) -> dict[str, Any]:
             base = backend.make_file(baseline, precision, threads=config.threads)
             base_size = int(io_spec(baseline)["input_dims"][-1])
     except (EnvironmentUnavailable, VariantMissing, PipelineError) as exc:
-        return {"error": str(exc)[:300]}
+        return PairedRates(error=str(exc)[:300])
     size = ModelSection.read(bundle).input_size
     rng = np.random.default_rng(batch)
     rates: list[list[float]] = [[], []]
@@ -183,27 +175,26 @@ def paired(spec: dict[str, Any]) -> dict[str, Any]:
             step, _ = runner.timed_step(rng.standard_normal((batch, 3, side, side), dtype=np.float32))
             warm_up(step, seconds=config.warmup_s, sync=runner.synchronize)
             steps.append((step, runner))
-        for window in range(spec["windows"]):
+        for window in range(spec.windows):
             order = (0, 1) if window % 2 == 0 else (1, 0)
             for side in order:
                 step, runner = steps[side]
                 samples = timed_loop(step, iterations=WINDOW_CALLS, seconds=0, sync=runner.synchronize)
                 rates[side] += window_rates(samples, runner.images_per_step(batch))
-    return {"now": rates[0], "baseline": rates[1]}
+    return PairedRates(now=rates[0], baseline=rates[1])
 
 
 def main(argv: list[str]) -> int:
     spec_path, result_path = Path(argv[0]), Path(argv[1])
-    spec = json.loads(spec_path.read_text())
-    if spec.get("mode") == "paired":
-        result_path.write_text(json.dumps(paired(spec)))
+    spec = WorkerSpec.from_json(spec_path.read_text())
+    if spec.mode == "paired":
+        result_path.write_text(json.dumps(paired(spec).to_dict()))
         return 0
     try:
         result = bench_backend(spec)
     except (PipelineError, BadImage) as exc:
-        config = spec["config"]
-        result = WorkerResult(reason_rows(spec["backend"], spec["precision"],
-                                          tuple(config["batch_sizes"]) or (1,), str(exc), "error"))
+        result = WorkerResult(reason_rows(spec.backend, spec.precision,
+                                          spec.config.batch_sizes or (1,), str(exc), "error"))
     result_path.write_text(json.dumps(result.to_dict()))
     return 0
 
