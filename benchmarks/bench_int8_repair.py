@@ -118,7 +118,7 @@ def p50s(files: dict[str, Path], backend: str, batch: np.ndarray) -> dict[str, f
         for _ in range(ROUNDS):
             for key, runner in runners.items():
                 samples = timed_loop(lambda r=runner: r.infer(one), iterations=200, seconds=1.0)
-                rounds[key].append(percentile_stats(samples)["p50_ms"])
+                rounds[key].append(percentile_stats(samples).p50_ms)
     finally:
         for runner in runners.values():
             runner.close()

@@ -66,7 +66,7 @@ def s8s8_p50(bundle: Path, threads: int, seconds: float) -> float:
         one = batch[:1]
         warm_up(lambda: runner.infer(one), seconds=1.0)
         samples = timed_loop(lambda: runner.infer(one), iterations=200, seconds=seconds)
-    return percentile_stats(samples)["p50_ms"]
+    return percentile_stats(samples).p50_ms
 
 
 def measure(arch: str, root: Path, threads: int, seconds: float) -> dict:

@@ -38,7 +38,7 @@ def timed(call: Callable[[], object], requests: int, warmup: int) -> dict[str, A
     """The statistics of ``call``'s latency (bench's own: p99 needs 600 samples), ``requests``
     times after ``warmup`` untimed calls."""
     timed_loop(call, iterations=warmup, seconds=0)
-    return percentile_stats(timed_loop(call, iterations=requests, seconds=0))
+    return percentile_stats(timed_loop(call, iterations=requests, seconds=0)).to_dict()
 
 
 def client_latencies(port: int, model: str, shape: tuple[int, ...], requests: int,

@@ -48,9 +48,9 @@ def checks_table(title: str, checks: list[Check], *, markdown: bool = False) -> 
 
 def parity_table(report: "ParityReport") -> str:
     rule = report.rule
-    title = (f"parity vs eager PyTorch fp64 (tolerance {rule['floor_multiple']:g} x the fp32 noise "
-             f"floor + {rule['scale_term']:g} x max|logit|)" if rule["kind"] == "fp32 noise floor"
-             else f"parity vs eager PyTorch fp32 (atol {rule['atol']:g}, rtol {rule['rtol']:g})")
+    title = (f"parity vs eager PyTorch fp32 (atol {rule.atol:g}, rtol {rule.rtol:g})" if rule.allclose
+             else f"parity vs eager PyTorch fp64 (tolerance {rule.floor_multiple:g} x the fp32 "
+                  f"noise floor + {rule.scale_term:g} x max|logit|)")
     header = (f"{'candidate':<24} {'inputs':<11} {'max abs':>9} {'floor':>9} {'tolerance':>9} "
               f"{'margin':>7} {'top1':>5}  result")
     lines = [title, header]
@@ -103,14 +103,16 @@ def localization_lines(report: "ParityReport") -> list[str]:
 def gate_lines(report: "ParityReport") -> list[str]:
     if not report.gates and not report.not_verified:
         return []
+    lines = [""]
     rule = report.gate_rule
-    level = f", each shown at {100 * rule['confidence']:g}% confidence" if rule.get("confidence") else ""
-    lines = ["", f"accuracy gate vs eager fp32 (top-1 drop <= {rule['max_top1_drop_points']:g} "
-                 f"points, agreement >= {100 * rule['min_top1_agreement']:g}%{level})"]
+    if rule is not None:
+        level = f", each shown at {100 * rule.confidence:g}% confidence" if rule.confidence else ""
+        lines.append(f"accuracy gate vs eager fp32 (top-1 drop <= {rule.max_top1_drop_points:g} "
+                     f"points, agreement >= {100 * rule.min_top1_agreement:g}%{level})")
     if report.evaluation:
         ev = report.evaluation
-        lines.append(f"evaluation: {ev['images']} images from {ev['source']}; held apart from "
-                     f"calibration: {ev['held_apart_from_calibration']}")
+        lines.append(f"evaluation: {ev.images} images from {ev.source}; held apart from "
+                     f"calibration: {ev.held_apart_from_calibration}")
     lines.append(f"{'candidate':<24} {'ran as':<8} {'agree':>7} {'top5':>6} {'cosine':>8} "
                  f"{'fp32 acc':>8} {'acc':>7} {'drop':>6}  result")
     for gate in report.gates:

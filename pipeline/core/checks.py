@@ -21,9 +21,11 @@ from pipeline.core.bundle import write_text_atomic
 if TYPE_CHECKING:
     from pipeline.core.records import (
         GateResult,
+        GateRule,
         LatencyDoc,
         PairResult,
         ParityReport,
+        ParityRule,
         RegressionSection,
     )
 
@@ -89,7 +91,7 @@ def parity_checks(report: "ParityReport") -> list[Check]:
     return checks
 
 
-def _pair_check(pair: "PairResult", rule: dict) -> Check:
+def _pair_check(pair: "PairResult", rule: "ParityRule") -> Check:
     name = f"{pair.candidate} on {pair.inputs}"
     if pair.max_abs is None:
         return Check("verify.parity", name, ERROR, message=pair.error or "no result")
@@ -99,14 +101,14 @@ def _pair_check(pair: "PairResult", rule: dict) -> Check:
         margin = f"{pair.margin:.2f}x" if pair.margin not in (None, float("inf")) else "inf"
     else:
         measured = f"max abs error {pair.max_abs:.3e}, max rel {pair.max_rel:.3e}"
-        limit = f"atol {rule.get('atol'):g} + rtol {rule.get('rtol'):g} x |reference|"
+        limit = f"atol {rule.atol:g} + rtol {rule.rtol:g} x |reference|"
         margin = ""
     status = PASSED if pair.passed else FAILED
     message = "within tolerance" if pair.passed else (pair.error or "exceeds its tolerance")
     return Check("verify.parity", name, status, measured, limit, margin, message)
 
 
-def _gate_check(gate: "GateResult", rule: dict) -> Check:
+def _gate_check(gate: "GateResult", rule: "GateRule | None") -> Check:
     name = f"gate {gate.candidate}"
     if gate.not_meaningful:
         return Check("verify.gate", name, SKIPPED, message=gate.not_meaningful)
@@ -117,8 +119,8 @@ def _gate_check(gate: "GateResult", rule: dict) -> Check:
         measured += f" ({gate.disagreements} of {gate.images} disagree)"
     if gate.top1_drop_points is not None:
         measured += f", top-1 drop {gate.top1_drop_points:+.2f} points"
-    limit = (f"agreement >= {100 * rule.get('min_top1_agreement', 0):g}%, drop <= "
-             f"{rule.get('max_top1_drop_points', 0):g} points")
+    limit = (f"agreement >= {100 * rule.min_top1_agreement:g}%, drop <= "
+             f"{rule.max_top1_drop_points:g} points") if rule is not None else ""
     margin = ""
     if gate.disagreement_bounds:
         low, high = gate.disagreement_bounds

@@ -959,22 +959,74 @@ class Localization(Record):
     note: str | None = None
 
 
+@dataclass(kw_only=True)
+class ParityRule(Record):
+    """parity.json's ``rule``: the fp32 noise-floor rule against eager fp64 (the default), or
+    numpy's allclose against eager fp32 (``--atol/--rtol``)."""
+
+    FLOOR: ClassVar[str] = "fp32 noise floor"
+    ALLCLOSE: ClassVar[str] = "allclose vs eager fp32"
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"formula", "atol", "rtol", "floor_multiple", "scale_term"})
+
+    kind: str  # FLOOR | ALLCLOSE
+    formula: str | None = None
+    atol: float | None = None  # allclose
+    rtol: float | None = None
+    floor_multiple: float | None = None  # the floor rule
+    scale_term: float | None = None
+
+    @property
+    def allclose(self) -> bool:
+        return self.kind == self.ALLCLOSE
+
+
+@dataclass(kw_only=True)
+class GateRule(Record):
+    """parity.json's ``gate_rule``: the limits every accuracy gate was judged against, and
+    how its verdict was reached."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"decides_exit", "statistics", "confidence", "accept_inconclusive", "named",
+         "rechecked_from"})
+
+    max_top1_drop_points: float
+    min_top1_agreement: float
+    decides_exit: str | None = None
+    statistics: str | None = None
+    confidence: float | None = None
+    accept_inconclusive: bool = False
+    named: list[str] | None = None  # verify --precision: the precisions that must be gated
+    rechecked_from: str | None = None  # verify --recheck: the file the figures came from
+
+
+@dataclass(kw_only=True)
+class EvaluationSet(Record):
+    """parity.json's ``evaluation``: the images the accuracy gates ran on."""
+
+    source: str
+    images: int
+    labelled: bool
+    held_apart_from_calibration: str
+
+
 @dataclass
 class ParityReport(Document):
     """parity.json: verify's verdict. Truthy only when every pair and every gate that decides
     the exit code passed, and at least one CPU ONNX comparison ran."""
 
-    NESTED: ClassVar[dict[str, type[Record]]] = {"pairs": PairResult, "gates": GateResult,
-                                                 "localized": Localization}
+    NESTED: ClassVar[dict[str, type[Record]]] = {
+        "pairs": PairResult, "gates": GateResult, "localized": Localization, "rule": ParityRule,
+        "gate_rule": GateRule, "evaluation": EvaluationSet}
     FILE: ClassVar[str] = "parity.json"
     REMAKE: ClassVar[str] = "python -m pipeline verify BUNDLE"
     VERSION: ClassVar[int | None] = PARITY_SCHEMA_VERSION
 
-    rule: dict[str, Any]
+    rule: ParityRule
     pairs: list[PairResult] = field(default_factory=list)
     gates: list[GateResult] = field(default_factory=list)
-    gate_rule: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] | None = None
+    gate_rule: GateRule | None = None
+    evaluation: EvaluationSet | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     not_verified: dict[str, str] = field(default_factory=dict)
     integrity_checked: list[str] = field(default_factory=list)
@@ -1032,8 +1084,8 @@ class ParityReport(Document):
                 detail = (f"max abs error vs fp64 {worst.max_abs_vs_fp64:.3e} > tolerance "
                           f"{worst.tolerance:.3e} (fp32 floor {worst.fp32_floor:.2e})")
             else:
-                detail = (f"max abs error {worst.max_abs:.3e} (atol {self.rule['atol']:g}, "
-                          f"rtol {self.rule['rtol']:g})")
+                detail = (f"max abs error {worst.max_abs:.3e} (atol {self.rule.atol:g}, "
+                          f"rtol {self.rule.rtol:g})")
             parts.append(f"parity FAILED for {len(pairs)} pair(s); worst: {worst.candidate} on "
                          f"{worst.inputs}: {detail}")
         for gate in gates:
@@ -1067,6 +1119,8 @@ class ParityReport(Document):
             data = _parity_v1_to_v2(data)
         if data.get("schema_version") == 2:
             data = {**data, "schema_version": 3, "localized": [], "machine": None}
+        if not data.get("gate_rule"):  # written as {} before any gate rule existed
+            data = {**data, "gate_rule": None}
         return data
 
 

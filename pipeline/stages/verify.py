@@ -37,11 +37,14 @@ from pipeline.core.confidence import CONFIDENCE, FAIL, INCONCLUSIVE, PASS, Count
 from pipeline.core.machine import cpu_summary
 from pipeline.core.records import (
     CalibrationRecord,
+    EvaluationSet,
     GateResult,
+    GateRule,
     Localization,
     ModelSection,
     PairResult,
     ParityReport,
+    ParityRule,
     TrainSection,
 )
 from pipeline.data.datasets import (
@@ -215,9 +218,10 @@ class Evaluation:
     source: str
     files_sha256: list[str] | None = None
 
-    def describe(self, held_apart: str) -> dict[str, Any]:
-        return {"source": self.source, "images": int(len(self.batch)),
-                "labelled": self.labels is not None, "held_apart_from_calibration": held_apart}
+    def describe(self, held_apart: str) -> EvaluationSet:
+        return EvaluationSet(source=self.source, images=int(len(self.batch)),
+                             labelled=self.labels is not None,
+                             held_apart_from_calibration=held_apart)
 
 
 NO_EVALUATION = ("no evaluation images: give --images DIR (class folders named after the "
@@ -484,24 +488,24 @@ def _gate_counts(gate: GateResult, logits: np.ndarray, reference: np.ndarray,
                   gate.candidate_only_right, gate.both_wrong)
 
 
-def parity_rule(tolerances: tuple[float, float] | None) -> dict[str, Any]:
+def parity_rule(tolerances: tuple[float, float] | None) -> ParityRule:
     """parity.json's ``rule``: numpy's allclose against eager fp32, or the floor rule."""
     if tolerances:
-        return {"kind": ALLCLOSE, "atol": tolerances[0], "rtol": tolerances[1],
-                "formula": "|candidate - fp32| <= atol + rtol * |fp32|"}
-    return {"kind": FLOOR_RULE, "floor_multiple": FLOOR_MULTIPLE, "scale_term": SCALE_TERM,
-            "formula": "|candidate - fp64| <= floor_multiple * max|fp32 - fp64| + "
-                       "scale_term * max|fp64|"}
+        return ParityRule(kind=ParityRule.ALLCLOSE, atol=tolerances[0], rtol=tolerances[1],
+                          formula="|candidate - fp32| <= atol + rtol * |fp32|")
+    return ParityRule(kind=ParityRule.FLOOR, floor_multiple=FLOOR_MULTIPLE, scale_term=SCALE_TERM,
+                      formula="|candidate - fp64| <= floor_multiple * max|fp32 - fp64| + "
+                              "scale_term * max|fp64|")
 
 
-ALLCLOSE, FLOOR_RULE = "allclose vs eager fp32", "fp32 noise floor"
-
-
-def gate_rule(max_top1_drop: float, min_agreement: float, accept_inconclusive: bool) -> dict[str, Any]:
+def gate_rule(max_top1_drop: float, min_agreement: float, accept_inconclusive: bool,
+              named: tuple[str, ...] | None = None, rechecked_from: str | None = None) -> GateRule:
     """parity.json's ``gate_rule``: the limits every gate was judged against."""
-    return {"max_top1_drop_points": max_top1_drop, "min_top1_agreement": min_agreement,
-            "decides_exit": GATE_VERDICT_RULE, "statistics": GATE_STATISTICS,
-            "confidence": CONFIDENCE, "accept_inconclusive": accept_inconclusive}
+    return GateRule(max_top1_drop_points=max_top1_drop, min_top1_agreement=min_agreement,
+                    decides_exit=GATE_VERDICT_RULE, statistics=GATE_STATISTICS,
+                    confidence=CONFIDENCE, accept_inconclusive=accept_inconclusive,
+                    named=list(named) if named is not None else None,
+                    rechecked_from=rechecked_from)
 
 
 def recheck(source: Path, *, atol: float | None = None, rtol: float | None = None,
@@ -518,14 +522,14 @@ def recheck(source: Path, *, atol: float | None = None, rtol: float | None = Non
     original = ParityReport.load(source)
     report = copy.deepcopy(original)
     report._path = None
-    old_rule, old_gates = original.rule, original.gate_rule
+    old_rule = original.rule
+    old_gates = original.gate_rule or GateRule(max_top1_drop_points=0.0, min_top1_agreement=0.0)
     if atol is None and rtol is None:
-        tolerances = ((old_rule.get("atol") or 0.0, old_rule.get("rtol") or 0.0)
-                      if old_rule.get("kind") == ALLCLOSE else None)
+        tolerances = ((old_rule.atol or 0.0, old_rule.rtol or 0.0) if old_rule.allclose else None)
     else:
-        given = old_rule if old_rule.get("kind") == ALLCLOSE else {}
-        tolerances = (atol if atol is not None else given.get("atol") or 0.0,
-                      rtol if rtol is not None else given.get("rtol") or 0.0)
+        given = old_rule if old_rule.allclose else ParityRule(kind=ParityRule.ALLCLOSE)
+        tolerances = (atol if atol is not None else given.atol or 0.0,
+                      rtol if rtol is not None else given.rtol or 0.0)
     VerifyOptions(atol=tolerances[0] if tolerances else None,
                   rtol=tolerances[1] if tolerances else None,
                   max_top1_drop=0.0 if max_top1_drop is None else max_top1_drop,
@@ -533,12 +537,13 @@ def recheck(source: Path, *, atol: float | None = None, rtol: float | None = Non
     report.rule = parity_rule(tolerances)
     for pair in report.pairs:
         _recheck_pair(pair, tolerances, source)
-    drop = old_gates.get("max_top1_drop_points") if max_top1_drop is None else max_top1_drop
-    agreement = old_gates.get("min_top1_agreement") if min_agreement is None else min_agreement
-    accept = bool(old_gates.get("accept_inconclusive")) if accept_inconclusive is None \
+    drop = old_gates.max_top1_drop_points if max_top1_drop is None else max_top1_drop
+    agreement = old_gates.min_top1_agreement if min_agreement is None else min_agreement
+    accept = old_gates.accept_inconclusive if accept_inconclusive is None \
         else accept_inconclusive
-    report.gate_rule = {**old_gates, **gate_rule(drop, agreement, accept),
-                        "rechecked_from": str(source)}
+    report.gate_rule = gate_rule(drop, agreement, accept,
+                                 tuple(old_gates.named) if old_gates.named is not None else None,
+                                 rechecked_from=str(source))
     for gate in report.gates:
         _recheck_gate(gate, source, max_drop=drop, min_agreement=agreement, accept=accept)
     report.passed = bool(report)
@@ -620,7 +625,7 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
     named = options.precisions
     gates, skipped = gate_candidates(bundle, with_cuda=with_cuda, named=named)
     _check_named(bundle, named, gates, skipped, evaluation, no_evaluation)
-    report.gate_rule["named"] = list(named)
+    report.gate_rule.named = list(named)
     report.skipped.update(skipped)
     if gates and evaluation is None:
         report.not_verified = {target_name(b.name, p): no_evaluation for b, p in gates}

@@ -7,14 +7,16 @@ from pipeline.core.records import (
     GateResult,
     LatencyRow,
     PairResult,
+    GateRule,
     ParityReport,
+    ParityRule,
     ServerSection,
     ServerStop,
 )
 
 
 def _report() -> ParityReport:
-    rule = {"kind": "fp32 noise floor", "floor_multiple": 8.0, "scale_term": 1e-5}
+    rule = ParityRule(kind=ParityRule.FLOOR, floor_multiple=8.0, scale_term=1e-5)
     pairs = [PairResult("onnx-sim-ort-cpu", "random-b1", 1, max_abs=1e-6, max_abs_vs_fp64=2e-6,
                         fp32_floor=1e-6, tolerance=8e-6, margin=4.0, top1=1.0, passed=True,
                         backend="ort-cpu"),
@@ -28,7 +30,7 @@ def _report() -> ParityReport:
                          top1_agreement=0.5, top5_agreement=1.0, cosine_mean=0.9,
                          not_meaningful="not meaningful: random weights")]
     return ParityReport(rule=rule, pairs=pairs, gates=gates,
-                        gate_rule={"max_top1_drop_points": 1.0, "min_top1_agreement": 0.99},
+                        gate_rule=GateRule(max_top1_drop_points=1.0, min_top1_agreement=0.99),
                         skipped={"aoti-cpu": "no compiler"})
 
 

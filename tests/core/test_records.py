@@ -23,6 +23,7 @@ from pipeline.core.records import (
     PairResult,
     Percentiles,
     ParityReport,
+    ParityRule,
     PipelinedLoop,
     PoissonSearch,
     PoissonTrial,
@@ -133,7 +134,7 @@ def test_the_cli_maps_a_bad_key_to_exit_2(tmp_path):
 
 
 def test_parity_report_round_trips_and_stays_truthy(tmp_path):
-    report = ParityReport(rule={"kind": "fp32 noise floor"},
+    report = ParityReport(rule=ParityRule(kind=ParityRule.FLOOR),
                           pairs=[PairResult("onnx-ort-cpu", "random-b1", 1, passed=True,
                                             backend="ort-cpu")],
                           gates=[GateResult("torch-cpu:bf16", "torch-cpu", "bf16", passed=False,
@@ -225,7 +226,7 @@ def test_a_previous_version_bundle_benchmarks_and_verifies(tiny_bundle):
 
 def test_a_version_2_parity_file_is_read_and_gains_an_empty_localization(tmp_path):
     """parity.json as the version before --localize wrote it: schema 2, no "localized"."""
-    report = ParityReport(rule={"kind": "fp32 noise floor"},
+    report = ParityReport(rule=ParityRule(kind=ParityRule.FLOOR),
                           pairs=[PairResult("onnx-ort-cpu", "random-b1", 1, passed=True,
                                             backend="ort-cpu")])
     data = report.to_dict()

@@ -38,24 +38,24 @@ class StubClock:
 def test_statistics_on_a_known_sequence():
     samples = [i * 1_000_000 for i in range(1, 101)]  # 1..100 ms
     stats = percentile_stats(samples)
-    assert stats["n"] == 100
-    assert stats["mean_ms"] == pytest.approx(50.5)
-    assert stats["std_ms"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
-    assert (stats["min_ms"], stats["max_ms"]) == (1.0, 100.0)
-    assert stats["p50_ms"] == pytest.approx(50.5)
-    assert stats["p90_ms"] == pytest.approx(90.1)
-    assert stats["p95_ms"] == pytest.approx(95.05)
-    assert stats["p99_ms"] is None and stats["p99_note"] == "omitted: n=100 < 600"
+    assert stats.n == 100
+    assert stats.mean_ms == pytest.approx(50.5)
+    assert stats.std_ms == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert (stats.min_ms, stats.max_ms) == (1.0, 100.0)
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p95_ms == pytest.approx(95.05)
+    assert stats.p99_ms is None and stats.p99_note == "omitted: n=100 < 600"
 
 
 def test_p99_reported_from_600_samples():
     # 1..600 ms: numpy's linear p99 sits at rank 0.99 * 599 = 593.01 -> 594.01 ms
     stats = percentile_stats([i * 1_000_000 for i in range(1, 601)])
-    assert stats["p99_ms"] == pytest.approx(594.01) and stats["p99_note"] is None
-    assert stats["max_ms"] == 600.0
+    assert stats.p99_ms == pytest.approx(594.01) and stats.p99_note is None
+    assert stats.max_ms == 600.0
     # six slow samples of 600: rank 593.01 lies 1% of the way from the last fast one to a slow one
     tail = percentile_stats([1_000_000] * 594 + [9_000_000] * 6)
-    assert tail["p99_ms"] == pytest.approx(1.08) and tail["max_ms"] == 9.0
+    assert tail.p99_ms == pytest.approx(1.08) and tail.max_ms == 9.0
 
 
 def test_timed_loop_runs_until_both_iterations_and_seconds():

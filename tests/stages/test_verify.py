@@ -152,12 +152,12 @@ def test_random_weight_gates_are_not_meaningful_on_every_cpu(tiny_bundle, tmp_pa
 
 
 def test_runtime_only_gates_are_advisory_and_variant_gates_decide():
-    from pipeline.stages.verify import GateResult, PairResult, ParityReport
+    from pipeline.stages.verify import GateResult, PairResult, ParityReport, ParityRule
 
     pair = PairResult("onnx-ort-cpu", "random-b1", 1, passed=True, backend="ort-cpu")
     bf16 = GateResult("torch-cpu:bf16", "torch-cpu", "bf16", passed=False, failed_on="top-1",
                       decides_exit=False)
-    report = ParityReport(rule={}, pairs=[pair], gates=[bf16])
+    report = ParityReport(rule=ParityRule(kind=ParityRule.FLOOR), pairs=[pair], gates=[bf16])
     assert report and report.advisories == [bf16] and report.failures == []
     int8 = GateResult("ort-cpu:int8", "ort-cpu", "int8", passed=False, failed_on="top-1")
     report.gates.append(int8)
@@ -241,11 +241,11 @@ def test_named_precisions_that_cannot_be_gated_are_refused(tiny_bundle, args, co
 
 
 def test_a_named_runtime_precision_that_fails_decides_the_exit_code():
-    from pipeline.stages.verify import GateResult, PairResult, ParityReport
+    from pipeline.stages.verify import GateResult, PairResult, ParityReport, ParityRule
 
     pair = PairResult("onnx-ort-cpu", "random-b1", 1, passed=True, backend="ort-cpu")
     named = GateResult("torch-cpu:bf16", "torch-cpu", "bf16", passed=False, failed_on="top-1",
                        decides_exit=True)
-    report = ParityReport(rule={}, pairs=[pair], gates=[named])
+    report = ParityReport(rule=ParityRule(kind=ParityRule.FLOOR), pairs=[pair], gates=[named])
     assert not report and report.failures == [named] and report.advisories == []
     assert "accuracy gate FAILED for torch-cpu:bf16" in report.failure_summary()

@@ -20,7 +20,6 @@ from pipeline.core.bundle import Bundle
 from pipeline.core.records import (
     ImageLoop,
     ModelSection,
-    Percentiles,
     PipelinedLoop,
     SequentialLoop,
 )
@@ -52,8 +51,8 @@ def sequential_loop(runner: Any, paths: list[Path], prep: Preprocessing) -> Sequ
     wall_s = (time.perf_counter_ns() - wall_start) / 1e9
     count = len(infer_ns)
     return SequentialLoop(n=count, wall_s=wall_s, images_per_s=count / wall_s if wall_s else None,
-                          decode=Percentiles(**percentile_stats(decode_ns)) if count else None,
-                          infer=Percentiles(**percentile_stats(infer_ns)) if count else None,
+                          decode=percentile_stats(decode_ns) if count else None,
+                          infer=percentile_stats(infer_ns) if count else None,
                           total_s=(sum(decode_ns) + sum(infer_ns)) / 1e9, lines=lines,
                           skipped=skipped)
 

@@ -172,8 +172,9 @@ def drive(url: str, model: Any, concurrency: int, seconds: float, warmup_s: floa
                     status="ok" if latencies and not errors else "error")
     if latencies:
         stats = percentile_stats(latencies)
-        row = replace(row, **{key: stats[key] for key in ("n", "mean_ms", "p50_ms", "p90_ms",
-                                                          "p95_ms", "p99_ms", "p99_note", "max_ms")})
+        row = replace(row, n=stats.n, mean_ms=stats.mean_ms, p50_ms=stats.p50_ms,
+                      p90_ms=stats.p90_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms,
+                      p99_note=stats.p99_note, max_ms=stats.max_ms)
         if row.p99_ms is None:  # bench's 600-sample rule is for single-stream tables; a
             # server-scenario p99 from fewer samples is still what the budget is checked on
             row.p99_ms = float(np.percentile(np.asarray(latencies, dtype=np.float64) / 1e6, 99))

@@ -8,15 +8,17 @@ lasts until both ``iterations`` and ``seconds`` are reached, each iteration time
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
+
+from pipeline.core.records import Percentiles
 
 MIN_WARMUP_ITERATIONS = 10
 P99_MIN_SAMPLES = 600
 
 
-def percentile_stats(samples_ns: list[int]) -> dict[str, Any]:
+def percentile_stats(samples_ns: list[int]) -> Percentiles:
     """n, mean, std, min, p50, p90, p95, p99, max in milliseconds.
 
     Percentiles use numpy's linear interpolation. p99 needs at least 600 samples (six beyond
@@ -27,13 +29,13 @@ def percentile_stats(samples_ns: list[int]) -> dict[str, Any]:
     if n == 0:
         raise ValueError("no samples")
     p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
-    stats = {"n": n, "mean_ms": float(values.mean()), "std_ms": float(values.std(ddof=1)) if n > 1 else 0.0,
-             "min_ms": float(values.min()), "p50_ms": float(p50), "p90_ms": float(p90),
-             "p95_ms": float(p95), "p99_ms": float(p99), "p99_note": None, "max_ms": float(values.max())}
-    if n < P99_MIN_SAMPLES:
-        stats["p99_ms"] = None
-        stats["p99_note"] = f"omitted: n={n} < {P99_MIN_SAMPLES}"
-    return stats
+    few = n < P99_MIN_SAMPLES
+    return Percentiles(n=n, mean_ms=float(values.mean()),
+                       std_ms=float(values.std(ddof=1)) if n > 1 else 0.0,
+                       min_ms=float(values.min()), p50_ms=float(p50), p90_ms=float(p90),
+                       p95_ms=float(p95), p99_ms=None if few else float(p99),
+                       p99_note=f"omitted: n={n} < {P99_MIN_SAMPLES}" if few else None,
+                       max_ms=float(values.max()))
 
 
 def timed_loop(step: Callable[[], None], *, iterations: int, seconds: float,
@@ -57,10 +59,10 @@ def warm_up(step: Callable[[], None], *, seconds: float, sync: Callable[[], None
                           clock=clock))
 
 
-def throughput_fields(stats: dict[str, Any], batch: int, gmacs: float | None) -> dict[str, Any]:
-    """ms per image, images/s and achieved GFLOP/s (2 x MACs per image / p50)."""
-    p50_s = stats["p50_ms"] / 1e3
-    return {"ms_per_image": stats["p50_ms"] / batch,
+def throughput_fields(p50_ms: float, batch: int, gmacs: float | None) -> dict[str, float | None]:
+    """A latency row's ms per image, images/s and achieved GFLOP/s (2 x MACs per image / p50)."""
+    p50_s = p50_ms / 1e3
+    return {"ms_per_image": p50_ms / batch,
             "images_per_s": batch / p50_s,
             "gflops": (2 * gmacs * batch / p50_s) if gmacs else None}
 

@@ -87,8 +87,8 @@ def bench_batch(runner: Any, backend: str, requested: str, config: BenchOptions,
     stats = percentile_stats(samples)
     row.windows_per_s = [round(rate, 3) for rate in  # None: not one complete window
                          window_rates(samples, runner.images_per_step(batch_size))] or None
-    return replace(row, **stats, **throughput_fields(stats, runner.images_per_step(batch_size),
-                                                     gmacs))
+    return replace(row, **stats.to_dict(), **throughput_fields(
+        stats.p50_ms, runner.images_per_step(batch_size), gmacs))
 
 
 STABILITY_ALLOWANCE = 3  # a row may run up to 3x --seconds looking for three agreeing windows
