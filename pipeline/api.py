@@ -642,12 +642,13 @@ def run(arch: str | None = None, data: str | None = None, *,
         bench_seconds: float = _RUN.bench_seconds, bench_iterations: int = _RUN.bench_iterations,
         command: str | None = None, log: Log = stderr_log, **options: Any) -> "RunResult":
     """Train, export, quantize (int8 on the training split), verify (gated on the validation
-    split), bench and report into one bundle. ``options`` are train's; batch_size defaults to 16."""
+    split), bench and report into one bundle. ``options`` are train's; batch_size defaults to
+    16 and epochs to 8 (``RunOptions``)."""
     from pipeline.stages.run import run_all
     from pipeline.stages.train import build_config
 
     config = build_config({"arch": arch, "data": data, **options},
-                          defaults={"batch_size": _RUN.batch_size})
+                          defaults={"batch_size": _RUN.batch_size, "epochs": _RUN.epochs})
     bench_config = BenchOptions(backends=targets(backends),
                                 batch_sizes=int_list(batch_sizes, "--batch-sizes"),
                                 iterations=bench_iterations, seconds=bench_seconds)

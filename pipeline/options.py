@@ -442,7 +442,9 @@ class TrainOptions:
     input_size: int | None = None
     val_split: float = 0.2
     seed: int = MODEL.seed
-    workers: int = 2
+    # DataLoader worker processes; None: none for the synthetic shapes (in memory already:
+    # workers would only take cores from training), 2 for files to decode
+    workers: int | None = None
     device: str = "auto"
     resume: str | None = None
     synthetic_per_class: int = 500
@@ -463,20 +465,29 @@ class TrainOptions:
             raise InputError(f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
         if self.lr is not None and self.lr <= 0:
             raise InputError(f"--lr {self.lr} must be positive")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise InputError(f"--workers {self.workers} must be >= 0")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
 
+    @property
+    def loader_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.data == "synthetic" else 2
+
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What ``run`` does differently from the stages' own defaults: a smaller training batch,
-    and a shorter bench over the backends a first look needs."""
+    """What ``run`` does differently from the stages' own defaults: a smaller training batch
+    and fewer epochs (the fewest that still reach 100% validation accuracy on the synthetic
+    shapes, measured in benchmarks/results/run.md), and a shorter bench over the backends a
+    first look needs."""
 
     batch_size: int = 16
+    epochs: int = 8
     backends: tuple[str, ...] = ("torch-cpu", "torchscript-cpu", "ort-cpu", "openvino-cpu",
                                  "torch-cuda", "ort-cuda")
     batch_sizes: tuple[int, ...] = (1, 8)

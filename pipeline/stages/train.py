@@ -391,7 +391,7 @@ def _train_epoch(run: TrainingRun, epoch: int) -> tuple[EpochRow, Validation]:
     config, ctx = run.config, run.ctx
     torch.manual_seed(config.seed + epoch)
     started = time.perf_counter()
-    loaders = [make_loader(dataset, run.batch_size, train=train, workers=config.workers,
+    loaders = [make_loader(dataset, run.batch_size, train=train, workers=config.loader_workers,
                            seed=config.seed, epoch=epoch, ctx=ctx, pin=run.device == "cuda")
                for dataset, train in ((run.data.train, True), (run.data.val, False))]
     lr = run.optimizer.param_groups[0]["lr"]
