@@ -53,7 +53,7 @@ def gate_lines(extra: dict) -> list[str]:
              f"{int8['weights']} weights, 7-bit weights: {int8['reduce_range']} "
              f"({int8['why_reduce_range']}); calibrated on {calib['count']} images of "
              f"{calib['source']} ({calib['method']}).",
-             f"Evaluation: {ev['images']} images of {ev['source']}; held apart: "
+             f"Evaluation: {ev['images']} images: {ev['source']}; held apart: "
              f"{ev['held_apart_from_calibration']}. Gate: top-1 drop <= "
              f"{parity['gate_rule']['max_top1_drop_points']:g} points and agreement >= "
              f"{100 * parity['gate_rule']['min_top1_agreement']:g}%.", "",
@@ -103,7 +103,7 @@ def main() -> None:
              "| runs | median wall s | max wall s | best val accuracy (each run) | targets |",
              "|---|---|---|---|---|",
              f"| {len(runs)} | {statistics.median(walls):.0f} | {max(walls):.0f} | "
-             f"{', '.join(f'{a:.4f}' for a in accs)} | wall <= {TARGET_S:.0f} s: "
+             f"{', '.join(f'{a:.4f}' for a in accs)} | wall <= {TARGET_S:.0f} s on this CPU: "
              f"{'met' if max(walls) <= TARGET_S else 'MISSED'}; accuracy >= {TARGET_ACC:.0%}: "
              f"{'met' if min(accs) >= TARGET_ACC else 'MISSED'} |", "",
              "Last run, per epoch:", "", "| epoch | train loss | train acc | val loss | val acc | s |",

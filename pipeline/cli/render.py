@@ -14,6 +14,7 @@ from pipeline.core.records import (
     OfflineRun,
     RegressionSection,
     ServerSection,
+    by_reason,
     not_run_lines,
 )
 from pipeline.stages.bench.writeup import server_lines
@@ -64,7 +65,9 @@ def parity_table(report: "ParityReport") -> str:
         shown = pair.max_abs_vs_fp64 if pair.max_abs_vs_fp64 is not None else pair.max_abs
         lines.append(f"{pair.candidate:<24} {pair.inputs:<11} {shown:9.2e} {floor} {tol} {margin} "
                      f"{pair.top1:5.2f}  {'ok' if pair.passed else 'FAIL'}")
-    lines += [f"{key:<24} skipped: {reason}" for key, reason in report.skipped.items()]
+    for reason, keys in by_reason(report.skipped.items()).items():  # one line per reason
+        lines.append(f"{keys[0]:<24} skipped: {reason}" if len(keys) == 1 else
+                     f"skipped: {reason}: {len(keys)} candidates ({', '.join(keys)})")
     lines += gate_lines(report)
     lines += localization_lines(report)
     return "\n".join(lines)

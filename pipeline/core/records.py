@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Iterable, Protocol, TypeVar, runtime_checkable
 
 from pipeline.core.bundle import PARITY, write_json_atomic
 from pipeline.errors import InputError
@@ -383,18 +383,24 @@ def unavailable(rows: list[LatencyRow]) -> list[LatencyRow]:
     return [row for row in rows if not row.ok]
 
 
+def by_reason(items: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(name, why it did not run) pairs grouped by the reason, names in order, each once."""
+    grouped: dict[str, list[str]] = {}
+    for name, reason in items:
+        names = grouped.setdefault(reason or "no reason given", [])
+        if name not in names:
+            names.append(name)
+    return grouped
+
+
 def not_run_lines(rows: list[LatencyRow]) -> list[str]:
     """The targets that could not run here, one line per reason ("no CUDA GPU ...: 7 targets
     not run: ..."), so that a CPU machine's report is not a wall of identical reason rows.
     latency.json keeps every row; rows that ran and failed are not summarised here."""
-    by_reason: dict[str, list[str]] = {}
-    for row in rows:
-        if row.status == "unavailable":
-            targets = by_reason.setdefault(row.reason or "no reason given", [])
-            if row.target not in targets:
-                targets.append(row.target)
+    grouped = by_reason((row.target, row.reason or "") for row in rows
+                        if row.status == "unavailable")
     return [f"{reason}: {len(targets)} target{'s' if len(targets) != 1 else ''} not run "
-            f"({', '.join(targets)})" for reason, targets in by_reason.items()]
+            f"({', '.join(targets)})" for reason, targets in grouped.items()]
 
 
 @dataclass(kw_only=True)

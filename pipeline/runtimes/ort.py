@@ -138,7 +138,10 @@ def ort_provider_problem(provider: str) -> str | None:
     if wanted not in ort.get_available_providers():
         return f"{wanted} is not in this onnxruntime build ({', '.join(installed) or 'unknown'})"
     if provider != "cpu":
-        problem = cuda_problem() or (tensorrt_problem() if provider == "tensorrt" else None)
+        no_gpu = cuda_problem()
+        if no_gpu:  # the same words as every other GPU backend's, so reports group them
+            return no_gpu
+        problem = tensorrt_problem() if provider == "tensorrt" else None
         if problem:
             return f"{wanted} is listed but cannot run: {problem}"
     return None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.cli import render
+from pipeline.core.bundle import Bundle
 from pipeline.core.records import (
     GateResult,
     LatencyRow,
@@ -85,6 +88,34 @@ def test_targets_that_cannot_run_here_collapse_into_one_line_per_reason():
     doc = LatencyDoc.from_dict(LatencyDoc(model=BenchedModel(arch="r", input_size=32), config=BenchConfig(threads=1), machine=Machine(), rows=rows,
                                           created="now").to_dict(), where="test")
     assert len(doc.rows) == 9  # every row is still recorded
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_every_gpu_target_gives_one_reason_on_a_machine_without_one(tiny_bundle):
+    """The real bench and verify on this CPU machine: torch, ORT (fp32 and fp16, whose file
+    this bundle lacks) and TensorRT targets all say "no CUDA GPU", decided before any worker
+    starts, so the terminal shows one line for them, not one per runtime's wording."""
+    from pipeline.options import BenchOptions
+    from pipeline.stages.bench.protocol import run_worker
+    from pipeline.stages.verify import parity_candidates
+
+    config = BenchOptions(batch_sizes=(1, 8))
+    rows = [row for target in ("torch-cuda:fp32", "ort-cuda:fp32", "ort-cuda:fp16",
+                               "ort-tensorrt:fp16")
+            for row in run_worker(tiny_bundle, target, config, gmacs=None).rows]
+    assert len(rows) == 8 and {row.status for row in rows} == {"unavailable"}
+    lines = render.latency_table(rows).splitlines()[1:]
+    assert lines == ["not run: no CUDA GPU visible (torch.cuda.is_available() is False): "
+                     "4 targets not run (torch-cuda:fp32, ort-cuda:fp32, ort-cuda:fp16, "
+                     "ort-tensorrt:fp16)"]
+    _, skipped = parity_candidates(Bundle.open(tiny_bundle), with_cuda=True)
+    gpu = {key for key in skipped if "cuda" in key}
+    assert gpu and {skipped[key] for key in gpu} == {"no CUDA GPU visible (torch.cuda."
+                                                     "is_available() is False)"}
+    report = _report()
+    report.skipped = skipped
+    text = render.parity_table(report)
+    assert sum("no CUDA GPU" in line for line in text.splitlines()) == 1
 
 
 def test_server_table_compares_with_single_stream():

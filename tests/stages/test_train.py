@@ -87,7 +87,9 @@ def _interrupt_inside_epoch(monkeypatch, epoch: int, after_steps: int) -> None:
     monkeypatch.setattr(sys.modules["pipeline.stages.train"], "train_one_epoch", counting_train)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])  # stepped each epoch / each batch
+# onecycle (stepped every batch) in the quick suite; cosine (stepped each epoch) is slow: its
+# resume is also what test_ctrl_c_between_logging_and_files_loses_nothing checks, more cheaply.
+@pytest.mark.parametrize("schedule", [pytest.param("cosine", marks=pytest.mark.slow), "onecycle"])
 def test_ctrl_c_inside_an_epoch_resumes_exactly(tmp_path, monkeypatch, schedule):
     straight = fit(_tiny_config(tmp_path / "a", epochs=3, schedule=schedule), log=lambda m: None)
     messages = []

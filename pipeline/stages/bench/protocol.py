@@ -109,10 +109,12 @@ class PairedRates(Record):
 
 def run_worker(bundle: Path, target: str, config: BenchOptions, *, gmacs: float | None,
                images: list[str] | None = None, timeout_s: float = WORKER_TIMEOUT_S) -> WorkerResult:
-    """Run one target in a fresh interpreter; a crash or a hang becomes error rows. A
-    precision this CPU cannot run fast is decided here, before any process starts."""
+    """Run one target in a fresh interpreter; a crash or a hang becomes error rows. A backend
+    this machine cannot run (no GPU, no extra) or a precision this CPU cannot run fast is
+    decided here, before any process starts."""
     backend, precision = split_target(target)
-    problem = get_backend(backend).precision_problem(precision)
+    entry = get_backend(backend)
+    problem = entry.availability_problem() or entry.precision_problem(precision)
     if problem:
         return WorkerResult(reason_rows(backend, precision, config.reason_batches, problem))
     spec = WorkerSpec(bundle=str(bundle), backend=backend, precision=precision, config=config,
