@@ -116,7 +116,8 @@ def test_verify_junit_and_job_summary_name_each_failure(trained, held_apart, tmp
     assert cases["gate ort-cpu:fp16"]["status"] == "passed"
     skipped = {name: case for name, case in cases.items() if case["status"] == "skipped"}
     if not cuda_available:
-        assert skipped["onnx-ort-cuda"]["text"].startswith("CUDAExecutionProvider")
+        # every GPU runtime gives the one reason, so reports can group them
+        assert skipped["onnx-ort-cuda"]["text"].startswith("no CUDA GPU visible")
     assert not any(case["status"] == "error" for case in cases.values())
     text = summary.read_text()
     assert text.startswith("earlier step\n### verify FAILED: ")
