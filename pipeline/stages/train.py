@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-
 # ----------------------------------------------------------------------------- distributed
 @dataclass
 class Dist:
@@ -123,7 +122,8 @@ def build_scheduler(name: str, optimizer: "torch.optim.Optimizer", epochs: int,
         return lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if name == "onecycle":
         # Smith's one cycle: warm up to the rate for the first 30% of the steps, then anneal
-        # (cosine) to 1/10000 of it; it reaches a given accuracy in fewer epochs than cosine.
+        # (cosine) to 1/10000 of it. On run's synthetic shapes it did not converge sooner
+        # than cosine (benchmarks/results/run-epochs.md); elsewhere it often does.
         rate = optimizer.param_groups[0]["lr"]
         return lr_scheduler.OneCycleLR(optimizer, max_lr=rate, epochs=epochs,
                                        steps_per_epoch=max(1, steps_per_epoch))
