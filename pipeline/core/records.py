@@ -98,6 +98,9 @@ class Record:
                 value = value.to_dict()
             elif isinstance(value, list):
                 value = [item.to_dict() if isinstance(item, Record) else item for item in value]
+            elif isinstance(value, dict):
+                value = {key: item.to_dict() if isinstance(item, Record) else item
+                         for key, item in value.items()}
             out[f.name] = value
         return out
 
@@ -1442,11 +1445,6 @@ class ExportSection(Record):
     pt2: Pt2Export
     aoti: dict[str, AotiPackage]  # by device
     captured_warnings: list[str]
-
-    def to_dict(self) -> dict[str, object]:
-        out = super().to_dict()
-        out["aoti"] = {device: package.to_dict() for device, package in self.aoti.items()}
-        return out
 
 
 @dataclass(kw_only=True)

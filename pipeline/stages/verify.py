@@ -605,7 +605,7 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
     report = ParityReport(rule=parity_rule(tolerances), integrity_checked=integrity,
                           machine=cpu_summary(),
                           gate_rule=gate_rule(max_top1_drop, min_agreement,
-                                              options.accept_inconclusive))
+                                              options.accept_inconclusive, options.precisions))
     model = load_model(checkpoint=bundle.path(WEIGHTS)).model.eval()
     section = ModelSection.of(manifest, str(bundle.manifest_path))
     inputs = random_inputs(section.input_size)
@@ -625,7 +625,6 @@ def verify_bundle(path: Path | str, options: VerifyOptions = VerifyOptions(), *,
     named = options.precisions
     gates, skipped = gate_candidates(bundle, with_cuda=with_cuda, named=named)
     _check_named(bundle, named, gates, skipped, evaluation, no_evaluation)
-    report.gate_rule.named = list(named)
     report.skipped.update(skipped)
     if gates and evaluation is None:
         report.not_verified = {target_name(b.name, p): no_evaluation for b, p in gates}

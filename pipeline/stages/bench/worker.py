@@ -153,7 +153,9 @@ def paired(spec: WorkerSpec) -> PairedRates:
     backend = get_backend(spec.backend)
     set_threads(config.threads)
     bundle = Bundle.open(spec.bundle)
-    baseline = Path(spec.baseline or "")
+    if spec.baseline is None:
+        return PairedRates(error="paired mode needs a baseline (bench --baseline-rerun)")
+    baseline = Path(spec.baseline)
     try:
         now = backend.make(bundle, precision, threads=config.threads)
         if baseline.is_dir():
